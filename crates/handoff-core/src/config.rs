@@ -1,0 +1,485 @@
+//! The configuration file: a TOML document declaring the server and its sources.
+//!
+//! [`Config::from_toml`] reads, substitutes `${ENV_NAME}` references, and validates in one go,
+//! reporting *every* problem with the key it concerns. A [`Config`] value that exists is valid.
+//!
+//! ```toml
+//! [server]
+//! listen = "127.0.0.1:8080"
+//! data_dir = "./handoff-data"
+//!
+//! [[sources]]
+//! id = "web"
+//! name = "Marketing site"
+//! write_key = "${HANDOFF_WEB_WRITE_KEY}"
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use toml::{Table, Value};
+
+use crate::ids::SourceId;
+
+/// Where the gateway listens when neither the config nor `--listen` says otherwise: loopback only,
+/// so a first run never exposes an unauthenticated port to the network by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the embedded store lives by default, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./handoff-data";
+/// Shortest write key accepted: 16 characters, about 80 bits even for hex keys.
+pub const MIN_WRITE_KEY_LEN: usize = 16;
+
+/// A valid configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// A source: one site, app or server that sends events with its own write key.
+#[derive(Clone, PartialEq)]
+pub struct SourceConfig {
+    pub id: SourceId,
+    pub name: String,
+    pub write_key: String,
+}
+
+impl fmt::Debug for SourceConfig {
+    // Written by hand so that a write key never reaches a log line through `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("write_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key it concerns, e.g. `sources[1].write_key`; empty for the whole file.
+    pub key: String,
+    /// Stable code, e.g. `config.key.unknown`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{} [{}]", self.message, self.code)
+        } else {
+            write!(f, "{}: {} [{}]", self.key, self.message, self.code)
+        }
+    }
+}
+
+/// All problems found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, code: &'static str, message: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            key: key.into(),
+            code,
+            message: message.into(),
+        });
+    }
+
+    fn unknown_keys(&mut self, prefix: &str, table: &Table, known: &[&str]) {
+        for k in table.keys().filter(|k| !known.contains(&k.as_str())) {
+            self.add(
+                join(prefix, k),
+                "config.key.unknown",
+                format!("unknown key; expected one of: {}", known.join(", ")),
+            );
+        }
+    }
+
+    /// Reads an optional string key.
+    fn string(&mut self, prefix: &str, table: &Table, key: &str) -> Option<String> {
+        match table.get(key) {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                self.add(
+                    join(prefix, key),
+                    "config.value.type",
+                    format!("must be a string, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// Replaces every `${NAME}` in the string values of `value` by `env(NAME)`.
+fn substitute_env(
+    value: &mut Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) {
+    match value {
+        Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let Some(end) = after.find('}') else {
+                    problems.add(path, "config.env.syntax", "\"${\" without a closing \"}\"");
+                    return;
+                };
+                let name = &after[..end];
+                let valid =
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    problems.add(
+                        path,
+                        "config.env.syntax",
+                        format!("\"${{{name}}}\" is not a valid environment variable reference"),
+                    );
+                    return;
+                }
+                match env(name) {
+                    Some(v) => out.push_str(&v),
+                    None => {
+                        problems.add(
+                            path,
+                            "config.env.missing",
+                            format!("environment variable {name} is not set"),
+                        );
+                        return;
+                    }
+                }
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute_env(item, &format!("{path}[{i}]"), env, problems);
+            }
+        }
+        Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                substitute_env(v, &join(path, k), env, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+impl Config {
+    /// The configuration used when Handoff runs without a file: defaults, no sources declared
+    /// (the embedded default then creates one in its store).
+    pub fn embedded_default() -> Self {
+        Config {
+            server: ServerConfig {
+                listen: DEFAULT_LISTEN
+                    .parse()
+                    .expect("default listen address parses"),
+                data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            },
+            sources: Vec::new(),
+        }
+    }
+
+    /// Parses, substitutes environment variables and validates a configuration file.
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut problems = Problems(Vec::new());
+        let mut root: Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                problems.add("", "config.syntax", e.to_string().trim_end().to_owned());
+                return Err(ConfigErrors(problems.0));
+            }
+        };
+        for (k, v) in root.iter_mut() {
+            substitute_env(v, k, env, &mut problems);
+        }
+        problems.unknown_keys("", &root, &["server", "sources"]);
+
+        let mut config = Config::embedded_default();
+        match root.get("server") {
+            None => {}
+            Some(Value::Table(server)) => {
+                problems.unknown_keys("server", server, &["listen", "data_dir"]);
+                if let Some(listen) = problems.string("server", server, "listen") {
+                    match listen.parse() {
+                        Ok(addr) => config.server.listen = addr,
+                        Err(_) => problems.add(
+                            "server.listen",
+                            "config.server.listen.invalid",
+                            format!("{listen:?} is not an address like \"127.0.0.1:8080\" or \"[::]:8080\""),
+                        ),
+                    }
+                }
+                if let Some(dir) = problems.string("server", server, "data_dir") {
+                    if dir.is_empty() {
+                        problems.add(
+                            "server.data_dir",
+                            "config.server.data_dir.empty",
+                            "must not be empty",
+                        );
+                    } else {
+                        config.server.data_dir = PathBuf::from(dir);
+                    }
+                }
+            }
+            Some(other) => problems.add(
+                "server",
+                "config.value.type",
+                format!("must be a table ([server]), found {}", other.type_str()),
+            ),
+        }
+
+        match root.get("sources") {
+            None => problems.add(
+                "sources",
+                "config.sources.missing",
+                "declare at least one [[sources]] entry with id and write_key",
+            ),
+            Some(Value::Array(items)) => {
+                let mut ids = HashSet::new();
+                let mut keys = HashSet::new();
+                for (i, item) in items.iter().enumerate() {
+                    let path = format!("sources[{i}]");
+                    let Value::Table(t) = item else {
+                        problems.add(&path, "config.value.type", "must be a table ([[sources]])");
+                        continue;
+                    };
+                    problems.unknown_keys(&path, t, &["id", "name", "write_key"]);
+                    let id = match problems.string(&path, t, "id") {
+                        None if !t.contains_key("id") => {
+                            problems.add(
+                                join(&path, "id"),
+                                "config.source.id.missing",
+                                "every source needs an id",
+                            );
+                            None
+                        }
+                        None => None,
+                        Some(raw) => match SourceId::parse(&raw) {
+                            Ok(id) if !ids.insert(id.clone()) => {
+                                problems.add(
+                                    join(&path, "id"),
+                                    "config.source.id.duplicate",
+                                    format!("source id {raw:?} is declared more than once"),
+                                );
+                                None
+                            }
+                            Ok(id) => Some(id),
+                            Err(why) => {
+                                problems.add(
+                                    join(&path, "id"),
+                                    "config.source.id.invalid",
+                                    format!("{raw:?} {why}"),
+                                );
+                                None
+                            }
+                        },
+                    };
+                    let name = problems.string(&path, t, "name");
+                    let write_key = match problems.string(&path, t, "write_key") {
+                        None if !t.contains_key("write_key") => {
+                            problems.add(
+                                join(&path, "write_key"),
+                                "config.source.write_key.missing",
+                                "every source needs a write_key (use \"${ENV_NAME}\" to keep it out of the file)",
+                            );
+                            None
+                        }
+                        None => None,
+                        Some(k) if k.chars().count() < MIN_WRITE_KEY_LEN => {
+                            problems.add(
+                                join(&path, "write_key"),
+                                "config.source.write_key.too_short",
+                                format!(
+                                    "is {} characters; use at least {MIN_WRITE_KEY_LEN} random characters \
+                                     (for example the output of `openssl rand -hex 16`)",
+                                    k.chars().count()
+                                ),
+                            );
+                            None
+                        }
+                        Some(k) if k.chars().any(|c| c.is_whitespace() || c == ':') => {
+                            problems.add(
+                                join(&path, "write_key"),
+                                "config.source.write_key.invalid",
+                                "must not contain spaces or ':' (it travels as an HTTP Basic user name)",
+                            );
+                            None
+                        }
+                        Some(k) if !keys.insert(k.clone()) => {
+                            problems.add(
+                                join(&path, "write_key"),
+                                "config.source.write_key.duplicate",
+                                "the same write key is used by another source; give each source its own",
+                            );
+                            None
+                        }
+                        Some(k) => Some(k),
+                    };
+                    if let (Some(id), Some(write_key)) = (id, write_key) {
+                        config.sources.push(SourceConfig {
+                            name: name.unwrap_or_else(|| id.to_string()),
+                            id,
+                            write_key,
+                        });
+                    }
+                }
+                if items.is_empty() {
+                    problems.add(
+                        "sources",
+                        "config.sources.missing",
+                        "declare at least one [[sources]] entry",
+                    );
+                }
+            }
+            Some(other) => problems.add(
+                "sources",
+                "config.value.type",
+                format!(
+                    "must be an array of tables ([[sources]]), found {}",
+                    other.type_str()
+                ),
+            ),
+        }
+
+        if problems.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(problems.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "WEB_KEY").then(|| "0123456789abcdef0123".to_string())
+    }
+
+    #[test]
+    fn valid_file_with_env_substitution() {
+        let c = Config::from_toml(
+            r#"
+            [server]
+            listen = "0.0.0.0:9000"
+            data_dir = "/var/lib/handoff"
+            [[sources]]
+            id = "web"
+            write_key = "${WEB_KEY}"
+            [[sources]]
+            id = "app"
+            name = "Mobile app"
+            write_key = "prefix-${WEB_KEY}"
+            "#,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.sources[0].write_key, "0123456789abcdef0123");
+        assert_eq!(c.sources[0].name, "web");
+        assert_eq!(c.sources[1].write_key, "prefix-0123456789abcdef0123");
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "Debug must not print keys"
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_key() {
+        let e = Config::from_toml(
+            r#"
+            colour = "blue"
+            [server]
+            listen = "localhost"
+            port = 8080
+            [[sources]]
+            id = "Web Site"
+            write_key = "short"
+            [[sources]]
+            write_key = "${MISSING_VAR}"
+            [[sources]]
+            id = "a"
+            write_key = "0123456789abcdef0123"
+            [[sources]]
+            id = "a"
+            write_key = "0123456789abcdef0123"
+            "#,
+            &env,
+        )
+        .unwrap_err();
+        let got: Vec<(&str, &str)> = e.0.iter().map(|p| (p.key.as_str(), p.code)).collect();
+        for expected in [
+            ("sources[1].write_key", "config.env.missing"),
+            ("colour", "config.key.unknown"),
+            ("server.port", "config.key.unknown"),
+            ("server.listen", "config.server.listen.invalid"),
+            ("sources[0].id", "config.source.id.invalid"),
+            ("sources[0].write_key", "config.source.write_key.too_short"),
+            ("sources[1].id", "config.source.id.missing"),
+            ("sources[3].id", "config.source.id.duplicate"),
+            ("sources[3].write_key", "config.source.write_key.duplicate"),
+        ] {
+            assert!(got.contains(&expected), "missing {expected:?} in {got:?}");
+        }
+        let text = e.to_string();
+        assert!(
+            text.contains("environment variable MISSING_VAR is not set"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_and_missing_sources() {
+        let e = Config::from_toml("[server\n", &env).unwrap_err();
+        assert_eq!(e.0[0].code, "config.syntax");
+        let e = Config::from_toml("", &env).unwrap_err();
+        assert_eq!(e.0[0].code, "config.sources.missing");
+        let e = Config::from_toml("sources = 3", &env).unwrap_err();
+        assert_eq!(e.0[0].code, "config.value.type");
+    }
+}

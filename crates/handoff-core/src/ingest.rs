@@ -1,0 +1,705 @@
+//! The Segment HTTP Tracking API, parsed and normalised without I/O.
+//!
+//! [`parse`] takes the (already decompressed) body of one request and returns the messages that
+//! are ready for the journal and the ones that must go to quarantine, each with a stable error
+//! code. It never panics on any input; a property test in this module and the fuzz target in
+//! `fuzz/` hold it to that.
+
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::ids::MessageKind;
+use crate::time_fmt::{format_millis, parse_client};
+
+/// Largest single message, as Segment documents it (32 KB).
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
+/// Largest batch request body, as Segment documents it (500 KB).
+pub const MAX_BATCH_BYTES: usize = 500 * 1024;
+/// Longest `messageId` we keep; ids are indexed for deduplication, so they must stay small.
+pub const MAX_MESSAGE_ID_LEN: usize = 256;
+
+/// Which ingest route a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/track`, `/v1/identify`, …: the body is one message of this kind.
+    Single(MessageKind),
+    /// `/v1/batch` and `/v1/import`: the body is `{"batch": [...]}`.
+    Batch,
+}
+
+impl Endpoint {
+    /// The largest body (after decompression) this endpoint takes.
+    pub fn body_limit(self) -> usize {
+        match self {
+            Endpoint::Single(_) => MAX_MESSAGE_BYTES,
+            Endpoint::Batch => MAX_BATCH_BYTES,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Single(k) => k.as_str(),
+            Endpoint::Batch => "batch",
+        }
+    }
+}
+
+/// Why a whole request was refused. Nothing of it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("the body must be a JSON object")]
+    NotObject,
+    #[error("a batch body needs a \"batch\" array of messages")]
+    BatchMissing,
+    #[error("\"batch\" must be an array of messages")]
+    BatchNotArray,
+    #[error("\"batch\" is empty; send at least one message")]
+    BatchEmpty,
+    #[error("\"writeKey\" in the body must be a string")]
+    WriteKeyInvalid,
+}
+
+impl RequestError {
+    /// Stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::MalformedJson(_) => "request.json.malformed",
+            RequestError::NotObject => "request.body.not_object",
+            RequestError::BatchMissing => "batch.missing",
+            RequestError::BatchNotArray => "batch.not_array",
+            RequestError::BatchEmpty => "batch.empty",
+            RequestError::WriteKeyInvalid => "auth.write_key.invalid",
+        }
+    }
+}
+
+/// Why one message was refused. Refused messages are kept in quarantine with this code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("a message must be a JSON object")]
+    NotObject,
+    #[error("the message is {0} bytes; the limit is {MAX_MESSAGE_BYTES} bytes")]
+    TooLarge(usize),
+    #[error("the message has no \"type\"; use track, identify, page, screen, group or alias")]
+    TypeMissing,
+    #[error("\"type\" {0:?} is not one of track, identify, page, screen, group, alias")]
+    TypeUnknown(String),
+    #[error("the message needs a \"userId\" or an \"anonymousId\"")]
+    IdentityMissing,
+    #[error("\"{0}\" must be a non-empty string or a number")]
+    IdentityInvalid(&'static str),
+    #[error("a track message needs an \"event\" name (a non-empty string)")]
+    EventMissing,
+    #[error("a group message needs a \"groupId\"")]
+    GroupIdMissing,
+    #[error("an alias message needs a \"previousId\"")]
+    PreviousIdMissing,
+    #[error("\"messageId\" must be a string of at most {MAX_MESSAGE_ID_LEN} characters")]
+    MessageIdInvalid,
+    #[error("\"{0}\" is not an ISO 8601 timestamp")]
+    TimestampInvalid(&'static str),
+}
+
+impl MessageError {
+    /// Stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            MessageError::NotObject => "message.not_object",
+            MessageError::TooLarge(_) => "message.too_large",
+            MessageError::TypeMissing => "message.type.missing",
+            MessageError::TypeUnknown(_) => "message.type.unknown",
+            MessageError::IdentityMissing => "message.identity.missing",
+            MessageError::IdentityInvalid(_) => "message.identity.invalid",
+            MessageError::EventMissing => "message.event.missing",
+            MessageError::GroupIdMissing => "message.group_id.missing",
+            MessageError::PreviousIdMissing => "message.previous_id.missing",
+            MessageError::MessageIdInvalid => "message.message_id.invalid",
+            MessageError::TimestampInvalid(_) => "message.timestamp.invalid",
+        }
+    }
+
+    /// Every code a message can be refused with (for metrics that list all of them).
+    pub const CODES: [&'static str; 11] = [
+        "message.not_object",
+        "message.too_large",
+        "message.type.missing",
+        "message.type.unknown",
+        "message.identity.missing",
+        "message.identity.invalid",
+        "message.event.missing",
+        "message.group_id.missing",
+        "message.previous_id.missing",
+        "message.message_id.invalid",
+        "message.timestamp.invalid",
+    ];
+}
+
+/// A message ready for the journal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub kind: MessageKind,
+    pub message_id: String,
+    /// The normalised message, serialised as JSON.
+    pub payload: String,
+}
+
+/// A message refused; kept in quarantine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// Position in the batch (0 for single-message endpoints).
+    pub index: usize,
+    pub error: MessageError,
+    /// The message exactly as received.
+    pub raw: String,
+}
+
+/// The result of parsing one request body.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// `writeKey` from the body, if the client put it there.
+    pub write_key: Option<String>,
+    pub accepted: Vec<Accepted>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Values a batch envelope applies to each of its messages.
+#[derive(Default)]
+struct BatchDefaults {
+    sent_at: Option<Value>,
+    context: Option<Value>,
+    integrations: Option<Value>,
+}
+
+/// Parses and normalises one request body.
+///
+/// `received_at` is the server's clock at receipt; `new_id` generates a `messageId` for messages
+/// that come without one.
+pub fn parse(
+    endpoint: Endpoint,
+    body: &[u8],
+    received_at: OffsetDateTime,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Parsed, RequestError> {
+    let mut parsed = Parsed::default();
+    match endpoint {
+        Endpoint::Single(kind) => {
+            let raw: &RawValue = serde_json::from_slice(body)
+                .map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+            let mut map: Map<String, Value> =
+                serde_json::from_str(raw.get()).map_err(|_| RequestError::NotObject)?;
+            parsed.write_key = take_write_key(&mut map)?;
+            match normalise(
+                map,
+                Some(kind),
+                &BatchDefaults::default(),
+                received_at,
+                new_id,
+            ) {
+                Ok(a) => parsed.accepted.push(a),
+                Err(error) => parsed.rejected.push(Rejected {
+                    index: 0,
+                    error,
+                    raw: raw.get().to_owned(),
+                }),
+            }
+        }
+        Endpoint::Batch => {
+            let top: BTreeMap<String, &RawValue> = match serde_json::from_slice(body) {
+                Ok(top) => top,
+                Err(e) if e.is_data() => return Err(RequestError::NotObject),
+                Err(e) => return Err(RequestError::MalformedJson(e.to_string())),
+            };
+            let raw_batch = top.get("batch").ok_or(RequestError::BatchMissing)?;
+            let messages: Vec<&RawValue> =
+                serde_json::from_str(raw_batch.get()).map_err(|_| RequestError::BatchNotArray)?;
+            if messages.is_empty() {
+                return Err(RequestError::BatchEmpty);
+            }
+            parsed.write_key = match top.get("writeKey") {
+                None => None,
+                Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+                    Ok(Value::String(s)) => Some(s),
+                    Ok(Value::Null) => None,
+                    _ => return Err(RequestError::WriteKeyInvalid),
+                },
+            };
+            let field = |name: &str| -> Option<Value> {
+                top.get(name)
+                    .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+                    .filter(|v| !v.is_null())
+            };
+            let defaults = BatchDefaults {
+                sent_at: field("sentAt"),
+                context: field("context"),
+                integrations: field("integrations"),
+            };
+            parsed.accepted.reserve(messages.len());
+            for (index, raw) in messages.into_iter().enumerate() {
+                let outcome = parse_batch_message(raw, &defaults, received_at, new_id);
+                match outcome {
+                    Ok((a, key)) => {
+                        if parsed.write_key.is_none() {
+                            parsed.write_key = key;
+                        }
+                        parsed.accepted.push(a);
+                    }
+                    Err(error) => parsed.rejected.push(Rejected {
+                        index,
+                        error,
+                        raw: raw.get().to_owned(),
+                    }),
+                }
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+fn parse_batch_message(
+    raw: &RawValue,
+    defaults: &BatchDefaults,
+    received_at: OffsetDateTime,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<(Accepted, Option<String>), MessageError> {
+    let len = raw.get().len();
+    if len > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLarge(len));
+    }
+    let mut map: Map<String, Value> =
+        serde_json::from_str(raw.get()).map_err(|_| MessageError::NotObject)?;
+    // A per-message write key is unusual but harmless; a malformed one is simply dropped, since
+    // the envelope or the Authorization header decides which source this is.
+    let key = take_write_key(&mut map).ok().flatten();
+    normalise(map, None, defaults, received_at, new_id).map(|a| (a, key))
+}
+
+/// Removes `writeKey` from a message: a credential never goes into the journal.
+fn take_write_key(map: &mut Map<String, Value>) -> Result<Option<String>, RequestError> {
+    match map.remove("writeKey") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(RequestError::WriteKeyInvalid),
+    }
+}
+
+/// `true` when `v` is usable as an identifier: a non-blank string or a number.
+fn is_identifier(v: &Value) -> bool {
+    match v {
+        Value::String(s) => !s.trim().is_empty(),
+        Value::Number(_) => true,
+        _ => false,
+    }
+}
+
+/// Checks an identity field: absent or null is fine (`Ok(false)`), a usable id is `Ok(true)`.
+fn identity(map: &Map<String, Value>, field: &'static str) -> Result<bool, MessageError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(v) if is_identifier(v) => Ok(true),
+        Some(Value::String(_)) => Ok(false),
+        Some(_) => Err(MessageError::IdentityInvalid(field)),
+    }
+}
+
+fn client_time(
+    map: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<OffsetDateTime>, MessageError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => parse_client(s)
+            .map(Some)
+            .ok_or(MessageError::TimestampInvalid(field)),
+        Some(_) => Err(MessageError::TimestampInvalid(field)),
+    }
+}
+
+/// Merges a batch-level object into the message's own: the message's keys win.
+fn merge_default(map: &mut Map<String, Value>, field: &str, default: &Option<Value>) {
+    let Some(default) = default else { return };
+    match (map.get_mut(field), default) {
+        (None, _) | (Some(Value::Null), _) => {
+            map.insert(field.to_owned(), default.clone());
+        }
+        (Some(Value::Object(own)), Value::Object(shared)) => {
+            for (k, v) in shared {
+                own.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        _ => {}
+    }
+}
+
+fn normalise(
+    mut map: Map<String, Value>,
+    endpoint_kind: Option<MessageKind>,
+    defaults: &BatchDefaults,
+    received_at: OffsetDateTime,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Accepted, MessageError> {
+    let kind = match endpoint_kind {
+        Some(kind) => kind,
+        None => match map.get("type") {
+            None | Some(Value::Null) => return Err(MessageError::TypeMissing),
+            Some(Value::String(s)) => {
+                MessageKind::parse(s).ok_or_else(|| MessageError::TypeUnknown(s.clone()))?
+            }
+            Some(other) => return Err(MessageError::TypeUnknown(other.to_string())),
+        },
+    };
+
+    let has_user = identity(&map, "userId")?;
+    let has_anon = identity(&map, "anonymousId")?;
+    if !has_user && !has_anon {
+        return Err(MessageError::IdentityMissing);
+    }
+    match kind {
+        MessageKind::Track => match map.get("event") {
+            Some(Value::String(s)) if !s.trim().is_empty() => {}
+            _ => return Err(MessageError::EventMissing),
+        },
+        MessageKind::Group => {
+            if !map.get("groupId").is_some_and(is_identifier) {
+                return Err(MessageError::GroupIdMissing);
+            }
+        }
+        MessageKind::Alias => {
+            if !map.get("previousId").is_some_and(is_identifier) {
+                return Err(MessageError::PreviousIdMissing);
+            }
+        }
+        MessageKind::Identify | MessageKind::Page | MessageKind::Screen => {}
+    }
+
+    let message_id = match map.get("messageId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) if s.len() <= MAX_MESSAGE_ID_LEN => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err(MessageError::MessageIdInvalid),
+    }
+    .unwrap_or_else(new_id);
+
+    // Clock-skew correction, as Segment documents it:
+    //   timestamp = receivedAt - (sentAt - originalTimestamp)
+    // The client's own value is kept as `originalTimestamp`.
+    let original = client_time(&map, "timestamp")?;
+    if map.get("sentAt").is_none_or(Value::is_null)
+        && let Some(sent_at) = &defaults.sent_at
+    {
+        map.insert("sentAt".into(), sent_at.clone());
+    }
+    let sent_at = client_time(&map, "sentAt")?;
+    let timestamp = match (original, sent_at) {
+        (Some(original), Some(sent_at)) => received_at
+            .checked_sub(sent_at - original)
+            .ok_or(MessageError::TimestampInvalid("timestamp"))?,
+        (Some(original), None) => original,
+        (None, _) => received_at,
+    };
+    if original.is_some() && !map.contains_key("originalTimestamp") {
+        let client_value = map.get("timestamp").cloned().unwrap_or(Value::Null);
+        map.insert("originalTimestamp".into(), client_value);
+    }
+
+    merge_default(&mut map, "context", &defaults.context);
+    merge_default(&mut map, "integrations", &defaults.integrations);
+
+    map.insert("type".into(), Value::String(kind.as_str().into()));
+    map.insert("messageId".into(), Value::String(message_id.clone()));
+    map.insert("timestamp".into(), Value::String(format_millis(timestamp)));
+    map.insert(
+        "receivedAt".into(),
+        Value::String(format_millis(received_at)),
+    );
+
+    let payload = serde_json::to_string(&map).expect("a JSON map always serialises");
+    Ok(Accepted {
+        kind,
+        message_id,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-11-25 12:00:00 UTC);
+
+    fn ids() -> impl FnMut() -> String {
+        let mut n = 0;
+        move || {
+            n += 1;
+            format!("gen-{n}")
+        }
+    }
+
+    fn run(endpoint: Endpoint, body: Value) -> Result<Parsed, RequestError> {
+        parse(endpoint, body.to_string().as_bytes(), NOW, &mut ids())
+    }
+
+    fn payload(a: &Accepted) -> Value {
+        serde_json::from_str(&a.payload).unwrap()
+    }
+
+    #[test]
+    fn track_is_normalised_and_keeps_unknown_fields() {
+        let p = run(
+            Endpoint::Single(MessageKind::Track),
+            json!({"userId": "u1", "event": "Order Completed", "properties": {"total": 30},
+                   "custom": {"deep": [1, 2]}, "writeKey": "secret"}),
+        )
+        .unwrap();
+        assert_eq!(p.write_key.as_deref(), Some("secret"));
+        assert!(p.rejected.is_empty());
+        let v = payload(&p.accepted[0]);
+        assert_eq!(v["type"], "track");
+        assert_eq!(v["messageId"], "gen-1");
+        assert_eq!(v["receivedAt"], "2026-11-25T12:00:00.000Z");
+        assert_eq!(v["timestamp"], "2026-11-25T12:00:00.000Z");
+        assert_eq!(v["custom"], json!({"deep": [1, 2]}));
+        assert_eq!(v["properties"]["total"], 30);
+        assert!(
+            v.get("writeKey").is_none(),
+            "credentials never reach the journal"
+        );
+    }
+
+    #[test]
+    fn clock_skew_is_corrected_from_sent_at() {
+        // The client's clock runs 1 hour fast; the event happened 10 s before it was sent.
+        let p = run(
+            Endpoint::Single(MessageKind::Track),
+            json!({"userId": "u1", "event": "e", "messageId": "m1",
+                   "timestamp": "2026-11-25T12:59:50Z", "sentAt": "2026-11-25T13:00:00Z"}),
+        )
+        .unwrap();
+        let v = payload(&p.accepted[0]);
+        assert_eq!(v["timestamp"], "2026-11-25T11:59:50.000Z");
+        assert_eq!(v["originalTimestamp"], "2026-11-25T12:59:50Z");
+        assert_eq!(v["messageId"], "m1");
+    }
+
+    #[test]
+    fn batch_sent_at_context_and_integrations_apply_to_messages() {
+        let p = run(
+            Endpoint::Batch,
+            json!({"sentAt": "2026-11-25T13:00:00Z", "context": {"library": {"name": "x"}, "ip": "1.2.3.4"},
+                   "integrations": {"All": true},
+                   "batch": [
+                     {"type": "identify", "anonymousId": "a", "timestamp": "2026-11-25T12:59:59Z",
+                      "context": {"ip": "5.6.7.8"}},
+                     {"type": "page", "userId": 42, "name": "Home"}
+                   ]}),
+        )
+        .unwrap();
+        assert_eq!(p.accepted.len(), 2);
+        let first = payload(&p.accepted[0]);
+        assert_eq!(first["timestamp"], "2026-11-25T11:59:59.000Z");
+        assert_eq!(first["sentAt"], "2026-11-25T13:00:00Z");
+        assert_eq!(
+            first["context"]["ip"], "5.6.7.8",
+            "the message's own context wins"
+        );
+        assert_eq!(first["context"]["library"]["name"], "x");
+        assert_eq!(first["integrations"], json!({"All": true}));
+        let second = payload(&p.accepted[1]);
+        assert_eq!(second["type"], "page");
+        assert_eq!(second["userId"], 42);
+        assert_eq!(second["timestamp"], "2026-11-25T12:00:00.000Z");
+    }
+
+    #[test]
+    fn one_bad_message_does_not_sink_the_batch() {
+        let p = run(
+            Endpoint::Batch,
+            json!({"batch": [
+                {"type": "track", "userId": "u", "event": "ok"},
+                {"type": "track", "event": "no ids"},
+                "not an object",
+                {"type": "purchase", "userId": "u"},
+                {"userId": "u"},
+                {"type": "track", "userId": "u"},
+                {"type": "group", "userId": "u"},
+                {"type": "alias", "userId": "u"},
+                {"type": "track", "userId": {"id": 1}, "event": "e"},
+                {"type": "track", "userId": "u", "event": "e", "timestamp": "soon"},
+                {"type": "track", "userId": "u", "event": "e", "messageId": ["x"]},
+                {"type": "identify", "userId": "   "},
+                {"type": "alias", "userId": "u", "previousId": "p"}
+            ]}),
+        )
+        .unwrap();
+        let codes: Vec<(usize, &str)> = p
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.error.code()))
+            .collect();
+        assert_eq!(
+            codes,
+            vec![
+                (1, "message.identity.missing"),
+                (2, "message.not_object"),
+                (3, "message.type.unknown"),
+                (4, "message.type.missing"),
+                (5, "message.event.missing"),
+                (6, "message.group_id.missing"),
+                (7, "message.previous_id.missing"),
+                (8, "message.identity.invalid"),
+                (9, "message.timestamp.invalid"),
+                (10, "message.message_id.invalid"),
+                (11, "message.identity.missing"),
+            ]
+        );
+        assert_eq!(p.accepted.len(), 2);
+        assert_eq!(p.rejected[1].raw, "\"not an object\"");
+    }
+
+    #[test]
+    fn oversized_message_in_batch_is_rejected_alone() {
+        let big = "x".repeat(MAX_MESSAGE_BYTES);
+        let p = run(
+            Endpoint::Batch,
+            json!({"batch": [{"type": "track", "userId": "u", "event": "e", "properties": {"blob": big}},
+                             {"type": "track", "userId": "u", "event": "e"}]}),
+        )
+        .unwrap();
+        assert_eq!(p.rejected.len(), 1);
+        assert_eq!(p.rejected[0].error.code(), "message.too_large");
+        assert_eq!(p.accepted.len(), 1);
+    }
+
+    #[test]
+    fn request_level_errors() {
+        let track = Endpoint::Single(MessageKind::Track);
+        let err = |e: Endpoint, body: &[u8]| parse(e, body, NOW, &mut ids()).unwrap_err().code();
+        assert_eq!(err(track, b"{"), "request.json.malformed");
+        assert_eq!(err(track, b""), "request.json.malformed");
+        assert_eq!(err(track, b"[1]"), "request.body.not_object");
+        assert_eq!(
+            err(track, br#"{"userId":"u","event":"e","writeKey":5}"#),
+            "auth.write_key.invalid"
+        );
+        assert_eq!(err(Endpoint::Batch, b"[]"), "request.body.not_object");
+        assert_eq!(err(Endpoint::Batch, b"{}"), "batch.missing");
+        assert_eq!(err(Endpoint::Batch, br#"{"batch": {}}"#), "batch.not_array");
+        assert_eq!(err(Endpoint::Batch, br#"{"batch": []}"#), "batch.empty");
+        assert_eq!(
+            err(Endpoint::Batch, br#"{"batch": [1], "writeKey": 1}"#),
+            "auth.write_key.invalid"
+        );
+    }
+
+    #[test]
+    fn endpoint_decides_the_type() {
+        let p = run(
+            Endpoint::Single(MessageKind::Identify),
+            json!({"type": "track", "userId": "u"}),
+        )
+        .unwrap();
+        assert_eq!(p.accepted[0].kind, MessageKind::Identify);
+        assert_eq!(payload(&p.accepted[0])["type"], "identify");
+    }
+
+    #[test]
+    fn extreme_skew_does_not_panic() {
+        let p = run(
+            Endpoint::Single(MessageKind::Track),
+            json!({"userId": "u", "event": "e",
+                   "timestamp": "9999-12-31T23:59:59Z", "sentAt": "-9999-01-01T00:00:00Z"}),
+        );
+        // Either refused as invalid or accepted; never a panic.
+        assert!(p.is_ok());
+    }
+
+    #[test]
+    fn error_codes_are_unique() {
+        let mut codes = MessageError::CODES.to_vec();
+        codes.extend([
+            RequestError::MalformedJson(String::new()).code(),
+            RequestError::NotObject.code(),
+            RequestError::BatchMissing.code(),
+            RequestError::BatchNotArray.code(),
+            RequestError::BatchEmpty.code(),
+            RequestError::WriteKeyInvalid.code(),
+        ]);
+        let n = codes.len();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), n);
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            ".{0,12}".prop_map(Value::String),
+            Just(json!("2026-11-25T12:00:00Z")),
+            Just(json!("track")),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_string()),
+                        Just("userId".to_string()),
+                        Just("anonymousId".to_string()),
+                        Just("event".to_string()),
+                        Just("messageId".to_string()),
+                        Just("timestamp".to_string()),
+                        Just("sentAt".to_string()),
+                        Just("context".to_string()),
+                        Just("batch".to_string()),
+                        Just("writeKey".to_string()),
+                        ".{0,6}",
+                    ],
+                    inner,
+                    0..8
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            for e in [Endpoint::Batch, Endpoint::Single(MessageKind::Track)] {
+                let _ = parse(e, &body, NOW, &mut ids());
+            }
+        }
+
+        #[test]
+        fn accepted_messages_always_have_ids_and_times(v in arb_json()) {
+            for e in [Endpoint::Batch, Endpoint::Single(MessageKind::Page)] {
+                let body = v.to_string();
+                if let Ok(p) = parse(e, body.as_bytes(), NOW, &mut ids()) {
+                    for a in &p.accepted {
+                        let out: Value = serde_json::from_str(&a.payload).unwrap();
+                        prop_assert!(out["messageId"].is_string());
+                        prop_assert_eq!(out["messageId"].as_str().unwrap(), a.message_id.as_str());
+                        prop_assert!(out["receivedAt"].is_string());
+                        prop_assert!(out["timestamp"].is_string());
+                        prop_assert!(out.get("writeKey").is_none());
+                        prop_assert!(is_identifier(&out["userId"]) || is_identifier(&out["anonymousId"]));
+                    }
+                    // Every message of a batch is accounted for: accepted or rejected, never lost.
+                    if let (Endpoint::Batch, Some(Value::Array(batch))) = (e, v.get("batch")) {
+                        prop_assert_eq!(p.accepted.len() + p.rejected.len(), batch.len());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Handoff's pure core: the event model, ingest parsing and normalisation, and the configuration
+//! model with its validation. Nothing in this crate performs I/O or needs an async runtime, so it
+//! builds and tests fast and can be fuzzed in isolation.
+
+pub mod config;
+pub mod ids;
+pub mod ingest;
+pub mod time_fmt;
+
+pub use ids::{MessageKind, SourceId};

@@ -1,0 +1,348 @@
+//! The ingest routes: Segment's HTTP Tracking API.
+//!
+//! Order of work per request: read the body within the endpoint's limit, inflate gzip (bounded),
+//! find the source from the write key, parse and normalise (pure, in `handoff-core`), append to
+//! the journal and wait until it is durable, then answer.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::json;
+use tower_http::cors::{Any, CorsLayer};
+
+use handoff_core::SourceId;
+use handoff_core::ids::MessageKind;
+use handoff_core::ingest::{self, Endpoint, Parsed};
+use handoff_core::time_fmt::unix_millis;
+use handoff_store::{NewEvent, QuarantineEntry};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::metrics::{RequestLabel, SourceLabel};
+
+/// The two bytes every gzip stream starts with. A JSON body cannot start with them, so a body
+/// that does is gzip even when a client forgot `Content-Encoding`.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+pub fn routes() -> Router<Arc<AppState>> {
+    let mut router = Router::new();
+    for kind in MessageKind::ALL {
+        let path = format!("/v1/{}", kind.as_str());
+        router = router.route(
+            &path,
+            post(move |state, headers, body| handle(state, Endpoint::Single(kind), headers, body)),
+        );
+    }
+    router
+        .route(
+            "/v1/batch",
+            post(|s, h, b| handle(s, Endpoint::Batch, h, b)),
+        )
+        .route(
+            "/v1/import",
+            post(|s, h, b| handle(s, Endpoint::Batch, h, b)),
+        )
+        // Browsers post straight to the ingest API (analytics.js does), so allow any origin: the
+        // write key is public by design and grants nothing but sending events.
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods(Any)
+                .allow_headers(Any),
+        )
+}
+
+async fn handle(
+    State(state): State<Arc<AppState>>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = match ingest(&state, endpoint, &headers, body).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            if err.code.starts_with("auth.") {
+                state
+                    .metrics
+                    .auth_failures
+                    .get_or_create(&crate::metrics::CodeLabel {
+                        code: err.code.to_owned(),
+                    })
+                    .inc();
+            }
+            if err.status.is_client_error()
+                && !err.code.starts_with("message.")
+                && err.code != "batch.rejected"
+            {
+                // Message-level refusals were counted per message already.
+                state.metrics.reject(err.code, 1);
+            }
+            tracing::debug!(
+                endpoint = endpoint.name(),
+                code = err.code,
+                "request refused"
+            );
+            err.into_response()
+        }
+    };
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabel {
+            endpoint: endpoint.name().to_owned(),
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
+}
+
+async fn ingest(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = endpoint.body_limit();
+    let header_key = basic_auth_user(headers)?;
+    // Refuse unknown credentials before reading the body, when the header carries them.
+    let header_source = match &header_key {
+        Some(key) => Some(lookup(state, key)?),
+        None => None,
+    };
+
+    let body = read_body(body, headers, limit).await?;
+    let received_at = time::OffsetDateTime::now_utc();
+    let mut new_id = || uuid::Uuid::new_v4().to_string();
+    let parsed: Parsed = ingest::parse(endpoint, &body, received_at, &mut new_id)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+
+    let source = match header_source {
+        Some(source) => source,
+        None => match &parsed.write_key {
+            Some(key) => lookup(state, key)?,
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "auth.write_key.missing",
+                    "send the source's write key as the HTTP Basic user name (or as \"writeKey\" in the body)",
+                ));
+            }
+        },
+    };
+
+    let received_at_ms = unix_millis(received_at);
+    let total = parsed.accepted.len() + parsed.rejected.len();
+    let events: Vec<NewEvent> = parsed
+        .accepted
+        .into_iter()
+        .map(|a| NewEvent {
+            source: source.clone(),
+            message_id: a.message_id,
+            received_at_ms,
+            payload: a.payload,
+        })
+        .collect();
+    let rejected: Vec<serde_json::Value> = parsed
+        .rejected
+        .iter()
+        .map(|r| json!({"index": r.index, "code": r.error.code(), "message": r.error.to_string()}))
+        .collect();
+    for r in &parsed.rejected {
+        state.metrics.reject(r.error.code(), 1);
+    }
+    let quarantine: Vec<QuarantineEntry> = parsed
+        .rejected
+        .into_iter()
+        .map(|r| QuarantineEntry {
+            source: source.clone(),
+            received_at_ms,
+            index: r.index as u32,
+            code: r.error.code(),
+            message: r.error.to_string(),
+            raw: r.raw,
+        })
+        .collect();
+    let first_error = quarantine.first().map(|q| (q.code, q.message.clone()));
+    let n_events = events.len();
+
+    let started = Instant::now();
+    let outcome = state
+        .journal
+        .append(events, quarantine)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, code = e.code(), "journal append failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journal.unavailable",
+                "the events could not be stored durably; nothing was accepted, retry the request",
+            )
+        })?;
+    state
+        .metrics
+        .commit_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let label = SourceLabel {
+        source: source.to_string(),
+    };
+    state
+        .metrics
+        .accepted
+        .get_or_create(&label)
+        .inc_by(outcome.stored as u64);
+    if outcome.duplicates > 0 {
+        state
+            .metrics
+            .duplicates
+            .get_or_create(&label)
+            .inc_by(outcome.duplicates as u64);
+    }
+
+    if n_events == 0 {
+        // Nothing usable: the request fails, and what was sent is kept in quarantine.
+        let (code, message) = first_error.unwrap_or(("batch.rejected", String::new()));
+        return Err(match endpoint {
+            Endpoint::Single(_) => ApiError::new(StatusCode::BAD_REQUEST, code, message),
+            Endpoint::Batch => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "batch.rejected",
+                format!(
+                    "all {total} messages were rejected; see \"rejected\" for each one's reason"
+                ),
+            )
+            .with_extra(json!({ "rejected": rejected })),
+        });
+    }
+
+    let mut body = json!({"success": true});
+    match endpoint {
+        Endpoint::Single(_) => {
+            if outcome.duplicates > 0 {
+                body["duplicate"] = json!(true);
+            }
+        }
+        Endpoint::Batch => {
+            body["accepted"] = json!(outcome.stored);
+            body["duplicates"] = json!(outcome.duplicates);
+            if !rejected.is_empty() {
+                body["rejected"] = json!(rejected);
+            }
+        }
+    }
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+fn lookup(state: &AppState, key: &str) -> Result<SourceId, ApiError> {
+    state.sources.lookup(key).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "auth.write_key.unknown",
+            "the write key does not belong to any source; check the key in your SDK's settings",
+        )
+    })
+}
+
+/// The write key from `Authorization: Basic base64(writeKey:)`, if the header is there.
+fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let malformed = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "auth.header.malformed",
+            "the Authorization header must be \"Basic \" followed by base64 of \"<writeKey>:\"",
+        )
+    };
+    let value = value.to_str().map_err(|_| malformed())?;
+    let (scheme, encoded) = value.trim().split_once(' ').ok_or_else(malformed)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(malformed());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| malformed())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
+    let user = decoded
+        .split_once(':')
+        .map_or(decoded.as_str(), |(user, _)| user);
+    if user.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(user.to_owned()))
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request.body.too_large",
+        format!("the body exceeds this endpoint's limit of {limit} bytes (after decompression)"),
+    )
+}
+
+/// Reads the body within `limit` bytes and inflates it if it is gzip, also within `limit`.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let declared_gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str()) {
+        None => false,
+        Some(Ok(v)) if v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("x-gzip") => true,
+        Some(Ok(v)) if v.eq_ignore_ascii_case("identity") => false,
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "request.encoding.unsupported",
+                "Content-Encoding must be gzip or identity",
+            ));
+        }
+    };
+    let declared_len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared_len.is_some_and(|len| len > limit) {
+        return Err(too_large(limit));
+    }
+    let raw = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                too_large(limit)
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "request.body.unreadable",
+                    "the request body could not be read to its end",
+                )
+            }
+        })?
+        .to_bytes();
+    if declared_gzip || raw.starts_with(&GZIP_MAGIC) {
+        let mut out = Vec::with_capacity((raw.len() * 4).min(limit + 1));
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "request.gzip.invalid",
+                    format!("the body is not valid gzip: {e}"),
+                )
+            })?;
+        if out.len() > limit {
+            return Err(too_large(limit));
+        }
+        Ok(out)
+    } else {
+        Ok(raw.to_vec())
+    }
+}

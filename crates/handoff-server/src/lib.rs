@@ -1,0 +1,120 @@
+//! Handoff's HTTP server: the ingest API (Segment HTTP Tracking API), health, readiness and
+//! metrics. The binary builds an [`AppState`] and calls [`serve`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use handoff_store::Journal;
+
+pub mod error;
+pub mod ingest;
+pub mod metrics;
+pub mod sources;
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+pub use sources::SourceKeys;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub journal: Arc<dyn Journal>,
+    pub sources: SourceKeys,
+    pub metrics: Metrics,
+    /// False once shutdown has begun: `/readyz` then tells load balancers to stop sending.
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(journal: Arc<dyn Journal>, sources: SourceKeys) -> Arc<Self> {
+        Arc::new(Self {
+            journal,
+            sources,
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(true),
+        })
+    }
+}
+
+/// The full HTTP API.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .merge(ingest::routes())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .with_state(state)
+}
+
+/// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish, and
+/// closes the journal once every accepted event is durable.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let drain_state = state.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            drain_state.ready.store(false, Ordering::SeqCst);
+            tracing::info!("shutting down: no new connections; draining in-flight requests");
+        })
+        .await?;
+    state.journal.close().await;
+    tracing::info!("journal closed; bye");
+    Ok(())
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if !state.ready.load(Ordering::SeqCst) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server.shutting_down",
+            "the server is shutting down",
+        )
+        .into_response();
+    }
+    match state.journal.stats().await {
+        Ok(_) => "ready\n".into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "journal.unavailable",
+            format!("the journal cannot be read: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    match state.journal.stats().await {
+        Ok(stats) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            state.metrics.render(&stats),
+        )
+            .into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "journal.unavailable",
+            format!("the journal cannot be read: {e}"),
+        )
+        .into_response(),
+    }
+}

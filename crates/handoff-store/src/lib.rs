@@ -1,0 +1,199 @@
+//! Durable storage behind traits.
+//!
+//! [`Journal`] is the append-only event log that ingest writes to and consumers read from with
+//! acknowledgements. The embedded default is [`sqlite::SqliteJournal`]; a scale-out
+//! implementation (NATS JetStream for the log, PostgreSQL for state) plugs in behind the same
+//! trait without touching the ingest code.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use handoff_core::SourceId;
+use tokio::sync::watch;
+
+pub mod sqlite;
+
+/// Position of an event in the journal. Sequence numbers start at 1 and only grow; 0 means
+/// "before the first event".
+pub type Seq = u64;
+
+/// How long a `messageId` is remembered per source for deduplication (24 hours, as Segment
+/// documents for its own deduplication window).
+pub const DEDUP_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// An event accepted by ingest, ready to be made durable.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub source: SourceId,
+    pub message_id: String,
+    pub received_at_ms: i64,
+    /// The normalised message as JSON.
+    pub payload: String,
+}
+
+/// A message refused by ingest, kept so that nothing disappears silently.
+#[derive(Debug, Clone)]
+pub struct QuarantineEntry {
+    pub source: SourceId,
+    pub received_at_ms: i64,
+    /// Position of the message in its batch (0 for single-message requests).
+    pub index: u32,
+    pub code: &'static str,
+    pub message: String,
+    /// The message exactly as received.
+    pub raw: String,
+}
+
+/// What one append did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Events newly stored.
+    pub stored: usize,
+    /// Events whose `messageId` the same source already sent within [`DEDUP_WINDOW_MS`].
+    pub duplicates: usize,
+    /// Per input event: `true` when stored, `false` when it was a duplicate.
+    pub fresh: Vec<bool>,
+}
+
+/// An event as the journal holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: Seq,
+    pub source: String,
+    pub message_id: String,
+    pub received_at_ms: i64,
+    pub payload: String,
+}
+
+/// A quarantined message as the journal holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedMessage {
+    pub id: u64,
+    pub source: String,
+    pub received_at_ms: i64,
+    pub index: u32,
+    pub code: String,
+    pub message: String,
+    pub raw: String,
+}
+
+/// Figures for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Sequence number of the newest event (0 when empty).
+    pub head: Seq,
+    /// Bytes on disk, including the write-ahead log.
+    pub bytes: u64,
+    /// Messages in quarantine.
+    pub quarantined: u64,
+    /// Transactions committed (each one fsync) since the journal was opened.
+    pub commits: u64,
+    /// Each consumer with the last sequence number it acknowledged.
+    pub consumers: Vec<(String, Seq)>,
+}
+
+/// Storage errors. Each has a stable code for logs and API errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the journal is closed")]
+    Closed,
+    #[error(
+        "the journal at {path} was written by a newer Handoff (schema {found}, this build knows {known})"
+    )]
+    SchemaTooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+}
+
+impl StoreError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Sqlite(_) => "journal.database",
+            StoreError::Io(_) => "journal.io",
+            StoreError::Closed => "journal.closed",
+            StoreError::SchemaTooNew { .. } => "journal.schema.too_new",
+        }
+    }
+}
+
+/// The durable, append-only event log.
+#[async_trait]
+pub trait Journal: Send + Sync + 'static {
+    /// Stores `events` (deduplicated by source and `messageId`) and `quarantine` entries, and
+    /// returns only once they are durable on disk.
+    async fn append(
+        &self,
+        events: Vec<NewEvent>,
+        quarantine: Vec<QuarantineEntry>,
+    ) -> Result<AppendOutcome, StoreError>;
+
+    /// Up to `limit` events with a sequence number greater than `after`, oldest first.
+    async fn read(&self, after: Seq, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Records that `consumer` has processed every event up to and including `upto`.
+    /// Acknowledgements never move backwards.
+    async fn ack(&self, consumer: &str, upto: Seq) -> Result<(), StoreError>;
+
+    /// The last sequence number `consumer` acknowledged (0 if never).
+    async fn acked(&self, consumer: &str) -> Result<Seq, StoreError>;
+
+    async fn stats(&self) -> Result<JournalStats, StoreError>;
+
+    /// Watches the head sequence number, so consumers can wait for new events without polling.
+    fn subscribe(&self) -> watch::Receiver<Seq>;
+
+    /// Finishes pending writes and stops accepting new ones.
+    async fn close(&self);
+}
+
+/// A named reader that resumes from its last acknowledgement, also after a restart.
+pub struct Consumer {
+    journal: Arc<dyn Journal>,
+    name: String,
+    cursor: Seq,
+    head: watch::Receiver<Seq>,
+}
+
+impl Consumer {
+    pub async fn open(journal: Arc<dyn Journal>, name: &str) -> Result<Self, StoreError> {
+        let cursor = journal.acked(name).await?;
+        let head = journal.subscribe();
+        Ok(Self {
+            journal,
+            name: name.to_owned(),
+            cursor,
+            head,
+        })
+    }
+
+    /// The next events after the ones already handed out, waiting until there is at least one.
+    /// Events handed out but not acknowledged are handed out again after a restart.
+    pub async fn next(&mut self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        loop {
+            let events = self.journal.read(self.cursor, limit).await?;
+            if let Some(last) = events.last() {
+                self.cursor = last.seq;
+                return Ok(events);
+            }
+            let cursor = self.cursor;
+            if self.head.wait_for(|head| *head > cursor).await.is_err() {
+                return Err(StoreError::Closed);
+            }
+        }
+    }
+
+    /// Acknowledges every event up to and including `upto`.
+    pub async fn ack(&self, upto: Seq) -> Result<(), StoreError> {
+        self.journal.ack(&self.name, upto).await
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}

@@ -1,0 +1,211 @@
+//! The SQLite journal against a real database file.
+
+use std::sync::Arc;
+
+use handoff_core::SourceId;
+use handoff_store::sqlite::{JournalReader, SqliteJournal};
+use handoff_store::{Consumer, DEDUP_WINDOW_MS, Journal, NewEvent, QuarantineEntry};
+
+fn event(source: &str, id: &str, at: i64) -> NewEvent {
+    NewEvent {
+        source: SourceId::parse(source).unwrap(),
+        message_id: id.to_owned(),
+        received_at_ms: at,
+        payload: format!(r#"{{"messageId":"{id}"}}"#),
+    }
+}
+
+/// Now, so that the journal's own pruning (by wall clock) leaves the test's entries alone.
+fn t0() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_read_dedup_and_quarantine() {
+    let t0 = t0();
+    let dir = tempfile::tempdir().unwrap();
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    let out = j
+        .append(
+            vec![
+                event("web", "a", t0),
+                event("web", "b", t0),
+                event("web", "a", t0),
+                event("app", "a", t0),
+            ],
+            vec![QuarantineEntry {
+                source: SourceId::parse("web").unwrap(),
+                received_at_ms: t0,
+                index: 4,
+                code: "message.identity.missing",
+                message: "needs an id".into(),
+                raw: "{}".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates), (3, 1));
+    assert_eq!(
+        out.fresh,
+        vec![true, true, false, true],
+        "same id from another source is not a duplicate"
+    );
+
+    // Within the window: still a duplicate. After it: accepted again, and then a duplicate again.
+    let out = j
+        .append(vec![event("web", "a", t0 + DEDUP_WINDOW_MS - 1)], vec![])
+        .await
+        .unwrap();
+    assert_eq!(out.fresh, vec![false]);
+    let out = j
+        .append(vec![event("web", "a", t0 + DEDUP_WINDOW_MS)], vec![])
+        .await
+        .unwrap();
+    assert_eq!(out.fresh, vec![true]);
+    let out = j
+        .append(vec![event("web", "a", t0 + DEDUP_WINDOW_MS + 5)], vec![])
+        .await
+        .unwrap();
+    assert_eq!(out.fresh, vec![false]);
+
+    let events = j.read(0, 100).await.unwrap();
+    let ids: Vec<(u64, &str, &str)> = events
+        .iter()
+        .map(|e| (e.seq, e.source.as_str(), e.message_id.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (1, "web", "a"),
+            (2, "web", "b"),
+            (3, "app", "a"),
+            (4, "web", "a")
+        ]
+    );
+    assert_eq!(j.read(2, 1).await.unwrap()[0].seq, 3);
+
+    let stats = j.stats().await.unwrap();
+    assert_eq!(stats.head, 4);
+    assert_eq!(stats.quarantined, 1);
+    assert!(stats.bytes > 0);
+
+    // The read-only reader sees the same, while the journal is open.
+    let reader = JournalReader::open(dir.path()).unwrap();
+    let mut seen = Vec::new();
+    reader
+        .for_each_event(1, |e| {
+            seen.push(e.seq);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seen, vec![2, 3, 4]);
+    let mut q = Vec::new();
+    reader
+        .for_each_quarantined(0, |m| {
+            q.push((m.index, m.code.clone()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(q, vec![(4, "message.identity.missing".to_string())]);
+    assert!(reader.verify().unwrap().is_empty());
+    j.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_resumes_from_its_last_ack_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j: Arc<dyn Journal> = Arc::new(SqliteJournal::open(dir.path()).unwrap());
+        let batch: Vec<_> = (0..10)
+            .map(|i| event("web", &format!("m{i}"), t0()))
+            .collect();
+        j.append(batch, vec![]).await.unwrap();
+        let mut c = Consumer::open(j.clone(), "router").await.unwrap();
+        let got = c.next(4).await.unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        c.ack(4).await.unwrap();
+        // Handed out but never acknowledged: must come back after the restart.
+        let got = c.next(3).await.unwrap();
+        assert_eq!(got.last().unwrap().seq, 7);
+        // Acks never move backwards.
+        c.ack(2).await.unwrap();
+        assert_eq!(j.acked("router").await.unwrap(), 4);
+        j.close().await;
+    }
+    let j: Arc<dyn Journal> = Arc::new(SqliteJournal::open(dir.path()).unwrap());
+    let mut c = Consumer::open(j.clone(), "router").await.unwrap();
+    let got = c.next(100).await.unwrap();
+    assert_eq!(
+        got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8, 9, 10]
+    );
+    assert_eq!(
+        j.stats().await.unwrap().consumers,
+        vec![("router".to_string(), 4)]
+    );
+
+    // A consumer waiting at the head wakes up when a new event is appended.
+    let waiter = tokio::spawn(async move { c.next(10).await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    j.append(vec![event("web", "late", t0())], vec![])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got[0].message_id, "late");
+    assert_eq!(got[0].seq, 11);
+    j.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Arc::new(SqliteJournal::open(dir.path()).unwrap());
+    let tasks = 64;
+    let per_task = 20;
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let j = j.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                j.append(vec![event("web", &format!("{t}-{i}"), t0())], vec![])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let stats = j.stats().await.unwrap();
+    assert_eq!(stats.head, (tasks * per_task) as u64);
+    // Group commit: many appends ride on one transaction (one fsync).
+    assert!(
+        stats.commits < (tasks * per_task) as u64 / 2,
+        "{} commits for {} appends",
+        stats.commits,
+        tasks * per_task
+    );
+    j.close().await;
+    // After close, appends are refused with a clear error rather than lost.
+    let err = j
+        .append(vec![event("web", "after-close", t0())], vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "journal.closed");
+}
+
+#[test]
+fn missing_journal_is_a_clear_error_for_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = JournalReader::open(dir.path()).err().unwrap();
+    assert!(err.to_string().contains("no journal at"), "{err}");
+}
