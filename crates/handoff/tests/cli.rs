@@ -1,0 +1,137 @@
+//! `handoff check`, config files with environment variables, and the embedded default.
+
+mod common;
+
+use std::process::Command;
+
+use common::{BIN, Gateway, client, dump};
+use reqwest::StatusCode;
+
+fn check(config: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("handoff.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check").arg("--config").arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let example = include_str!("../../../handoff.example.toml");
+    let (ok, stdout, stderr) = check(
+        example,
+        &[
+            ("HANDOFF_WEB_WRITE_KEY", "0123456789abcdef0123"),
+            ("HANDOFF_BACKEND_WRITE_KEY", "fedcba98765432100123"),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("OK (2 sources"), "{stdout}");
+}
+
+#[test]
+fn check_reports_every_problem_and_exits_1() {
+    let (ok, _, stderr) = check(
+        r#"
+        [server]
+        listen = "everywhere"
+        [[sources]]
+        id = "web"
+        write_key = "${NOT_SET_ANYWHERE}"
+        [[sources]]
+        id = "web"
+        write_key = "short"
+        wirte_key = "typo"
+        "#,
+        &[],
+    );
+    assert!(!ok);
+    for needle in [
+        "server.listen: \"everywhere\" is not an address",
+        "sources[0].write_key: environment variable NOT_SET_ANYWHERE is not set [config.env.missing]",
+        "sources[1].id: source id \"web\" is declared more than once",
+        "sources[1].write_key: is 5 characters",
+        "sources[1].wirte_key: unknown key",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    let (ok, _, stderr) = check("[[sources]\nid = 1", &[]);
+    assert!(!ok);
+    assert!(stderr.contains("config.syntax"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_an_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[[sources]]\nid = \"web\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("sources[0].write_key: every source needs a write_key")
+    );
+}
+
+#[tokio::test]
+async fn embedded_default_creates_a_source_once_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let key = {
+        let gw = Gateway::start(&data, &[], &[]);
+        let key = gw
+            .printed_write_key()
+            .expect("the first start prints a write key");
+        assert!(
+            gw.banner.iter().any(|l| l.contains("curl -u")),
+            "a curl line to try: {:?}",
+            gw.banner
+        );
+        let resp = client()
+            .post(format!("{}/v1/track", gw.url))
+            .basic_auth(&key, Some(""))
+            .body(r#"{"userId": "u1", "event": "first start"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        gw.signal("TERM");
+        assert!(gw.wait().success());
+        key
+    };
+    let gw = Gateway::start(&data, &[], &[]);
+    assert_eq!(gw.printed_write_key(), None, "the key is shown only once");
+    let resp = client()
+        .post(format!("{}/v1/track", gw.url))
+        .basic_auth(&key, Some(""))
+        .body(r#"{"userId": "u1", "event": "second start"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "the same key works after a restart"
+    );
+    let events = dump(&data, &[]);
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1]["source"], "default");
+    // The key itself is not in the database, only its digest.
+    let db = std::fs::read(data.join("journal.db")).unwrap();
+    assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()));
+}

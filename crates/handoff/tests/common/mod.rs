@@ -1,0 +1,154 @@
+//! Starts the real `handoff` binary on port 0 with its own temp data dir, and cleans up after.
+#![allow(dead_code)] // each test file uses a different part of this harness
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_handoff");
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub url: String,
+    pub data_dir: PathBuf,
+    /// What the gateway printed on standard output up to "listening on".
+    pub banner: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts `handoff serve --listen 127.0.0.1:0 --data-dir DIR ARGS…` and waits until it listens.
+    pub fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning handoff");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        let url = url.trim().to_owned();
+                        banner.push(line);
+                        return Gateway {
+                            child: Some(child),
+                            url,
+                            data_dir: data_dir.to_owned(),
+                            banner,
+                        };
+                    }
+                    banner.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().unwrap();
+                    panic!("handoff did not start ({status}); it printed: {banner:?}");
+                }
+            }
+        }
+    }
+
+    /// The write key from the embedded default's first-start banner.
+    pub fn printed_write_key(&self) -> Option<String> {
+        self.banner
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("write key: ").map(str::to_owned))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        for _ in 0..300 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        panic!("handoff did not exit within 30 s");
+    }
+
+    pub fn metric(&self, body: &str, name: &str) -> f64 {
+        metric(body, name)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The value of the first sample whose name-and-labels start with `name` in a Prometheus page.
+pub fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
+}
+
+/// `handoff journal dump` as parsed JSON lines.
+pub fn dump(data_dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["journal", "dump", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each dump line is JSON"))
+        .collect()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
