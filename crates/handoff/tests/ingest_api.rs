@@ -226,6 +226,15 @@ async fn write_key_in_body_gzip_and_liberal_content_types() {
     );
 }
 
+/// Path, body, headers, expected status, expected error code.
+type Case<'a> = (
+    &'a str,
+    Vec<u8>,
+    Vec<(&'a str, &'a str)>,
+    StatusCode,
+    &'a str,
+);
+
 #[tokio::test]
 async fn bad_requests_get_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
@@ -237,7 +246,7 @@ async fn bad_requests_get_clear_errors() {
         .to_string()
         .into_bytes();
 
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, StatusCode, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "/v1/track",
             b"{\"userId\": ".to_vec(),
