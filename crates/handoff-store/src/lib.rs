@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use handoff_core::SourceId;
 use tokio::sync::watch;
 
+mod dedup;
 pub mod sqlite;
+
+pub use dedup::DEDUP_FILE;
 
 /// Position of an event in the journal. Sequence numbers start at 1 and only grow; 0 means
 /// "before the first event".

@@ -15,9 +15,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::dedup::{self, Dedup};
 use crate::{
-    AppendOutcome, DEDUP_WINDOW_MS, Journal, JournalStats, NewEvent, QuarantineEntry,
-    QuarantinedMessage, Seq, StoreError, StoredEvent,
+    AppendOutcome, Journal, JournalStats, NewEvent, QuarantineEntry, QuarantinedMessage, Seq,
+    StoreError, StoredEvent,
 };
 
 /// File name of the journal database inside the data directory.
@@ -29,13 +30,27 @@ const SCHEMA_VERSION: i64 = 1;
 const QUEUE_CAPACITY: usize = 4096;
 /// Most requests written in one transaction; caps the latency one commit can add.
 const MAX_GROUP: usize = 1024;
-/// How often expired deduplication entries are pruned.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// Most deduplication entries removed per prune, so one prune never stalls a commit for long.
-const PRUNE_CHUNK: i64 = 50_000;
-/// WAL pages between automatic checkpoints. Larger than SQLite's 1000 so that checkpoints, which
-/// run inside a commit, happen less often under heavy ingest.
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 4000;
+/// A group commit slower than this is logged as a warning, with where the time went.
+const SLOW_COMMIT: Duration = Duration::from_millis(50);
+/// How often the checkpoint thread copies committed WAL pages into the database file. Checkpoints
+/// run on their own thread and connection, never inside a commit, so ingest latency does not
+/// carry their cost; this interval only bounds how large the WAL grows between them.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL size (in pages) past which the writer is asked to finish a checkpoint itself. A checkpoint
+/// running beside a writer that never pauses can never copy the newest pages, so the WAL would
+/// never restart and would grow without bound under sustained load. The background thread copies
+/// the bulk; the writer then copies the small remainder between two groups, and the next
+/// transaction starts the WAL over. 16384 pages of 4 KiB is 64 MiB.
+const WAL_RESTART_PAGES: i64 = 32_768;
+/// Most WAL pages the writer copies itself when it finishes a checkpoint (1024 pages, 4 MiB): its
+/// copy and fsync hold up the requests waiting for the next commit, so keep it small.
+const CATCH_UP_PAGES: i64 = 256;
+/// Pages of SQLite's own cache for the writer (negative: KiB). The deduplication index is probed
+/// for every event; 64 MiB keeps its upper levels and hot leaves in memory.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+/// Size the WAL file is truncated back to after a checkpoint lets it restart, so a burst does not
+/// leave a large file behind.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -45,13 +60,6 @@ CREATE TABLE IF NOT EXISTS events (
     received_at_ms INTEGER NOT NULL,
     payload        TEXT    NOT NULL
 );
-CREATE TABLE IF NOT EXISTS dedup (
-    id         INTEGER PRIMARY KEY,
-    source     TEXT    NOT NULL,
-    message_id TEXT    NOT NULL,
-    seen_at_ms INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS dedup_key ON dedup (source, message_id);
 CREATE TABLE IF NOT EXISTS quarantine (
     id             INTEGER PRIMARY KEY,
     source         TEXT    NOT NULL,
@@ -97,6 +105,9 @@ pub struct StoredSource {
 }
 
 struct Shared {
+    /// Set by the checkpoint thread when the writer should finish a checkpoint (see
+    /// [`WAL_RESTART_PAGES`]).
+    restart_wal: std::sync::atomic::AtomicBool,
     head: AtomicU64,
     quarantined: AtomicU64,
     commits: AtomicU64,
@@ -134,7 +145,10 @@ impl SqliteJournal {
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         debug_assert_eq!(mode.to_lowercase(), "wal");
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+        // Checkpoints belong to the checkpoint thread (below), not to commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
@@ -151,6 +165,7 @@ impl SqliteJournal {
         let quarantined: i64 =
             conn.query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))?;
         let shared = Arc::new(Shared {
+            restart_wal: std::sync::atomic::AtomicBool::new(false),
             head: AtomicU64::new(head as u64),
             quarantined: AtomicU64::new(quarantined as u64),
             commits: AtomicU64::new(0),
@@ -162,6 +177,8 @@ impl SqliteJournal {
         )?;
         configure(&reader)?;
 
+        let dedup = Dedup::open(data_dir, &conn, now_ms())?;
+        let checkpointer = Checkpointer::start(&path, shared.clone())?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let (head_tx, head_rx) = watch::channel(head as Seq);
         let mut writer = Writer {
@@ -169,7 +186,8 @@ impl SqliteJournal {
             next_seq: head as Seq + 1,
             shared: shared.clone(),
             head_tx,
-            last_prune: Instant::now(),
+            dedup,
+            checkpointer: Some(checkpointer),
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -353,12 +371,69 @@ impl Journal for SqliteJournal {
     }
 }
 
+/// Copies committed WAL pages into the database file, off the writer's path.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    handle: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, shared: Arc<Shared>) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        configure(&conn)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name("journal-checkpoint".into())
+            .spawn(move || {
+                let mut done_up_to = shared.head.load(Ordering::Acquire);
+                let mut wait = CHECKPOINT_EVERY;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(wait)
+                {
+                    wait = CHECKPOINT_EVERY;
+                    let head = shared.head.load(Ordering::Acquire);
+                    if head == done_up_to {
+                        continue;
+                    }
+                    // PASSIVE: copy what it can without waiting for the writer or readers.
+                    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    });
+                    match result {
+                        Ok((wal_pages, copied)) => {
+                            done_up_to = head;
+                            let remainder = wal_pages - copied;
+                            if wal_pages > WAL_RESTART_PAGES {
+                                if remainder <= CATCH_UP_PAGES {
+                                    shared.restart_wal.store(true, Ordering::Release);
+                                } else {
+                                    // Behind: go again at once, so the writer's share stays small.
+                                    wait = Duration::ZERO;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "journal checkpoint failed; will retry")
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { stop, handle })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.handle.join();
+    }
+}
+
 struct Writer {
     conn: Connection,
+    checkpointer: Option<Checkpointer>,
     next_seq: Seq,
     shared: Arc<Shared>,
     head_tx: watch::Sender<Seq>,
-    last_prune: Instant,
+    dedup: Dedup,
 }
 
 enum Reply {
@@ -385,7 +460,28 @@ impl Writer {
             }
             let shutdown = group.iter().any(|c| matches!(c, Command::Shutdown));
             self.commit_group(&mut group);
+            if self.shared.restart_wal.swap(false, Ordering::AcqRel) {
+                // Nothing writes while this runs, so it copies the remainder and the next
+                // transaction restarts the WAL from its beginning.
+                let started = Instant::now();
+                if let Err(e) =
+                    self.conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
+                    tracing::warn!(error = %e, "journal checkpoint in the writer failed");
+                }
+                if started.elapsed() >= SLOW_COMMIT {
+                    tracing::warn!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "slow WAL catch-up checkpoint in the writer"
+                    );
+                }
+            }
             if shutdown {
+                self.dedup.close(self.next_seq - 1);
+                if let Some(c) = self.checkpointer.take() {
+                    c.stop();
+                }
                 if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
                     tracing::warn!(error = %e, "journal checkpoint at shutdown failed");
                 }
@@ -399,9 +495,13 @@ impl Writer {
         let start_seq = self.next_seq;
         let mut replies = Vec::with_capacity(group.len());
         let mut new_quarantined = 0u64;
+        let started = Instant::now();
+        let mut written_at = started;
+        let dedup = &mut self.dedup;
+        let conn = &mut self.conn;
+        let mut seq = start_seq;
         let result = (|| -> Result<(), StoreError> {
-            let tx = self.conn.transaction()?;
-            let mut seq = start_seq;
+            let tx = conn.transaction()?;
             for cmd in group.drain(..) {
                 match cmd {
                     Command::Append {
@@ -409,7 +509,7 @@ impl Writer {
                         quarantine,
                         reply,
                     } => {
-                        let outcome = append_in(&tx, &mut seq, &events, &quarantine)?;
+                        let outcome = append_in(&tx, dedup, &mut seq, &events, &quarantine)?;
                         new_quarantined += quarantine.len() as u64;
                         replies.push(Reply::Append(reply, outcome));
                     }
@@ -430,18 +530,25 @@ impl Writer {
                     Command::Shutdown => {}
                 }
             }
-            if self.last_prune.elapsed() >= PRUNE_EVERY {
-                prune_dedup(&tx, now_ms() - DEDUP_WINDOW_MS)?;
-                self.last_prune = Instant::now();
-            }
+            written_at = Instant::now();
             tx.commit()?;
-            self.next_seq = seq;
             Ok(())
         })();
+        let took = started.elapsed();
+        if took >= SLOW_COMMIT {
+            tracing::warn!(
+                write_ms = (written_at - started).as_millis() as u64,
+                commit_ms = written_at.elapsed().as_millis() as u64,
+                requests = replies.len(),
+                "slow journal commit: requests waited this long for durability"
+            );
+        }
         // Commands not reached because of an error are dropped here; their senders see `Closed`.
         group.clear();
         match result {
             Ok(()) => {
+                self.next_seq = seq;
+                self.dedup.commit();
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 self.shared
                     .quarantined
@@ -459,8 +566,11 @@ impl Writer {
                         }
                     }
                 }
+                // After answering: handing keys to the flusher may wait if it is far behind.
+                self.dedup.maybe_flush(head);
             }
             Err(e) => {
+                self.dedup.rollback();
                 tracing::error!(error = %e, code = e.code(), "journal commit failed; the requests in it are answered with an error");
                 for r in replies {
                     match r {
@@ -481,6 +591,7 @@ impl Writer {
 
 fn append_in(
     tx: &rusqlite::Transaction<'_>,
+    dedup: &mut Dedup,
     seq: &mut Seq,
     events: &[NewEvent],
     quarantine: &[QuarantineEntry],
@@ -489,30 +600,13 @@ fn append_in(
         fresh: Vec::with_capacity(events.len()),
         ..AppendOutcome::default()
     };
-    let mut remember = tx.prepare_cached(
-        "INSERT OR IGNORE INTO dedup (source, message_id, seen_at_ms) VALUES (?1, ?2, ?3)",
-    )?;
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (seq, source, message_id, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for e in events {
         let source = e.source.as_str();
-        let mut fresh = remember.execute(params![source, e.message_id, e.received_at_ms])? == 1;
-        if !fresh {
-            // Seen before: a duplicate only if within the window. An expired entry is replaced
-            // (deleted and inserted again) so that entry ids stay in time order for pruning.
-            let seen_at: i64 = tx
-                .prepare_cached(
-                    "SELECT seen_at_ms FROM dedup WHERE source = ?1 AND message_id = ?2",
-                )?
-                .query_row(params![source, e.message_id], |r| r.get(0))?;
-            if seen_at <= e.received_at_ms - DEDUP_WINDOW_MS {
-                tx.prepare_cached("DELETE FROM dedup WHERE source = ?1 AND message_id = ?2")?
-                    .execute(params![source, e.message_id])?;
-                remember.execute(params![source, e.message_id, e.received_at_ms])?;
-                fresh = true;
-            }
-        }
+        let fresh =
+            dedup.check_and_remember(dedup::key(source, &e.message_id), e.received_at_ms)?;
         if fresh {
             insert.execute(params![
                 *seq as i64,
@@ -545,20 +639,6 @@ fn append_in(
         }
     }
     Ok(outcome)
-}
-
-/// Removes deduplication entries older than `cutoff_ms`, oldest first, at most
-/// [`PRUNE_CHUNK`] per call. Entry ids follow time order, so the scan stops at the first entry
-/// still inside the window.
-fn prune_dedup(tx: &rusqlite::Transaction<'_>, cutoff_ms: i64) -> Result<usize, StoreError> {
-    let removed = tx.execute(
-        "DELETE FROM dedup WHERE id < min(
-             coalesce((SELECT id FROM dedup WHERE seen_at_ms > ?1 ORDER BY id LIMIT 1),
-                      (SELECT coalesce(max(id), 0) + 1 FROM dedup)),
-             (SELECT coalesce(min(id), 0) FROM dedup) + ?2)",
-        params![cutoff_ms, PRUNE_CHUNK],
-    )?;
-    Ok(removed)
 }
 
 /// Read-only access for operators (`handoff journal dump`), safe while the server runs.

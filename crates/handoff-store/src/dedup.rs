@@ -1,0 +1,380 @@
+//! Deduplication of `messageId`s per source over [`DEDUP_WINDOW_MS`], as an index derived from
+//! the journal.
+//!
+//! A B-tree that takes one random insert per event dirties one page per event, and WAL mode writes
+//! every dirtied page again at each commit: kept inside the journal, the index cost ~4 KiB of disk
+//! writes per event and capped ingest. So the index is shaped like a small LSM tree:
+//!
+//! - **hot**: recent keys in memory, checked and updated by the journal writer;
+//! - **cold**: older keys in `dedup.db`, written by a flusher thread in sorted batches (each page
+//!   written once per flush), read by the writer when a key is not hot.
+//!
+//! The journal stays the only source of truth: `dedup.db` records the highest sequence number it
+//! covers, and on open the events after it are replayed into the hot set. So the index needs no
+//! fsync of its own, and a lost or damaged `dedup.db` is rebuilt from the journal.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::{DEDUP_WINDOW_MS, Seq, StoreError};
+
+/// File name of the deduplication index inside the data directory.
+pub const DEDUP_FILE: &str = "dedup.db";
+/// Most keys held hot before they are flushed: about 48 bytes each in memory, so ~48 MiB at most
+/// (twice that while one flush is under way).
+const HOT_CAPACITY: usize = 1_000_000;
+/// Hot keys are flushed at least this often, so a restart has little to replay.
+const HOT_MAX_AGE: Duration = Duration::from_secs(300);
+/// How often the flusher removes keys older than the window from `dedup.db`.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// 128 bits of SHA-256 over the source and the messageId: collisions are out of reach, even for
+/// a client choosing its ids to provoke one.
+pub type Key = [u8; 16];
+
+pub fn key(source: &str, message_id: &str) -> Key {
+    let mut h = Sha256::new();
+    h.update((source.len() as u32).to_le_bytes());
+    h.update(source.as_bytes());
+    h.update(message_id.as_bytes());
+    let digest = h.finalize();
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&digest[..16]);
+    k
+}
+
+struct FlushJob {
+    keys: Arc<HashMap<Key, i64>>,
+    covers: Seq,
+}
+
+pub(crate) struct Dedup {
+    hot: HashMap<Key, i64>,
+    hot_since: Instant,
+    /// Keys handed to the flusher and not yet committed to `dedup.db`.
+    flushing: Option<Arc<HashMap<Key, i64>>>,
+    /// Keys remembered in the current group, with what they replaced, to undo if it fails.
+    pending: Vec<(Key, Option<i64>)>,
+    cold: Connection,
+    jobs: Option<Sender<FlushJob>>,
+    done: Receiver<Result<(), String>>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+fn open_index(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    // Derived data: a commit lost to a power cut is replayed from the journal.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS dedup (key BLOB PRIMARY KEY, seen_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS covered (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);",
+    )?;
+    conn.query_row("PRAGMA quick_check(1)", [], |r| r.get::<_, String>(0))
+        .map_err(StoreError::from)
+        .and_then(|ok| {
+            if ok == "ok" {
+                Ok(())
+            } else {
+                Err(StoreError::Io(std::io::Error::other(format!(
+                    "dedup index damaged: {ok}"
+                ))))
+            }
+        })?;
+    Ok(conn)
+}
+
+impl Dedup {
+    /// Opens the index beside the journal and replays the journal's events it does not cover yet.
+    pub(crate) fn open(
+        data_dir: &Path,
+        journal: &Connection,
+        now_ms: i64,
+    ) -> Result<Self, StoreError> {
+        let path = data_dir.join(DEDUP_FILE);
+        let writer = match open_index(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                // Derived data: set the damaged file aside and rebuild from the journal.
+                let aside = PathBuf::from(format!("{}.damaged-{now_ms}", path.display()));
+                tracing::warn!(error = %e, aside = %aside.display(), "deduplication index unreadable; rebuilding it from the journal");
+                for suffix in ["", "-wal", "-shm"] {
+                    let from = PathBuf::from(format!("{}{suffix}", path.display()));
+                    let _ = std::fs::rename(&from, format!("{}{suffix}", aside.display()));
+                }
+                open_index(&path)?
+            }
+        };
+        let covered: Seq = writer
+            .query_row("SELECT seq FROM covered WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+            .unwrap_or(0) as Seq;
+        let cold = Connection::open(&path)?;
+        cold.busy_timeout(Duration::from_secs(5))?;
+
+        let mut hot = HashMap::new();
+        let mut stmt = journal.prepare(
+            "SELECT source, message_id, received_at_ms FROM events WHERE seq > ?1 AND received_at_ms > ?2",
+        )?;
+        let mut rows = stmt.query(params![covered as i64, now_ms - DEDUP_WINDOW_MS])?;
+        while let Some(r) = rows.next()? {
+            let (source, id, at): (String, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let slot = hot.entry(key(&source, &id)).or_insert(at);
+            *slot = (*slot).max(at);
+        }
+        if !hot.is_empty() {
+            tracing::info!(
+                keys = hot.len(),
+                after_seq = covered,
+                "deduplication index caught up from the journal"
+            );
+        }
+
+        let (jobs, job_rx) = channel::<FlushJob>();
+        let (done_tx, done) = channel();
+        let flusher = std::thread::Builder::new()
+            .name("dedup-flusher".into())
+            .spawn(move || flusher(writer, job_rx, done_tx))?;
+        Ok(Self {
+            hot,
+            hot_since: Instant::now(),
+            flushing: None,
+            pending: Vec::new(),
+            cold,
+            jobs: Some(jobs),
+            done,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// `true` if no event with this key was stored within the window before `at_ms`; then the key
+    /// is remembered as seen at `at_ms` (undone by [`Dedup::rollback`] if the group fails).
+    pub(crate) fn check_and_remember(&mut self, key: Key, at_ms: i64) -> Result<bool, StoreError> {
+        let within = |seen: i64| seen > at_ms - DEDUP_WINDOW_MS;
+        let seen = match self.hot.get(&key) {
+            Some(&seen) => Some(seen),
+            None => match self.flushing.as_ref().and_then(|f| f.get(&key)) {
+                Some(&seen) => Some(seen),
+                None => self
+                    .cold
+                    .prepare_cached("SELECT seen_at_ms FROM dedup WHERE key = ?1")?
+                    .query_row([&key[..]], |r| r.get::<_, i64>(0))
+                    .optional()?,
+            },
+        };
+        if seen.is_some_and(within) {
+            return Ok(false);
+        }
+        let before = self.hot.insert(key, at_ms);
+        self.pending.push((key, before));
+        Ok(true)
+    }
+
+    /// The group was committed: its keys stay.
+    pub(crate) fn commit(&mut self) {
+        self.pending.clear();
+    }
+
+    /// The group failed: forget the keys it remembered, so a retry is not taken for a duplicate.
+    pub(crate) fn rollback(&mut self) {
+        for (key, before) in self.pending.drain(..).rev() {
+            match before {
+                Some(seen) => self.hot.insert(key, seen),
+                None => self.hot.remove(&key),
+            };
+        }
+    }
+
+    /// After a commit that made events up to `head` durable: hands hot keys to the flusher when
+    /// there are many or they are old.
+    pub(crate) fn maybe_flush(&mut self, head: Seq) {
+        if let Ok(result) = self.done.try_recv() {
+            self.flush_finished(result);
+        }
+        let due = self.hot.len() >= HOT_CAPACITY
+            || (!self.hot.is_empty() && self.hot_since.elapsed() >= HOT_MAX_AGE);
+        if !due {
+            return;
+        }
+        if self.flushing.is_some() {
+            if self.hot.len() < 2 * HOT_CAPACITY {
+                return;
+            }
+            // The flusher is behind by a whole batch: wait for it rather than grow without bound.
+            if let Ok(result) = self.done.recv() {
+                self.flush_finished(result);
+            }
+        }
+        let keys = Arc::new(std::mem::take(&mut self.hot));
+        self.hot_since = Instant::now();
+        self.flushing = Some(keys.clone());
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(FlushJob { keys, covers: head });
+        }
+    }
+
+    fn flush_finished(&mut self, result: Result<(), String>) {
+        match result {
+            Ok(()) => self.flushing = None,
+            Err(e) => {
+                // Keep the keys hot; they go out again with the next flush.
+                tracing::warn!(error = %e, "deduplication index flush failed; will retry");
+                if let Some(keys) = self.flushing.take() {
+                    for (k, v) in keys.iter() {
+                        self.hot.entry(*k).or_insert(*v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes everything and stops the flusher (clean shutdown: nothing to replay next time).
+    pub(crate) fn close(&mut self, head: Seq) {
+        if self.flushing.is_some()
+            && let Ok(result) = self.done.recv()
+        {
+            self.flush_finished(result);
+        }
+        if let Some(jobs) = self.jobs.take() {
+            let keys = Arc::new(std::mem::take(&mut self.hot));
+            let _ = jobs.send(FlushJob { keys, covers: head });
+            let _ = self.done.recv();
+        }
+        if let Some(handle) = self.flusher.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn flusher(mut conn: Connection, jobs: Receiver<FlushJob>, done: Sender<Result<(), String>>) {
+    let mut last_prune = Instant::now();
+    for job in jobs {
+        let result = (|| -> Result<(), StoreError> {
+            let mut sorted: Vec<(&Key, &i64)> = job.keys.iter().collect();
+            sorted.sort_unstable_by_key(|(k, _)| **k);
+            let tx = conn.transaction()?;
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO dedup (key, seen_at_ms) VALUES (?1, ?2)",
+                )?;
+                for (k, at) in sorted {
+                    put.execute(params![&k[..], at])?;
+                }
+                tx.execute(
+                    "INSERT INTO covered (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                    [job.covers as i64],
+                )?;
+            }
+            tx.commit()?;
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                let cutoff = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0)
+                    - DEDUP_WINDOW_MS;
+                conn.execute("DELETE FROM dedup WHERE seen_at_ms <= ?1", [cutoff])?;
+                last_prune = Instant::now();
+            }
+            Ok(())
+        })();
+        if done.send(result.map_err(|e| e.to_string())).is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(dir: &Path) -> Connection {
+        let c = Connection::open(dir.join("j.db")).unwrap();
+        c.execute_batch(
+            "CREATE TABLE events (seq INTEGER PRIMARY KEY, source TEXT, message_id TEXT, received_at_ms INTEGER, payload TEXT)",
+        )
+        .unwrap();
+        c
+    }
+
+    const NOW: i64 = 1_790_000_000_000;
+
+    #[test]
+    fn keys_separate_sources_and_ids() {
+        assert_ne!(key("web", "a"), key("app", "a"));
+        assert_ne!(
+            key("ab", "c"),
+            key("a", "bc"),
+            "the source length is part of the key"
+        );
+        assert_eq!(key("web", "a"), key("web", "a"));
+    }
+
+    #[test]
+    fn hot_flushed_and_replayed_keys_all_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        let mut d = Dedup::open(dir.path(), &j, NOW).unwrap();
+        let (a, b) = (key("web", "a"), key("web", "b"));
+        assert!(d.check_and_remember(a, NOW).unwrap());
+        assert!(!d.check_and_remember(a, NOW + 1).unwrap(), "hot");
+        d.commit();
+        d.hot_since -= HOT_MAX_AGE;
+        d.maybe_flush(1);
+        assert!(!d.check_and_remember(a, NOW + 2).unwrap(), "while flushing");
+        let r = d.done.recv().unwrap();
+        d.flush_finished(r);
+        assert!(d.flushing.is_none() && d.hot.is_empty());
+        assert!(!d.check_and_remember(a, NOW + 3).unwrap(), "cold");
+        assert!(
+            d.check_and_remember(a, NOW + DEDUP_WINDOW_MS).unwrap(),
+            "expired in cold: fresh again"
+        );
+        d.commit();
+
+        // A failed group forgets what it remembered.
+        assert!(d.check_and_remember(b, NOW).unwrap());
+        d.rollback();
+        assert!(
+            d.check_and_remember(b, NOW).unwrap(),
+            "a retry after a failed commit is not a duplicate"
+        );
+        d.commit();
+        d.close(1);
+
+        // Events the index did not cover (seq > 1) are replayed from the journal on open.
+        j.execute("INSERT INTO events VALUES (2, 'web', 'c', ?1, '{}')", [NOW])
+            .unwrap();
+        let mut d = Dedup::open(dir.path(), &j, NOW).unwrap();
+        assert!(
+            !d.check_and_remember(key("web", "c"), NOW + 5).unwrap(),
+            "replayed"
+        );
+        assert!(
+            !d.check_and_remember(b, NOW + 5).unwrap(),
+            "flushed at close"
+        );
+        d.close(2);
+    }
+
+    #[test]
+    fn a_damaged_index_is_rebuilt_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        j.execute("INSERT INTO events VALUES (1, 'web', 'x', ?1, '{}')", [NOW])
+            .unwrap();
+        std::fs::write(dir.path().join(DEDUP_FILE), b"this is not a database").unwrap();
+        let mut d = Dedup::open(dir.path(), &j, NOW).unwrap();
+        assert!(!d.check_and_remember(key("web", "x"), NOW + 1).unwrap());
+        d.close(1);
+    }
+}
