@@ -5,7 +5,9 @@
 //! code. It never panics on any input; a property test in this module and the fuzz target in
 //! `fuzz/` hold it to that.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+
+use serde::Deserialize;
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -167,14 +169,6 @@ pub struct Parsed {
     pub rejected: Vec<Rejected>,
 }
 
-/// Values a batch envelope applies to each of its messages.
-#[derive(Default)]
-struct BatchDefaults {
-    sent_at: Option<Value>,
-    context: Option<Value>,
-    integrations: Option<Value>,
-}
-
 /// Parses and normalises one request body.
 ///
 /// `received_at` is the server's clock at receipt; `new_id` generates a `messageId` for messages
@@ -185,19 +179,23 @@ pub fn parse(
     received_at: OffsetDateTime,
     new_id: &mut dyn FnMut() -> String,
 ) -> Result<Parsed, RequestError> {
+    let body = std::str::from_utf8(body).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+    let received_at_text = format!("\"{}\"", format_millis(received_at));
     let mut parsed = Parsed::default();
     match endpoint {
         Endpoint::Single(kind) => {
-            let raw: &RawValue = serde_json::from_slice(body)
+            let raw: &RawValue = serde_json::from_str(body)
                 .map_err(|e| RequestError::MalformedJson(e.to_string()))?;
-            let mut map: Map<String, Value> =
+            let members: Members<'_> =
                 serde_json::from_str(raw.get()).map_err(|_| RequestError::NotObject)?;
-            parsed.write_key = take_write_key(&mut map)?;
+            parsed.write_key = write_key_of(&members)?;
             match normalise(
-                map,
+                &members,
+                raw.get().len(),
                 Some(kind),
                 &BatchDefaults::default(),
                 received_at,
+                &received_at_text,
                 new_id,
             ) {
                 Ok(a) => parsed.accepted.push(a),
@@ -209,7 +207,7 @@ pub fn parse(
             }
         }
         Endpoint::Batch => {
-            let top: BTreeMap<String, &RawValue> = match serde_json::from_slice(body) {
+            let top: Members<'_> = match serde_json::from_str(body) {
                 Ok(top) => top,
                 Err(e) if e.is_data() => return Err(RequestError::NotObject),
                 Err(e) => return Err(RequestError::MalformedJson(e.to_string())),
@@ -220,28 +218,15 @@ pub fn parse(
             if messages.is_empty() {
                 return Err(RequestError::BatchEmpty);
             }
-            parsed.write_key = match top.get("writeKey") {
-                None => None,
-                Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
-                    Ok(Value::String(s)) => Some(s),
-                    Ok(Value::Null) => None,
-                    _ => return Err(RequestError::WriteKeyInvalid),
-                },
-            };
-            let field = |name: &str| -> Option<Value> {
-                top.get(name)
-                    .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
-                    .filter(|v| !v.is_null())
-            };
+            parsed.write_key = write_key_of(&top)?;
             let defaults = BatchDefaults {
-                sent_at: field("sentAt"),
-                context: field("context"),
-                integrations: field("integrations"),
+                sent_at: top.get("sentAt"),
+                context: top.get("context"),
+                integrations: top.get("integrations"),
             };
             parsed.accepted.reserve(messages.len());
             for (index, raw) in messages.into_iter().enumerate() {
-                let outcome = parse_batch_message(raw, &defaults, received_at, new_id);
-                match outcome {
+                match parse_batch_message(raw, &defaults, received_at, &received_at_text, new_id) {
                     Ok((a, key)) => {
                         if parsed.write_key.is_none() {
                             parsed.write_key = key;
@@ -262,139 +247,252 @@ pub fn parse(
 
 fn parse_batch_message(
     raw: &RawValue,
-    defaults: &BatchDefaults,
+    defaults: &BatchDefaults<'_>,
     received_at: OffsetDateTime,
+    received_at_text: &str,
     new_id: &mut dyn FnMut() -> String,
 ) -> Result<(Accepted, Option<String>), MessageError> {
     let len = raw.get().len();
     if len > MAX_MESSAGE_BYTES {
         return Err(MessageError::TooLarge(len));
     }
-    let mut map: Map<String, Value> =
+    let members: Members<'_> =
         serde_json::from_str(raw.get()).map_err(|_| MessageError::NotObject)?;
-    // A per-message write key is unusual but harmless; a malformed one is simply dropped, since
-    // the envelope or the Authorization header decides which source this is.
-    let key = take_write_key(&mut map).ok().flatten();
-    normalise(map, None, defaults, received_at, new_id).map(|a| (a, key))
+    // A per-message write key is unusual but harmless; a malformed one is ignored, since the
+    // envelope or the Authorization header decides which source this is.
+    let key = write_key_of(&members).ok().flatten();
+    normalise(
+        &members,
+        len,
+        None,
+        defaults,
+        received_at,
+        received_at_text,
+        new_id,
+    )
+    .map(|a| (a, key))
 }
 
-/// Removes `writeKey` from a message: a credential never goes into the journal.
-fn take_write_key(map: &mut Map<String, Value>) -> Result<Option<String>, RequestError> {
-    match map.remove("writeKey") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(RequestError::WriteKeyInvalid),
+/// The `writeKey` member, if any. It is never copied into the stored message.
+fn write_key_of(m: &Members<'_>) -> Result<Option<String>, RequestError> {
+    match m.get("writeKey") {
+        None => Ok(None),
+        Some(v) => string_of(v)
+            .map(|s| Some(s.into_owned()))
+            .ok_or(RequestError::WriteKeyInvalid),
     }
+}
+
+/// Values a batch envelope applies to each of its messages, as raw JSON.
+#[derive(Default)]
+struct BatchDefaults<'a> {
+    sent_at: Option<&'a RawValue>,
+    context: Option<&'a RawValue>,
+    integrations: Option<&'a RawValue>,
+}
+
+/// A message's top-level members, in the order sent. Values stay raw JSON text: nested objects
+/// (`properties`, `context`, …) are checked for syntax but never materialised, and are copied
+/// into the stored message as they came. A key sent twice keeps its last value, as in
+/// `serde_json::Map`.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+/// A key that borrows from the input unless it contains escapes.
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
+                while let Some((Key(k), v)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    match members.iter_mut().find(|(existing, _)| *existing == k) {
+                        Some(slot) => slot.1 = v,
+                        None => members.push((k, v)),
+                    }
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> Members<'a> {
+    /// The member's raw value; JSON `null` counts as absent.
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+            .filter(|v| v.get() != "null")
+    }
+}
+
+fn is_string(v: &RawValue) -> bool {
+    v.get().starts_with('"')
+}
+
+fn is_number(v: &RawValue) -> bool {
+    v.get()
+        .starts_with(|c: char| c == '-' || c.is_ascii_digit())
+}
+
+/// The string a raw JSON value holds, unescaped; `None` when it is not a string.
+fn string_of(v: &RawValue) -> Option<Cow<'_, str>> {
+    #[derive(Deserialize)]
+    struct S<'a>(#[serde(borrow)] Cow<'a, str>);
+    if !is_string(v) {
+        return None;
+    }
+    serde_json::from_str::<S<'_>>(v.get()).ok().map(|S(s)| s)
 }
 
 /// `true` when `v` is usable as an identifier: a non-blank string or a number.
-fn is_identifier(v: &Value) -> bool {
-    match v {
-        Value::String(s) => !s.trim().is_empty(),
-        Value::Number(_) => true,
-        _ => false,
-    }
+fn is_identifier(v: &RawValue) -> bool {
+    is_number(v) || string_of(v).is_some_and(|s| !s.trim().is_empty())
 }
 
 /// Checks an identity field: absent or null is fine (`Ok(false)`), a usable id is `Ok(true)`.
-fn identity(map: &Map<String, Value>, field: &'static str) -> Result<bool, MessageError> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(false),
+fn identity(m: &Members<'_>, field: &'static str) -> Result<bool, MessageError> {
+    match m.get(field) {
+        None => Ok(false),
         Some(v) if is_identifier(v) => Ok(true),
-        Some(Value::String(_)) => Ok(false),
+        Some(v) if is_string(v) => Ok(false),
         Some(_) => Err(MessageError::IdentityInvalid(field)),
     }
 }
 
 fn client_time(
-    map: &Map<String, Value>,
+    v: Option<&RawValue>,
     field: &'static str,
 ) -> Result<Option<OffsetDateTime>, MessageError> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_client(s)
+    match v {
+        None => Ok(None),
+        Some(v) => string_of(v)
+            .and_then(|s| parse_client(&s))
             .map(Some)
             .ok_or(MessageError::TimestampInvalid(field)),
-        Some(_) => Err(MessageError::TimestampInvalid(field)),
     }
 }
 
-/// Merges a batch-level object into the message's own: the message's keys win.
-fn merge_default(map: &mut Map<String, Value>, field: &str, default: &Option<Value>) {
-    let Some(default) = default else { return };
-    match (map.get_mut(field), default) {
-        (None, _) | (Some(Value::Null), _) => {
-            map.insert(field.to_owned(), default.clone());
-        }
-        (Some(Value::Object(own)), Value::Object(shared)) => {
-            for (k, v) in shared {
-                own.entry(k.clone()).or_insert_with(|| v.clone());
+fn push_key(out: &mut String, key: &str) {
+    if !out.ends_with('{') {
+        out.push(',');
+    }
+    // Keys are re-escaped by serde_json: a key that arrived with escapes stays valid JSON.
+    out.push_str(&serde_json::to_string(key).expect("a string always serialises"));
+    out.push(':');
+}
+
+/// The stored value of `context` or `integrations`: the message's own, the batch's, or both
+/// merged (the message's keys win) when both are objects.
+fn merged<'a>(own: Option<&'a RawValue>, shared: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
+    match (own, shared) {
+        (None, None) => None,
+        (Some(v), None) | (None, Some(v)) => Some(Cow::Borrowed(v.get())),
+        (Some(own), Some(shared)) => {
+            let (Ok(mut own_map), Ok(shared_map)) = (
+                serde_json::from_str::<Map<String, Value>>(own.get()),
+                serde_json::from_str::<Map<String, Value>>(shared.get()),
+            ) else {
+                return Some(Cow::Borrowed(own.get()));
+            };
+            for (k, v) in shared_map {
+                own_map.entry(k).or_insert(v);
             }
+            Some(Cow::Owned(
+                serde_json::to_string(&own_map).expect("a JSON map always serialises"),
+            ))
         }
-        _ => {}
     }
 }
+
+/// Members that [`normalise`] writes itself rather than copying.
+const WRITTEN_BY_US: [&str; 8] = [
+    "type",
+    "messageId",
+    "timestamp",
+    "receivedAt",
+    "sentAt",
+    "context",
+    "integrations",
+    "writeKey",
+];
 
 fn normalise(
-    mut map: Map<String, Value>,
+    m: &Members<'_>,
+    raw_len: usize,
     endpoint_kind: Option<MessageKind>,
-    defaults: &BatchDefaults,
+    defaults: &BatchDefaults<'_>,
     received_at: OffsetDateTime,
+    received_at_text: &str,
     new_id: &mut dyn FnMut() -> String,
 ) -> Result<Accepted, MessageError> {
     let kind = match endpoint_kind {
         Some(kind) => kind,
-        None => match map.get("type") {
-            None | Some(Value::Null) => return Err(MessageError::TypeMissing),
-            Some(Value::String(s)) => {
-                MessageKind::parse(s).ok_or_else(|| MessageError::TypeUnknown(s.clone()))?
-            }
-            Some(other) => return Err(MessageError::TypeUnknown(other.to_string())),
+        None => match m.get("type") {
+            None => return Err(MessageError::TypeMissing),
+            Some(v) => match string_of(v) {
+                Some(s) => MessageKind::parse(&s)
+                    .ok_or_else(|| MessageError::TypeUnknown(s.into_owned()))?,
+                None => return Err(MessageError::TypeUnknown(v.get().to_owned())),
+            },
         },
     };
 
-    let has_user = identity(&map, "userId")?;
-    let has_anon = identity(&map, "anonymousId")?;
+    let has_user = identity(m, "userId")?;
+    let has_anon = identity(m, "anonymousId")?;
     if !has_user && !has_anon {
         return Err(MessageError::IdentityMissing);
     }
     match kind {
-        MessageKind::Track => match map.get("event") {
-            Some(Value::String(s)) if !s.trim().is_empty() => {}
-            _ => return Err(MessageError::EventMissing),
-        },
+        MessageKind::Track => {
+            let named = m.get("event").and_then(string_of);
+            if named.is_none_or(|s| s.trim().is_empty()) {
+                return Err(MessageError::EventMissing);
+            }
+        }
         MessageKind::Group => {
-            if !map.get("groupId").is_some_and(is_identifier) {
+            if !m.get("groupId").is_some_and(is_identifier) {
                 return Err(MessageError::GroupIdMissing);
             }
         }
         MessageKind::Alias => {
-            if !map.get("previousId").is_some_and(is_identifier) {
+            if !m.get("previousId").is_some_and(is_identifier) {
                 return Err(MessageError::PreviousIdMissing);
             }
         }
         MessageKind::Identify | MessageKind::Page | MessageKind::Screen => {}
     }
 
-    let message_id = match map.get("messageId") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) if s.len() <= MAX_MESSAGE_ID_LEN => Some(s.clone()),
-        Some(Value::Number(n)) => Some(n.to_string()),
-        Some(_) => return Err(MessageError::MessageIdInvalid),
+    let message_id = match m.get("messageId") {
+        None => None,
+        Some(v) if is_number(v) => Some(v.get().to_owned()),
+        Some(v) => match string_of(v) {
+            Some(s) if s.is_empty() => None,
+            Some(s) if s.len() <= MAX_MESSAGE_ID_LEN => Some(s.into_owned()),
+            _ => return Err(MessageError::MessageIdInvalid),
+        },
     }
     .unwrap_or_else(new_id);
 
     // Clock-skew correction, as Segment documents it:
     //   timestamp = receivedAt - (sentAt - originalTimestamp)
-    // The client's own value is kept as `originalTimestamp`.
-    let original = client_time(&map, "timestamp")?;
-    if map.get("sentAt").is_none_or(Value::is_null)
-        && let Some(sent_at) = &defaults.sent_at
-    {
-        map.insert("sentAt".into(), sent_at.clone());
-    }
-    let sent_at = client_time(&map, "sentAt")?;
+    // The client's value is kept as `originalTimestamp`.
+    let client_timestamp = m.get("timestamp");
+    let original = client_time(client_timestamp, "timestamp")?;
+    let sent_at_raw = m.get("sentAt").or(defaults.sent_at);
+    let sent_at = client_time(sent_at_raw, "sentAt")?;
     let timestamp = match (original, sent_at) {
         (Some(original), Some(sent_at)) => received_at
             .checked_sub(sent_at - original)
@@ -402,27 +500,51 @@ fn normalise(
         (Some(original), None) => original,
         (None, _) => received_at,
     };
-    if original.is_some() && !map.contains_key("originalTimestamp") {
-        let client_value = map.get("timestamp").cloned().unwrap_or(Value::Null);
-        map.insert("originalTimestamp".into(), client_value);
+
+    // The stored message: the client's members as sent (raw), then the ones we set.
+    let mut out = String::with_capacity(raw_len + 192);
+    out.push('{');
+    for (k, v) in &m.0 {
+        if WRITTEN_BY_US.contains(&k.as_ref()) || (k == "originalTimestamp" && v.get() == "null") {
+            continue;
+        }
+        push_key(&mut out, k);
+        out.push_str(v.get());
     }
-
-    merge_default(&mut map, "context", &defaults.context);
-    merge_default(&mut map, "integrations", &defaults.integrations);
-
-    map.insert("type".into(), Value::String(kind.as_str().into()));
-    map.insert("messageId".into(), Value::String(message_id.clone()));
-    map.insert("timestamp".into(), Value::String(format_millis(timestamp)));
-    map.insert(
-        "receivedAt".into(),
-        Value::String(format_millis(received_at)),
-    );
-
-    let payload = serde_json::to_string(&map).expect("a JSON map always serialises");
+    push_key(&mut out, "type");
+    out.push('"');
+    out.push_str(kind.as_str());
+    out.push('"');
+    push_key(&mut out, "messageId");
+    out.push_str(&serde_json::to_string(&message_id).expect("a string always serialises"));
+    push_key(&mut out, "timestamp");
+    out.push('"');
+    out.push_str(&format_millis(timestamp));
+    out.push('"');
+    push_key(&mut out, "receivedAt");
+    out.push_str(received_at_text);
+    if let Some(v) = sent_at_raw {
+        push_key(&mut out, "sentAt");
+        out.push_str(v.get());
+    }
+    if let (Some(v), None) = (client_timestamp, m.get("originalTimestamp")) {
+        push_key(&mut out, "originalTimestamp");
+        out.push_str(v.get());
+    }
+    for (field, shared) in [
+        ("context", defaults.context),
+        ("integrations", defaults.integrations),
+    ] {
+        if let Some(v) = merged(m.get(field), shared) {
+            push_key(&mut out, field);
+            out.push_str(&v);
+        }
+    }
+    out.push('}');
     Ok(Accepted {
         kind,
         message_id,
-        payload,
+        payload: out,
     })
 }
 
@@ -600,6 +722,19 @@ mod tests {
     }
 
     #[test]
+    fn escaped_and_repeated_keys_stay_valid_json() {
+        let body = br#"{"userId":"u","event":"e","we\"ird\u00e9":[1,{"x":null}],"a":1,"a":2,"messageId":null,"originalTimestamp":null}"#;
+        let p = parse(Endpoint::Single(MessageKind::Track), body, NOW, &mut ids()).unwrap();
+        let v = payload(&p.accepted[0]);
+        assert_eq!(v["we\"ird\u{e9}"], json!([1, {"x": null}]));
+        assert_eq!(v["a"], 2, "the last of a repeated key wins");
+        assert_eq!(v["messageId"], "gen-1");
+        assert!(v.get("originalTimestamp").is_none());
+        let text = &p.accepted[0].payload;
+        assert_eq!(text.matches("\"a\"").count(), 1, "{text}");
+    }
+
+    #[test]
     fn endpoint_decides_the_type() {
         let p = run(
             Endpoint::Single(MessageKind::Identify),
@@ -692,7 +827,12 @@ mod tests {
                         prop_assert!(out["receivedAt"].is_string());
                         prop_assert!(out["timestamp"].is_string());
                         prop_assert!(out.get("writeKey").is_none());
-                        prop_assert!(is_identifier(&out["userId"]) || is_identifier(&out["anonymousId"]));
+                        let ident = |v: &Value| match v {
+                            Value::String(s) => !s.trim().is_empty(),
+                            Value::Number(_) => true,
+                            _ => false,
+                        };
+                        prop_assert!(ident(&out["userId"]) || ident(&out["anonymousId"]));
                     }
                     // Every message of a batch is accounted for: accepted or rejected, never lost.
                     if let (Endpoint::Batch, Some(Value::Array(batch))) = (e, v.get("batch")) {

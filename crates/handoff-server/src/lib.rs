@@ -35,9 +35,9 @@ pub struct AppState {
 impl AppState {
     pub fn new(journal: Arc<dyn Journal>, sources: SourceKeys) -> Arc<Self> {
         Arc::new(Self {
+            metrics: Metrics::new(sources.sources()),
             journal,
             sources,
-            metrics: Metrics::new(),
             ready: AtomicBool::new(true),
         })
     }

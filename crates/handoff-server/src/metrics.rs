@@ -1,5 +1,8 @@
 //! Prometheus metrics, served as text at `GET /metrics`.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -7,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use handoff_core::SourceId;
 use handoff_core::ingest::MessageError;
 use handoff_store::JournalStats;
 
@@ -17,13 +21,20 @@ pub struct SourceLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
-    pub code: String,
+    pub code: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
-    pub endpoint: String,
-    pub status: String,
+    pub endpoint: &'static str,
+    pub status: u16,
+}
+
+/// A source's counters, looked up once at start so the hot path does no label allocation.
+#[derive(Clone, Default)]
+pub struct SourceCounters {
+    pub accepted: Counter,
+    pub duplicates: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,11 +44,12 @@ pub struct ConsumerLabel {
 
 pub struct Metrics {
     registry: Registry,
-    pub accepted: Family<SourceLabel, Counter>,
-    pub duplicates: Family<SourceLabel, Counter>,
+    accepted: Family<SourceLabel, Counter>,
+    duplicates: Family<SourceLabel, Counter>,
+    sources: HashMap<SourceId, SourceCounters>,
     pub rejected: Family<CodeLabel, Counter>,
-    pub requests: Family<RequestLabel, Counter>,
-    pub auth_failures: Family<CodeLabel, Counter>,
+    requests: Family<RequestLabel, Counter>,
+    auth_failures: Family<CodeLabel, Counter>,
     pub commit_seconds: Histogram,
     journal_head: Gauge,
     journal_bytes: Gauge,
@@ -46,14 +58,9 @@ pub struct Metrics {
     consumer_lag: Family<ConsumerLabel, Gauge>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// Metrics for a gateway serving `sources`.
+    pub fn new<'a>(sources: impl IntoIterator<Item = &'a SourceId>) -> Self {
         let mut registry = Registry::with_prefix("handoff");
         let accepted = Family::<SourceLabel, Counter>::default();
         registry.register(
@@ -76,7 +83,7 @@ impl Metrics {
         // Every message-level code is listed from the start, so dashboards see zeros, not gaps.
         for code in MessageError::CODES {
             let _ = rejected.get_or_create(&CodeLabel {
-                code: code.to_owned(),
+                code: Cow::Borrowed(code),
             });
         }
         let requests = Family::<RequestLabel, Counter>::default();
@@ -128,10 +135,24 @@ impl Metrics {
             "Events not yet acknowledged by each consumer",
             consumer_lag.clone(),
         );
+        let sources = sources
+            .into_iter()
+            .map(|id| {
+                let label = SourceLabel {
+                    source: id.to_string(),
+                };
+                let counters = SourceCounters {
+                    accepted: accepted.get_or_create(&label).clone(),
+                    duplicates: duplicates.get_or_create(&label).clone(),
+                };
+                (id.clone(), counters)
+            })
+            .collect();
         Self {
             registry,
             accepted,
             duplicates,
+            sources,
             rejected,
             requests,
             auth_failures,
@@ -144,12 +165,43 @@ impl Metrics {
         }
     }
 
-    pub fn reject(&self, code: &str, n: u64) {
+    /// Counts `n` refusals with `code`.
+    pub fn reject(&self, code: &'static str, n: u64) {
         self.rejected
             .get_or_create(&CodeLabel {
-                code: code.to_owned(),
+                code: Cow::Borrowed(code),
             })
             .inc_by(n);
+    }
+
+    /// Counts a refused credential.
+    pub fn auth_failure(&self, code: &'static str) {
+        self.auth_failures
+            .get_or_create(&CodeLabel {
+                code: Cow::Borrowed(code),
+            })
+            .inc();
+    }
+
+    /// Counts one answered ingest request.
+    pub fn request(&self, endpoint: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabel { endpoint, status })
+            .inc();
+    }
+
+    /// The counters of a source, looked up once at start. A source not declared at start (not
+    /// expected) still gets counters, created on the spot.
+    pub fn source(&self, id: &SourceId) -> SourceCounters {
+        self.sources.get(id).cloned().unwrap_or_else(|| {
+            let label = SourceLabel {
+                source: id.to_string(),
+            };
+            SourceCounters {
+                accepted: self.accepted.get_or_create(&label).clone(),
+                duplicates: self.duplicates.get_or_create(&label).clone(),
+            }
+        })
     }
 
     /// Renders every metric, with the journal figures taken from `stats`.

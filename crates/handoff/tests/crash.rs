@@ -120,6 +120,29 @@ async fn every_acknowledged_event_survives_sigkill() {
         acked.difference(&stored).count()
     );
 
+    // Deduplication survives the crash: acknowledged ids sent again are recognised, not stored
+    // twice (the index is rebuilt from the journal for what it had not flushed).
+    let again: Vec<serde_json::Value> = acked
+        .iter()
+        .take(50)
+        .map(|id| json!({"type": "track", "userId": "u", "event": "retry", "messageId": id}))
+        .collect();
+    let resp: serde_json::Value = client()
+        .post(format!("{}/v1/batch", gw.url))
+        .basic_auth(KEY, Some(""))
+        .json(&json!({"batch": again}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp["accepted"].as_u64(), resp["duplicates"].as_u64()),
+        (Some(0), Some(50)),
+        "{resp}"
+    );
+
     // And it goes on accepting events after the restart, continuing the sequence.
     let resp = client()
         .post(format!("{}/v1/track", gw.url))

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Handoff's ingest benchmark, in one command: builds release binaries, starts a bare HTTP server
+# and `handoff serve` as separate processes, drives load over loopback, prints the figures.
+# Extra arguments go to `handoff-bench run` (e.g. --seconds 15 --connections 128).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked -p handoff -p handoff-bench
+exec target/release/handoff-bench run --handoff target/release/handoff "$@"
