@@ -102,39 +102,35 @@ def check_python_events(stored, calls, library, identify_traits_in_context=False
         assert "writeKey" not in e
 
 
-@pytest.mark.parametrize("gzip", [False, True])
-def test_segment_analytics_python(gateway, gzip):
-    from segment.analytics import Client
-
+def send_with(client_class, source, gateway, **options):
+    """Sends one call of each type with a Python SDK client; returns the calls made."""
     errors = []
-    client = Client(KEYS["py-segment"], host=gateway["url"], gzip=gzip, max_retries=0,
-                    on_error=lambda e, batch: errors.append(repr(e)))
-    calls = python_calls("seg")
+    client = client_class(KEYS[source], host=gateway["url"], max_retries=0,
+                          on_error=lambda e, batch: errors.append(repr(e)), **options)
+    calls = python_calls(source)
     for kind, kw in calls:
         ok, _ = getattr(client, kind)(**kw)
         assert ok
     client.flush()
     client.shutdown()
     assert errors == []
+    assert metric(gateway, f'handoff_events_accepted_total{{source="{source}"}}') == len(calls)
+    return calls
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_segment_analytics_python(gateway, gzip):
+    from segment.analytics import Client
+
+    calls = send_with(Client, "py-segment", gateway, gzip=gzip)
     check_python_events(journal(gateway, "py-segment"), calls, "analytics-python")
-    assert metric(gateway, 'handoff_events_accepted_total{source="py-segment"}') == len(calls)
 
 
 def test_rudder_sdk_python(gateway):
     from rudderstack.analytics import Client
 
-    errors = []
-    client = Client(KEYS["py-rudder"], host=gateway["url"], max_retries=0,
-                    on_error=lambda e, batch: errors.append(repr(e)))
-    calls = python_calls("rudder")
-    for kind, kw in calls:
-        ok, _ = getattr(client, kind)(**kw)
-        assert ok
-    client.flush()
-    client.shutdown()
-    assert errors == []
+    calls = send_with(Client, "py-rudder", gateway)  # gzips by default
     check_python_events(journal(gateway, "py-rudder"), calls, "analytics-python", identify_traits_in_context=True)
-    assert metric(gateway, 'handoff_events_accepted_total{source="py-rudder"}') == len(calls)
 
 
 def test_segment_analytics_node(gateway):

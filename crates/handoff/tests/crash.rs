@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Gateway, client, dump};
+use common::{BIN, Gateway, client, dump, stored_ids};
 use serde_json::json;
 
 const KEY: &str = "crash-test-write-key-0123";
@@ -109,10 +109,7 @@ async fn every_acknowledged_event_survives_sigkill() {
     // The journal opens cleanly after the crash and holds every acknowledged event.
     verify(&data_dir);
     let gw = start(tmp.path());
-    let stored: HashSet<String> = dump(&data_dir, &[])
-        .iter()
-        .map(|e| e["messageId"].as_str().unwrap().to_owned())
-        .collect();
+    let stored = stored_ids(&data_dir);
     let lost: Vec<_> = acked.difference(&stored).take(10).collect();
     assert!(
         lost.is_empty(),
@@ -172,10 +169,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     let (acked, _) = load.await.unwrap();
     assert!(acked.len() > 100);
     verify(&data_dir);
-    let stored: HashSet<String> = dump(&data_dir, &[])
-        .iter()
-        .map(|e| e["messageId"].as_str().unwrap().to_owned())
-        .collect();
+    let stored = stored_ids(&data_dir);
     assert!(
         acked.is_subset(&stored),
         "every event answered 200 before shutdown is stored"

@@ -140,14 +140,7 @@ async fn every_route_stores_its_message_type() {
     // --after skips what an operator has already seen.
     assert_eq!(dump(&gw.data_dir, &["--after", "6"]).len(), 2);
 
-    let metrics = client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert_eq!(
         metric(&metrics, "handoff_events_accepted_total{source=\"web\"}"),
         8.0
@@ -397,14 +390,7 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(codes, ["message.identity.missing", "message.event.missing"]);
     assert_eq!(q[0]["raw"], r#"{"event": "e"}"#);
 
-    let metrics = client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert_eq!(
         metric(
             &metrics,
@@ -495,14 +481,7 @@ async fn batch_keeps_good_messages_and_names_the_rejected() {
     assert_eq!(resp["rejected"].as_array().unwrap().len(), 2);
     assert_eq!(dump(&gw.data_dir, &["--quarantine"]).len(), 5);
 
-    let metrics = client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert_eq!(
         metric(
             &metrics,
@@ -571,14 +550,7 @@ async fn duplicates_skew_and_unknown_fields() {
     .unwrap();
     assert_eq!(received - corrected, time::Duration::seconds(10));
 
-    let metrics = client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert_eq!(
         metric(&metrics, "handoff_events_duplicate_total{source=\"web\"}"),
         2.0

@@ -102,8 +102,16 @@ impl Gateway {
         panic!("handoff did not exit within 30 s");
     }
 
-    pub fn metric(&self, body: &str, name: &str) -> f64 {
-        metric(body, name)
+    /// The gateway's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 }
 
@@ -143,6 +151,14 @@ pub fn dump(data_dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).expect("each dump line is JSON"))
+        .collect()
+}
+
+/// The messageIds of every stored event.
+pub fn stored_ids(data_dir: &Path) -> std::collections::HashSet<String> {
+    dump(data_dir, &[])
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap().to_owned())
         .collect()
 }
 
