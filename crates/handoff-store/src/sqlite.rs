@@ -36,18 +36,18 @@ const SLOW_COMMIT: Duration = Duration::from_millis(50);
 /// run on their own thread and connection, never inside a commit, so ingest latency does not
 /// carry their cost; this interval only bounds how large the WAL grows between them.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-/// WAL size (in pages) past which the writer is asked to finish a checkpoint itself. A checkpoint
-/// running beside a writer that never pauses can never copy the newest pages, so the WAL would
-/// never restart and would grow without bound under sustained load. The background thread copies
-/// the bulk; the writer then copies the small remainder between two groups, and the next
-/// transaction starts the WAL over. 16384 pages of 4 KiB is 64 MiB.
-const WAL_RESTART_PAGES: i64 = 32_768;
+/// Pause before another pass when the last one left only a few pages behind.
+const CHECKPOINT_RETRY: Duration = Duration::from_millis(20);
+/// WAL size (in pages) past which the writer is asked to finish a checkpoint itself. The WAL
+/// restarts from its beginning when a checkpoint has copied all of it; when ingest leaves gaps
+/// between commits the background thread manages that alone. Under sustained saturation it
+/// never can (new pages arrive during every pass), so past this size the writer copies the small
+/// remainder between two groups, at the cost of one commit's wait (tens of milliseconds on a busy
+/// disk). 65536 pages of 4 KiB is 256 MiB.
+const WAL_RESTART_PAGES: i64 = 65_536;
 /// Most WAL pages the writer copies itself when it finishes a checkpoint (1024 pages, 4 MiB): its
 /// copy and fsync hold up the requests waiting for the next commit, so keep it small.
 const CATCH_UP_PAGES: i64 = 256;
-/// Pages of SQLite's own cache for the writer (negative: KiB). The deduplication index is probed
-/// for every event; 64 MiB keeps its upper levels and hot leaves in memory.
-const WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// Size the WAL file is truncated back to after a checkpoint lets it restart, so a burst does not
 /// leave a large file behind.
 const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
@@ -148,7 +148,6 @@ impl SqliteJournal {
         // Checkpoints belong to the checkpoint thread (below), not to commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
-        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
@@ -403,13 +402,15 @@ impl Checkpointer {
                         Ok((wal_pages, copied)) => {
                             done_up_to = head;
                             let remainder = wal_pages - copied;
-                            if wal_pages > WAL_RESTART_PAGES {
-                                if remainder <= CATCH_UP_PAGES {
-                                    shared.restart_wal.store(true, Ordering::Release);
-                                } else {
-                                    // Behind: go again at once, so the writer's share stays small.
-                                    wait = Duration::ZERO;
-                                }
+                            if wal_pages > WAL_RESTART_PAGES && remainder <= CATCH_UP_PAGES {
+                                shared.restart_wal.store(true, Ordering::Release);
+                            }
+                            // Behind: go again soon, so that a pass can finish between two
+                            // commits (which lets the WAL restart without the writer's help).
+                            if remainder > CATCH_UP_PAGES {
+                                wait = Duration::ZERO;
+                            } else if remainder > 0 {
+                                wait = CHECKPOINT_RETRY;
                             }
                         }
                         Err(e) => {
