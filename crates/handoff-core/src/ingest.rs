@@ -7,11 +7,11 @@
 //! ids and times set) or rejected with a code, never lost.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use serde::Deserialize;
 
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use crate::ids::MessageKind;
@@ -102,7 +102,7 @@ pub enum MessageError {
     GroupIdMissing,
     #[error("an alias message needs a \"previousId\"")]
     PreviousIdMissing,
-    #[error("\"messageId\" must be a string of at most {MAX_MESSAGE_ID_LEN} characters")]
+    #[error("\"messageId\" must be a string or number of at most {MAX_MESSAGE_ID_LEN} bytes")]
     MessageIdInvalid,
     #[error("\"{0}\" is not an ISO 8601 timestamp")]
     TimestampInvalid(&'static str),
@@ -228,12 +228,7 @@ pub fn parse(
             parsed.accepted.reserve(messages.len());
             for (index, raw) in messages.into_iter().enumerate() {
                 match parse_batch_message(raw, &defaults, received_at, &received_at_text, new_id) {
-                    Ok((a, key)) => {
-                        if parsed.write_key.is_none() {
-                            parsed.write_key = key;
-                        }
-                        parsed.accepted.push(a);
-                    }
+                    Ok(a) => parsed.accepted.push(a),
                     Err(error) => parsed.rejected.push(Rejected {
                         index,
                         error,
@@ -252,16 +247,15 @@ fn parse_batch_message(
     received_at: OffsetDateTime,
     received_at_text: &str,
     new_id: &mut dyn FnMut() -> String,
-) -> Result<(Accepted, Option<String>), MessageError> {
+) -> Result<Accepted, MessageError> {
     let len = raw.get().len();
     if len > MAX_MESSAGE_BYTES {
         return Err(MessageError::TooLarge(len));
     }
     let members: Members<'_> =
         serde_json::from_str(raw.get()).map_err(|_| MessageError::NotObject)?;
-    // A per-message write key is unusual but harmless; a malformed one is ignored, since the
-    // envelope or the Authorization header decides which source this is.
-    let key = write_key_of(&members).ok().flatten();
+    // A `writeKey` inside a batch message is dropped (never stored) and never decides the
+    // source: only the Authorization header or the envelope does, for the whole batch.
     normalise(
         &members,
         len,
@@ -271,7 +265,6 @@ fn parse_batch_message(
         received_at_text,
         new_id,
     )
-    .map(|a| (a, key))
 }
 
 /// The `writeKey` member, if any. It is never copied into the stored message.
@@ -298,6 +291,9 @@ struct BatchDefaults<'a> {
 /// `serde_json::Map`.
 struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
+/// Objects with more members than this get a hash index for finding repeated keys.
+const SMALL_OBJECT: usize = 16;
+
 /// A key that borrows from the input unless it contains escapes.
 #[derive(Deserialize)]
 struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
@@ -315,10 +311,32 @@ impl<'de> Deserialize<'de> for Members<'de> {
                 mut map: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut members: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
+                // Repeated keys are found by a scan while the object is small, by a hash index
+                // beyond that: a scan alone would make a 500 KB object with tens of thousands
+                // of keys cost billions of comparisons.
+                let mut index: Option<HashMap<Cow<'de, str>, usize>> = None;
                 while let Some((Key(k), v)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
-                    match members.iter_mut().find(|(existing, _)| *existing == k) {
-                        Some(slot) => slot.1 = v,
-                        None => members.push((k, v)),
+                    let existing = match &index {
+                        Some(index) => index.get(&k).copied(),
+                        None => members.iter().position(|(existing, _)| *existing == k),
+                    };
+                    match existing {
+                        Some(i) => members[i].1 = v,
+                        None => {
+                            if let Some(index) = &mut index {
+                                index.insert(k.clone(), members.len());
+                            }
+                            members.push((k, v));
+                            if index.is_none() && members.len() > SMALL_OBJECT {
+                                index = Some(
+                                    members
+                                        .iter()
+                                        .enumerate()
+                                        .map(|(i, (k, _))| (k.clone(), i))
+                                        .collect(),
+                                );
+                            }
+                        }
                     }
                 }
                 Ok(Members(members))
@@ -329,6 +347,11 @@ impl<'de> Deserialize<'de> for Members<'de> {
 }
 
 impl<'a> Members<'a> {
+    /// The member's raw value, `null` included.
+    fn get_raw(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
     /// The member's raw value; JSON `null` counts as absent.
     fn get(&self, key: &str) -> Option<&'a RawValue> {
         self.0
@@ -396,24 +419,31 @@ fn push_key(out: &mut String, key: &str) {
 }
 
 /// The stored value of `context` or `integrations`: the message's own, the batch's, or both
-/// merged (the message's keys win) when both are objects.
+/// merged when both are objects: the message's members as sent, then the batch's members whose
+/// keys the message lacks, each copied as raw JSON (no re-sorting, no loss of number precision).
 fn merged<'a>(own: Option<&'a RawValue>, shared: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
     match (own, shared) {
         (None, None) => None,
         (Some(v), None) | (None, Some(v)) => Some(Cow::Borrowed(v.get())),
         (Some(own), Some(shared)) => {
-            let (Ok(mut own_map), Ok(shared_map)) = (
-                serde_json::from_str::<Map<String, Value>>(own.get()),
-                serde_json::from_str::<Map<String, Value>>(shared.get()),
+            let (Ok(own_members), Ok(shared_members)) = (
+                serde_json::from_str::<Members<'_>>(own.get()),
+                serde_json::from_str::<Members<'_>>(shared.get()),
             ) else {
                 return Some(Cow::Borrowed(own.get()));
             };
-            for (k, v) in shared_map {
-                own_map.entry(k).or_insert(v);
+            let mut out = String::with_capacity(own.get().len() + shared.get().len());
+            out.push('{');
+            let missing = shared_members
+                .0
+                .iter()
+                .filter(|(k, _)| own_members.get_raw(k).is_none());
+            for (k, v) in own_members.0.iter().chain(missing) {
+                push_key(&mut out, k);
+                out.push_str(v.get());
             }
-            Some(Cow::Owned(
-                serde_json::to_string(&own_map).expect("a JSON map always serialises"),
-            ))
+            out.push('}');
+            Some(Cow::Owned(out))
         }
     }
 }
@@ -478,7 +508,7 @@ fn normalise(
 
     let message_id = match m.get("messageId") {
         None => None,
-        Some(v) if is_number(v) => Some(v.get().to_owned()),
+        Some(v) if is_number(v) && v.get().len() <= MAX_MESSAGE_ID_LEN => Some(v.get().to_owned()),
         Some(v) => match string_of(v) {
             Some(s) if s.is_empty() => None,
             Some(s) if s.len() <= MAX_MESSAGE_ID_LEN => Some(s.into_owned()),
@@ -553,7 +583,7 @@ fn normalise(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
     use time::macros::datetime;
 
     const NOW: OffsetDateTime = datetime!(2026-11-25 12:00:00 UTC);
@@ -736,6 +766,85 @@ mod tests {
     }
 
     #[test]
+    fn times_past_the_representable_years_are_refused_not_panicked_on() {
+        for ts in ["9999-12-31T23:59:59-01:00", "9999-12-31T23:59:59.999-23:59"] {
+            let body = json!({"userId": "u", "event": "e", "timestamp": ts});
+            let p = run(Endpoint::Single(MessageKind::Track), body).unwrap();
+            assert_eq!(
+                p.rejected[0].error.code(),
+                "message.timestamp.invalid",
+                "{ts}"
+            );
+        }
+    }
+
+    #[test]
+    fn large_objects_resolve_repeated_keys_like_small_ones() {
+        // Past the small-object threshold the hash index takes over; the last value still wins.
+        let mut body = String::from(r#"{"userId":"u","event":"e""#);
+        for i in 0..200 {
+            body.push_str(&format!(r#","k{}":{i}"#, i % 50));
+        }
+        body.push('}');
+        let p = parse(
+            Endpoint::Single(MessageKind::Track),
+            body.as_bytes(),
+            NOW,
+            &mut ids(),
+        )
+        .unwrap();
+        let v = payload(&p.accepted[0]);
+        assert_eq!(v["k0"], 150);
+        assert_eq!(v["k49"], 199);
+        assert_eq!(p.accepted[0].payload.matches("\"k7\"").count(), 1);
+    }
+
+    #[test]
+    fn merged_context_keeps_order_and_number_text() {
+        let body = br#"{"context": {"z": 1, "big": 12345678901234567890123, "ip": "b"},
+                        "batch": [{"type": "identify", "userId": "u", "context": {"ip": "m", "a": 1.50}}]}"#;
+        let p = parse(Endpoint::Batch, body, NOW, &mut ids()).unwrap();
+        let text = &p.accepted[0].payload;
+        assert!(
+            text.contains(r#""context":{"ip":"m","a":1.50,"z":1,"big":12345678901234567890123}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_write_key_inside_a_batch_message_never_picks_the_source() {
+        let p = run(
+            Endpoint::Batch,
+            json!({"batch": [{"type": "identify", "userId": "u", "writeKey": "other-source-key"}]}),
+        )
+        .unwrap();
+        assert_eq!(p.write_key, None);
+        assert!(payload(&p.accepted[0]).get("writeKey").is_none());
+    }
+
+    #[test]
+    fn every_message_error_has_its_code_listed() {
+        let all = [
+            MessageError::NotObject,
+            MessageError::TooLarge(0),
+            MessageError::TypeMissing,
+            MessageError::TypeUnknown(String::new()),
+            MessageError::IdentityMissing,
+            MessageError::IdentityInvalid("userId"),
+            MessageError::EventMissing,
+            MessageError::GroupIdMissing,
+            MessageError::PreviousIdMissing,
+            MessageError::MessageIdInvalid,
+            MessageError::TimestampInvalid("timestamp"),
+        ];
+        let mut codes: Vec<&str> = all.iter().map(MessageError::code).collect();
+        codes.sort();
+        let mut listed = MessageError::CODES.to_vec();
+        listed.sort();
+        assert_eq!(codes, listed);
+    }
+
+    #[test]
     fn endpoint_decides_the_type() {
         let p = run(
             Endpoint::Single(MessageKind::Identify),
@@ -781,6 +890,8 @@ mod tests {
             any::<i64>().prop_map(|n| json!(n)),
             ".{0,12}".prop_map(Value::String),
             Just(json!("2026-11-25T12:00:00Z")),
+            Just(json!("9999-12-31T23:59:59-01:00")),
+            Just(json!("0000-01-01T00:00:00+14:00")),
             Just(json!("track")),
         ];
         leaf.prop_recursive(3, 24, 6, |inner| {

@@ -32,6 +32,9 @@ use crate::error::ApiError;
 /// The two bytes every gzip stream starts with. A JSON body cannot start with them, so a body
 /// that does is gzip even when a client forgot `Content-Encoding`.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// How long a client may take to send its body. Bounds what a slow or stalled client holds, and
+/// how long a graceful shutdown can wait for it.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Segment's answer to an accepted single message.
 const SUCCESS_BODY: &str = r#"{"success":true}"#;
 
@@ -305,9 +308,19 @@ async fn read_body(
     if declared_len.is_some_and(|len| len > limit) {
         return Err(too_large(limit));
     }
-    let raw = Limited::new(body, limit)
-        .collect()
+    let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect())
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request.body.timeout",
+                format!(
+                    "the body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+        })?;
+    let raw = collected
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 too_large(limit)

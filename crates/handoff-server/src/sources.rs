@@ -39,8 +39,4 @@ impl SourceKeys {
     pub fn sources(&self) -> impl Iterator<Item = &SourceId> {
         self.by_digest.values()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
-    }
 }

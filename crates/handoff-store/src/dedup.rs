@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use crate::sqlite::now_ms;
 use crate::{DEDUP_WINDOW_MS, Seq, StoreError};
 
 /// File name of the deduplication index inside the data directory.
@@ -69,85 +70,182 @@ pub(crate) struct Dedup {
     flusher: Option<JoinHandle<()>>,
 }
 
+fn damaged(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::IndexDamaged(e.to_string())
+        }
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+/// Opens (creating if needed) the index; [`StoreError::IndexDamaged`] when the file is not a
+/// healthy SQLite database, any other error as it is (a busy or unwritable file is not damage).
 fn open_index(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
+    let conn = Connection::open(path).map_err(damaged)?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
-    // Derived data, so no fsyncs of its own to compete with the journal's: after a power cut,
-    // what did not reach the disk is replayed from the journal, and a file damaged by one fails
-    // the check below and is rebuilt.
-    conn.pragma_update(None, "synchronous", "OFF")?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .map_err(damaged)?;
+    // NORMAL: commits are not fsynced (a lost tail is replayed from the journal), but checkpoints
+    // are, so a power cut cannot leave the file damaged or its `covered` position ahead of its keys.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS dedup (key BLOB PRIMARY KEY, seen_at_ms INTEGER NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS covered (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);",
-    )?;
-    conn.query_row("PRAGMA quick_check(1)", [], |r| r.get::<_, String>(0))
-        .map_err(StoreError::from)
-        .and_then(|ok| {
-            if ok == "ok" {
-                Ok(())
-            } else {
-                Err(StoreError::Io(std::io::Error::other(format!(
-                    "dedup index damaged: {ok}"
-                ))))
-            }
-        })?;
+         CREATE TABLE IF NOT EXISTS covered (
+             id      INTEGER PRIMARY KEY CHECK (id = 1),
+             journal TEXT    NOT NULL,
+             seq     INTEGER NOT NULL
+         );",
+    )
+    .map_err(damaged)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+        .map_err(damaged)?;
+    if check != "ok" {
+        return Err(StoreError::IndexDamaged(check));
+    }
     Ok(conn)
 }
 
+/// Writes `keys` in key order (each B-tree page once) and records that the index now covers the
+/// journal up to `covers`.
+fn write_batch(
+    conn: &mut Connection,
+    keys: &HashMap<Key, i64>,
+    journal: &str,
+    covers: Seq,
+) -> Result<(), StoreError> {
+    let mut sorted: Vec<(&Key, &i64)> = keys.iter().collect();
+    sorted.sort_unstable_by_key(|(k, _)| **k);
+    let tx = conn.transaction()?;
+    {
+        let mut put =
+            tx.prepare_cached("INSERT OR REPLACE INTO dedup (key, seen_at_ms) VALUES (?1, ?2)")?;
+        for (k, at) in sorted {
+            put.execute(params![&k[..], at])?;
+        }
+        tx.execute(
+            "INSERT INTO covered (id, journal, seq) VALUES (1, ?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+            params![journal, covers as i64],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The first sequence number whose event was received after `cutoff_ms`, found by bisection
+/// (sequence order follows arrival order), so a replay need not scan older events.
+fn first_seq_after(
+    journal: &Connection,
+    from: Seq,
+    head: Seq,
+    cutoff_ms: i64,
+) -> Result<Seq, StoreError> {
+    let mut stmt = journal
+        .prepare("SELECT received_at_ms FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1")?;
+    let (mut lo, mut hi) = (from + 1, head + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let at: Option<i64> = stmt.query_row([mid as i64], |r| r.get(0)).optional()?;
+        match at {
+            Some(at) if at <= cutoff_ms => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
 impl Dedup {
-    /// Opens the index beside the journal and replays the journal's events it does not cover yet.
+    /// Opens the index beside the journal (whose random id is `journal_id` and newest sequence
+    /// number `head`) and brings it up to date by replaying the events it does not cover.
     pub(crate) fn open(
         data_dir: &Path,
         journal: &Connection,
+        journal_id: &str,
+        head: Seq,
         now_ms: i64,
     ) -> Result<Self, StoreError> {
         let path = data_dir.join(DEDUP_FILE);
-        let writer = match open_index(&path) {
+        let mut writer = match open_index(&path) {
             Ok(c) => c,
-            Err(e) => {
+            Err(StoreError::IndexDamaged(why)) => {
                 // Derived data: set the damaged file aside and rebuild from the journal.
-                let aside = PathBuf::from(format!("{}.damaged-{now_ms}", path.display()));
-                tracing::warn!(error = %e, aside = %aside.display(), "deduplication index unreadable; rebuilding it from the journal");
+                let aside = format!("{}.damaged-{now_ms}", path.display());
+                tracing::warn!(%why, %aside, "deduplication index damaged; rebuilding it from the journal");
                 for suffix in ["", "-wal", "-shm"] {
                     let from = PathBuf::from(format!("{}{suffix}", path.display()));
-                    let _ = std::fs::rename(&from, format!("{}{suffix}", aside.display()));
+                    if from.exists() {
+                        std::fs::rename(&from, format!("{aside}{suffix}"))?;
+                    }
                 }
                 open_index(&path)?
             }
+            Err(e) => return Err(e),
         };
-        let covered: Seq = writer
-            .query_row("SELECT seq FROM covered WHERE id = 1", [], |r| {
-                r.get::<_, i64>(0)
+        let recorded: Option<(String, i64)> = writer
+            .query_row("SELECT journal, seq FROM covered WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
             })
-            .optional()?
-            .unwrap_or(0) as Seq;
-        let cold = Connection::open(&path)?;
-        cold.busy_timeout(Duration::from_secs(5))?;
+            .optional()?;
+        let covered = match recorded {
+            Some((id, seq)) if id == journal_id && seq as Seq <= head => seq as Seq,
+            other => {
+                if other.is_some() {
+                    // Made from another journal, or from this one before it was restored from
+                    // an older backup: its keys would turn new events into false duplicates.
+                    tracing::warn!("deduplication index does not match the journal; rebuilding it");
+                }
+                writer.execute_batch("DELETE FROM dedup; DELETE FROM covered;")?;
+                writer.execute(
+                    "INSERT INTO covered (id, journal, seq) VALUES (1, ?1, 0)",
+                    [journal_id],
+                )?;
+                0
+            }
+        };
 
+        // Replay what the index does not cover, in bounded batches.
+        let cutoff = now_ms - DEDUP_WINDOW_MS;
+        let start = first_seq_after(journal, covered, head, cutoff)?;
         let mut hot = HashMap::new();
-        let mut stmt = journal.prepare(
-            "SELECT source, message_id, received_at_ms FROM events WHERE seq > ?1 AND received_at_ms > ?2",
-        )?;
-        let mut rows = stmt.query(params![covered as i64, now_ms - DEDUP_WINDOW_MS])?;
-        while let Some(r) = rows.next()? {
-            let (source, id, at): (String, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            let slot = hot.entry(key(&source, &id)).or_insert(at);
-            *slot = (*slot).max(at);
+        let mut replayed = 0u64;
+        {
+            let mut stmt = journal.prepare(
+                "SELECT seq, source, message_id, received_at_ms FROM events WHERE seq >= ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query([start as i64])?;
+            while let Some(r) = rows.next()? {
+                let (seq, source, id, at): (i64, String, String, i64) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+                if at <= cutoff {
+                    continue;
+                }
+                let slot = hot.entry(key(&source, &id)).or_insert(at);
+                *slot = (*slot).max(at);
+                replayed += 1;
+                if hot.len() >= HOT_CAPACITY {
+                    write_batch(&mut writer, &hot, journal_id, seq as Seq)?;
+                    hot.clear();
+                }
+            }
         }
-        if !hot.is_empty() {
+        if replayed > 0 {
             tracing::info!(
-                keys = hot.len(),
+                events = replayed,
                 after_seq = covered,
                 "deduplication index caught up from the journal"
             );
         }
 
+        let cold = Connection::open(&path)?;
+        cold.busy_timeout(Duration::from_secs(5))?;
         let (jobs, job_rx) = channel::<FlushJob>();
         let (done_tx, done) = channel();
+        let journal_id = journal_id.to_owned();
         let flusher = std::thread::Builder::new()
             .name("dedup-flusher".into())
-            .spawn(move || flusher(writer, job_rx, done_tx))?;
+            .spawn(move || flusher(writer, journal_id, job_rx, done_tx))?;
         Ok(Self {
             hot,
             hot_since: Instant::now(),
@@ -259,37 +357,25 @@ impl Dedup {
     }
 }
 
-fn flusher(mut conn: Connection, jobs: Receiver<FlushJob>, done: Sender<Result<(), String>>) {
+fn flusher(
+    mut conn: Connection,
+    journal: String,
+    jobs: Receiver<FlushJob>,
+    done: Sender<Result<(), String>>,
+) {
     let mut last_prune = Instant::now();
     for job in jobs {
-        let result = (|| -> Result<(), StoreError> {
-            let mut sorted: Vec<(&Key, &i64)> = job.keys.iter().collect();
-            sorted.sort_unstable_by_key(|(k, _)| **k);
-            let tx = conn.transaction()?;
-            {
-                let mut put = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO dedup (key, seen_at_ms) VALUES (?1, ?2)",
-                )?;
-                for (k, at) in sorted {
-                    put.execute(params![&k[..], at])?;
-                }
-                tx.execute(
-                    "INSERT INTO covered (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
-                    [job.covers as i64],
-                )?;
-            }
-            tx.commit()?;
-            if last_prune.elapsed() >= PRUNE_EVERY {
-                let cutoff = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0)
-                    - DEDUP_WINDOW_MS;
-                conn.execute("DELETE FROM dedup WHERE seen_at_ms <= ?1", [cutoff])?;
-                last_prune = Instant::now();
-            }
-            Ok(())
-        })();
+        let mut result = write_batch(&mut conn, &job.keys, &journal, job.covers);
+        if result.is_ok() && last_prune.elapsed() >= PRUNE_EVERY {
+            result = conn
+                .execute(
+                    "DELETE FROM dedup WHERE seen_at_ms <= ?1",
+                    [now_ms() - DEDUP_WINDOW_MS],
+                )
+                .map(|_| ())
+                .map_err(StoreError::from);
+            last_prune = Instant::now();
+        }
         if done.send(result.map_err(|e| e.to_string())).is_err() {
             return;
         }
@@ -311,6 +397,13 @@ mod tests {
 
     const NOW: i64 = 1_790_000_000_000;
 
+    fn head(j: &Connection) -> Seq {
+        j.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as Seq
+    }
+
     #[test]
     fn keys_separate_sources_and_ids() {
         assert_ne!(key("web", "a"), key("app", "a"));
@@ -326,7 +419,7 @@ mod tests {
     fn hot_flushed_and_replayed_keys_all_count() {
         let dir = tempfile::tempdir().unwrap();
         let j = journal(dir.path());
-        let mut d = Dedup::open(dir.path(), &j, NOW).unwrap();
+        let mut d = Dedup::open(dir.path(), &j, "journal-a", head(&j), NOW).unwrap();
         let (a, b) = (key("web", "a"), key("web", "b"));
         assert!(d.check_and_remember(a, NOW).unwrap());
         assert!(!d.check_and_remember(a, NOW + 1).unwrap(), "hot");
@@ -357,7 +450,7 @@ mod tests {
         // Events the index did not cover (seq > 1) are replayed from the journal on open.
         j.execute("INSERT INTO events VALUES (2, 'web', 'c', ?1, '{}')", [NOW])
             .unwrap();
-        let mut d = Dedup::open(dir.path(), &j, NOW).unwrap();
+        let mut d = Dedup::open(dir.path(), &j, "journal-a", head(&j), NOW).unwrap();
         assert!(
             !d.check_and_remember(key("web", "c"), NOW + 5).unwrap(),
             "replayed"
@@ -370,13 +463,104 @@ mod tests {
     }
 
     #[test]
+    fn an_index_from_another_or_newer_journal_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        j.execute(
+            "INSERT INTO events VALUES (1, 'web', 'kept', ?1, '{}')",
+            [NOW],
+        )
+        .unwrap();
+        let mut d = Dedup::open(dir.path(), &j, "journal-a", 1, NOW).unwrap();
+        assert!(d.check_and_remember(key("web", "later"), NOW).unwrap());
+        d.commit();
+        d.close(5); // covers events up to 5 of journal-a
+
+        // The journal was restored from a backup that ends at 1: "later" is not in it, so it must
+        // not be taken for a duplicate when it is sent again.
+        let mut d = Dedup::open(dir.path(), &j, "journal-a", 1, NOW).unwrap();
+        assert!(d.check_and_remember(key("web", "later"), NOW + 1).unwrap());
+        assert!(
+            !d.check_and_remember(key("web", "kept"), NOW + 1).unwrap(),
+            "replayed"
+        );
+        d.rollback();
+        d.close(1);
+
+        // Another journal altogether.
+        let mut d = Dedup::open(dir.path(), &j, "journal-b", 1, NOW).unwrap();
+        assert!(!d.check_and_remember(key("web", "kept"), NOW + 1).unwrap());
+        d.close(1);
+    }
+
+    #[test]
+    fn a_crash_after_a_flush_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        let mut d = Dedup::open(dir.path(), &j, "journal-a", 0, NOW).unwrap();
+        // Each key is remembered as its event is committed to the journal.
+        assert!(d.check_and_remember(key("web", "flushed"), NOW).unwrap());
+        j.execute(
+            "INSERT INTO events VALUES (1, 'web', 'flushed', ?1, '{}')",
+            [NOW],
+        )
+        .unwrap();
+        d.commit();
+        d.hot_since -= HOT_MAX_AGE;
+        d.maybe_flush(1);
+        let r = d.done.recv().unwrap();
+        d.flush_finished(r);
+        assert!(d.check_and_remember(key("web", "hot"), NOW).unwrap());
+        j.execute(
+            "INSERT INTO events VALUES (2, 'web', 'hot', ?1, '{}')",
+            [NOW],
+        )
+        .unwrap();
+        d.commit();
+        drop(d); // a crash: no close, the hot key was never flushed
+
+        let mut d = Dedup::open(dir.path(), &j, "journal-a", 2, NOW).unwrap();
+        assert!(
+            !d.check_and_remember(key("web", "flushed"), NOW + 1)
+                .unwrap(),
+            "from dedup.db"
+        );
+        assert!(
+            !d.check_and_remember(key("web", "hot"), NOW + 1).unwrap(),
+            "replayed from the journal"
+        );
+        d.close(2);
+    }
+
+    #[test]
+    fn replay_starts_at_the_window_not_at_the_beginning() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(dir.path());
+        for (seq, at) in [
+            (1, NOW - DEDUP_WINDOW_MS - 10),
+            (2, NOW - DEDUP_WINDOW_MS),
+            (3, NOW - 5),
+            (4, NOW),
+        ] {
+            j.execute(
+                "INSERT INTO events VALUES (?1, 'web', ?1, ?2, '{}')",
+                params![seq, at],
+            )
+            .unwrap();
+        }
+        assert_eq!(first_seq_after(&j, 0, 4, NOW - DEDUP_WINDOW_MS).unwrap(), 3);
+        assert_eq!(first_seq_after(&j, 3, 4, NOW - DEDUP_WINDOW_MS).unwrap(), 4);
+        assert_eq!(first_seq_after(&j, 0, 4, NOW).unwrap(), 5, "none inside");
+    }
+
+    #[test]
     fn a_damaged_index_is_rebuilt_from_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let j = journal(dir.path());
         j.execute("INSERT INTO events VALUES (1, 'web', 'x', ?1, '{}')", [NOW])
             .unwrap();
         std::fs::write(dir.path().join(DEDUP_FILE), b"this is not a database").unwrap();
-        let mut d = Dedup::open(dir.path(), &j, NOW).unwrap();
+        let mut d = Dedup::open(dir.path(), &j, "journal-a", head(&j), NOW).unwrap();
         assert!(!d.check_and_remember(key("web", "x"), NOW + 1).unwrap());
         d.close(1);
     }

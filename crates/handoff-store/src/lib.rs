@@ -54,8 +54,6 @@ pub struct AppendOutcome {
     pub stored: usize,
     /// Events whose `messageId` the same source already sent within [`DEDUP_WINDOW_MS`].
     pub duplicates: usize,
-    /// Per input event: `true` when stored, `false` when it was a duplicate.
-    pub fresh: Vec<bool>,
 }
 
 /// An event as the journal holds it.
@@ -105,6 +103,14 @@ pub enum StoreError {
     #[error("the journal is closed")]
     Closed,
     #[error(
+        "another Handoff process is using the data directory {0}; stop it or choose another --data-dir"
+    )]
+    Locked(String),
+    #[error("the deduplication index is damaged: {0}")]
+    IndexDamaged(String),
+    #[error("the journal could not commit ({code}): {message}")]
+    CommitFailed { code: &'static str, message: String },
+    #[error(
         "the journal at {path} was written by a newer Handoff (schema {found}, this build knows {known})"
     )]
     SchemaTooNew {
@@ -120,6 +126,9 @@ impl StoreError {
             StoreError::Sqlite(_) => "journal.database",
             StoreError::Io(_) => "journal.io",
             StoreError::Closed => "journal.closed",
+            StoreError::Locked(_) => "journal.locked",
+            StoreError::IndexDamaged(_) => "journal.dedup.damaged",
+            StoreError::CommitFailed { code, .. } => code,
             StoreError::SchemaTooNew { .. } => "journal.schema.too_new",
         }
     }

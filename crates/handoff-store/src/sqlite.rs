@@ -23,6 +23,8 @@ use crate::{
 
 /// File name of the journal database inside the data directory.
 pub const DB_FILE: &str = "journal.db";
+/// File locked by the gateway that owns the data directory.
+pub const LOCK_FILE: &str = "handoff.lock";
 /// Schema version this build writes (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
 /// Requests waiting for the writer before senders are made to wait: bounds memory under overload
@@ -45,7 +47,7 @@ const CHECKPOINT_RETRY: Duration = Duration::from_millis(20);
 /// remainder between two groups, at the cost of one commit's wait (tens of milliseconds on a busy
 /// disk). 65536 pages of 4 KiB is 256 MiB.
 const WAL_RESTART_PAGES: i64 = 65_536;
-/// Most WAL pages the writer copies itself when it finishes a checkpoint (1024 pages, 4 MiB): its
+/// Most WAL pages the writer copies itself when it finishes a checkpoint (256 pages, 1 MiB): its
 /// copy and fsync hold up the requests waiting for the next commit, so keep it small.
 const CATCH_UP_PAGES: i64 = 256;
 /// Size the WAL file is truncated back to after a checkpoint lets it restart, so a burst does not
@@ -73,6 +75,10 @@ CREATE TABLE IF NOT EXISTS consumers (
     name          TEXT PRIMARY KEY,
     acked_seq     INTEGER NOT NULL,
     updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sources (
     id               TEXT PRIMARY KEY,
@@ -115,6 +121,8 @@ struct Shared {
 
 /// The SQLite journal. Open one per data directory per process.
 pub struct SqliteJournal {
+    /// Held (locked) for as long as the journal is open.
+    _lock: std::fs::File,
     tx: mpsc::Sender<Command>,
     reader: Arc<Mutex<Connection>>,
     shared: Arc<Shared>,
@@ -123,7 +131,7 @@ pub struct SqliteJournal {
     path: PathBuf,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -139,11 +147,23 @@ impl SqliteJournal {
     /// Opens (creating if needed) the journal in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)?;
+        // One gateway per data directory: a second writer would clash on sequence numbers and
+        // share the deduplication index. The lock goes with the process, also on a crash.
+        let lock_path = data_dir.join(LOCK_FILE);
+        let lock = std::fs::File::create(&lock_path)?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Locked(data_dir.display().to_string()));
+        }
         let path = data_dir.join(DB_FILE);
         let conn = Connection::open(&path)?;
         configure(&conn)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        debug_assert_eq!(mode.to_lowercase(), "wal");
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Io(std::io::Error::other(format!(
+                "{} cannot use write-ahead logging (journal_mode is {mode}); is it on a network file system?",
+                path.display()
+            ))));
+        }
         conn.pragma_update(None, "synchronous", "FULL")?;
         // Checkpoints belong to the checkpoint thread (below), not to commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -158,6 +178,16 @@ impl SqliteJournal {
         }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        // A random id for this journal, so that derived files (the deduplication index) can tell
+        // when they were made from another one (say, before a restore from backup).
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', lower(hex(randomblob(16))))",
+            [],
+        )?;
+        let instance: String =
+            conn.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
+                r.get(0)
+            })?;
 
         let head: i64 =
             conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
@@ -176,7 +206,7 @@ impl SqliteJournal {
         )?;
         configure(&reader)?;
 
-        let dedup = Dedup::open(data_dir, &conn, now_ms())?;
+        let dedup = Dedup::open(data_dir, &conn, &instance, head as Seq, now_ms())?;
         let checkpointer = Checkpointer::start(&path, shared.clone())?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let (head_tx, head_rx) = watch::channel(head as Seq);
@@ -192,6 +222,7 @@ impl SqliteJournal {
             .name("journal-writer".into())
             .spawn(move || writer.run(rx))?;
         Ok(Self {
+            _lock: lock,
             tx,
             reader: Arc::new(Mutex::new(reader)),
             shared,
@@ -400,8 +431,10 @@ impl Checkpointer {
                     });
                     match result {
                         Ok((wal_pages, copied)) => {
-                            done_up_to = head;
                             let remainder = wal_pages - copied;
+                            if remainder == 0 {
+                                done_up_to = head;
+                            }
                             if wal_pages > WAL_RESTART_PAGES && remainder <= CATCH_UP_PAGES {
                                 shared.restart_wal.store(true, Ordering::Release);
                             }
@@ -502,34 +535,60 @@ impl Writer {
         let conn = &mut self.conn;
         let mut seq = start_seq;
         let result = (|| -> Result<(), StoreError> {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction();
+            // Every command gets a reply slot before any work, so that if the group fails each
+            // of its requests is answered with the cause, not left to find its channel closed.
+            let mut failure: Option<StoreError> = tx.as_ref().err().map(|_| StoreError::Closed);
             for cmd in group.drain(..) {
+                let (Ok(tx), None) = (&tx, &failure) else {
+                    match cmd {
+                        Command::Append { reply, .. } => {
+                            replies.push(Reply::Append(reply, AppendOutcome::default()))
+                        }
+                        Command::Ack { reply, .. } => replies.push(Reply::Ack(reply)),
+                        Command::Shutdown => {}
+                    }
+                    continue;
+                };
                 match cmd {
                     Command::Append {
                         events,
                         quarantine,
                         reply,
-                    } => {
-                        let outcome = append_in(&tx, dedup, &mut seq, &events, &quarantine)?;
-                        new_quarantined += quarantine.len() as u64;
-                        replies.push(Reply::Append(reply, outcome));
-                    }
+                    } => match append_in(tx, dedup, &mut seq, &events, &quarantine) {
+                        Ok(outcome) => {
+                            new_quarantined += quarantine.len() as u64;
+                            replies.push(Reply::Append(reply, outcome));
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            replies.push(Reply::Append(reply, AppendOutcome::default()));
+                        }
+                    },
                     Command::Ack {
                         consumer,
                         upto,
                         reply,
                     } => {
-                        tx.prepare_cached(
-                            "INSERT INTO consumers (name, acked_seq, updated_at_ms) VALUES (?1, ?2, ?3)
-                             ON CONFLICT (name) DO UPDATE SET
-                               acked_seq = max(acked_seq, excluded.acked_seq),
-                               updated_at_ms = excluded.updated_at_ms",
-                        )?
-                        .execute(params![consumer, upto as i64, now_ms()])?;
+                        let acked = tx
+                            .prepare_cached(
+                                "INSERT INTO consumers (name, acked_seq, updated_at_ms) VALUES (?1, ?2, ?3)
+                                 ON CONFLICT (name) DO UPDATE SET
+                                   acked_seq = max(acked_seq, excluded.acked_seq),
+                                   updated_at_ms = excluded.updated_at_ms",
+                            )
+                            .and_then(|mut stmt| stmt.execute(params![consumer, upto as i64, now_ms()]));
+                        if let Err(e) = acked {
+                            failure = Some(e.into());
+                        }
                         replies.push(Reply::Ack(reply));
                     }
                     Command::Shutdown => {}
                 }
+            }
+            let tx = tx?;
+            if let Some(e) = failure {
+                return Err(e); // dropping `tx` rolls the whole group back
             }
             written_at = Instant::now();
             tx.commit()?;
@@ -544,7 +603,6 @@ impl Writer {
                 "slow journal commit: requests waited this long for durability"
             );
         }
-        // Commands not reached because of an error are dropped here; their senders see `Closed`.
         group.clear();
         match result {
             Ok(()) => {
@@ -574,14 +632,16 @@ impl Writer {
                 self.dedup.rollback();
                 tracing::error!(error = %e, code = e.code(), "journal commit failed; the requests in it are answered with an error");
                 for r in replies {
+                    let failed = StoreError::CommitFailed {
+                        code: e.code(),
+                        message: e.to_string(),
+                    };
                     match r {
                         Reply::Append(tx, _) => {
-                            let _ =
-                                tx.send(Err(StoreError::Io(std::io::Error::other(e.to_string()))));
+                            let _ = tx.send(Err(failed));
                         }
                         Reply::Ack(tx) => {
-                            let _ =
-                                tx.send(Err(StoreError::Io(std::io::Error::other(e.to_string()))));
+                            let _ = tx.send(Err(failed));
                         }
                     }
                 }
@@ -597,10 +657,7 @@ fn append_in(
     events: &[NewEvent],
     quarantine: &[QuarantineEntry],
 ) -> Result<AppendOutcome, StoreError> {
-    let mut outcome = AppendOutcome {
-        fresh: Vec::with_capacity(events.len()),
-        ..AppendOutcome::default()
-    };
+    let mut outcome = AppendOutcome::default();
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (seq, source, message_id, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
@@ -621,7 +678,6 @@ fn append_in(
         } else {
             outcome.duplicates += 1;
         }
-        outcome.fresh.push(fresh);
     }
     if !quarantine.is_empty() {
         let mut q = tx.prepare_cached(

@@ -48,28 +48,23 @@ async fn append_read_dedup_and_quarantine() {
         .await
         .unwrap();
     assert_eq!((out.stored, out.duplicates), (3, 1));
-    assert_eq!(
-        out.fresh,
-        vec![true, true, false, true],
-        "same id from another source is not a duplicate"
-    );
 
     // Within the window: still a duplicate. After it: accepted again, and then a duplicate again.
     let out = j
         .append(vec![event("web", "a", t0 + DEDUP_WINDOW_MS - 1)], vec![])
         .await
         .unwrap();
-    assert_eq!(out.fresh, vec![false]);
+    assert_eq!((out.stored, out.duplicates), (0, 1));
     let out = j
         .append(vec![event("web", "a", t0 + DEDUP_WINDOW_MS)], vec![])
         .await
         .unwrap();
-    assert_eq!(out.fresh, vec![true]);
+    assert_eq!((out.stored, out.duplicates), (1, 0));
     let out = j
         .append(vec![event("web", "a", t0 + DEDUP_WINDOW_MS + 5)], vec![])
         .await
         .unwrap();
-    assert_eq!(out.fresh, vec![false]);
+    assert_eq!((out.stored, out.duplicates), (0, 1));
 
     let events = j.read(0, 100).await.unwrap();
     let ids: Vec<(u64, &str, &str)> = events
@@ -208,4 +203,62 @@ fn missing_journal_is_a_clear_error_for_readers() {
     let dir = tempfile::tempdir().unwrap();
     let err = JournalReader::open(dir.path()).err().unwrap();
     assert!(err.to_string().contains("no journal at"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_is_an_error_and_its_ids_are_not_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    // Make the database refuse one event, as a full disk or an I/O error would.
+    let admin = rusqlite::Connection::open(dir.path().join("journal.db")).unwrap();
+    admin
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.message_id = 'doomed'
+             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END;",
+        )
+        .unwrap();
+    let err = j
+        .append(
+            vec![event("web", "fine", t0()), event("web", "doomed", t0())],
+            vec![],
+        )
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), "journal.closed", "{err}");
+    assert!(
+        j.read(0, 10).await.unwrap().is_empty(),
+        "nothing of a failed group is stored"
+    );
+
+    // Once the fault is gone, the retry is stored: a failed attempt is not a duplicate.
+    admin.execute_batch("DROP TRIGGER refuse").unwrap();
+    let out = j
+        .append(
+            vec![event("web", "fine", t0()), event("web", "doomed", t0())],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.stored, out.duplicates), (2, 0));
+    assert_eq!(
+        j.read(0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    j.close().await;
+}
+
+#[test]
+fn one_gateway_per_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = SqliteJournal::open(dir.path()).unwrap();
+    let err = SqliteJournal::open(dir.path())
+        .err()
+        .expect("a second open must fail");
+    assert_eq!(err.code(), "journal.locked");
+    assert!(err.to_string().contains("another Handoff process"), "{err}");
 }

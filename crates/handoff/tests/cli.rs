@@ -135,3 +135,21 @@ async fn embedded_default_creates_a_source_once_and_keeps_it() {
     let db = std::fs::read(data.join("journal.db")).unwrap();
     assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()));
 }
+
+#[test]
+fn a_second_gateway_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _first = Gateway::start(&data, &[], &[]);
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another Handoff process is using the data directory"),
+        "{stderr}"
+    );
+}

@@ -158,13 +158,41 @@ async fn every_acknowledged_event_survives_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     let tmp = tempfile::tempdir().unwrap();
     let gw = start(tmp.path());
+    // A request in flight when SIGTERM arrives: headers and half the body sent before the
+    // signal, the rest after. Draining means it still completes and is stored.
+    let body = json!({"userId": "u", "event": "in flight", "messageId": "in-flight-1"}).to_string();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let auth = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
+    };
+    let head = format!(
+        "POST /v1/track HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{first}",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+
     let load = tokio::spawn(drive_load(gw.url.clone(), Duration::from_secs(3)));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.write_all(rest.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the in-flight request completes: {answer}"
+    );
     let data_dir = gw.data_dir.clone();
-    let status = gw.wait();
+    let status = tokio::task::spawn_blocking(move || gw.wait())
+        .await
+        .unwrap();
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
     let (acked, _) = load.await.unwrap();
     assert!(acked.len() > 100);
