@@ -312,15 +312,26 @@ impl Dedup {
                 return;
             }
             // The flusher is behind by a whole batch: wait for it rather than grow without bound.
-            if let Ok(result) = self.done.recv() {
-                self.flush_finished(result);
-            }
+            let result = self
+                .done
+                .recv()
+                .unwrap_or_else(|_| Err("the flusher thread has stopped".into()));
+            self.flush_finished(result);
         }
         let keys = Arc::new(std::mem::take(&mut self.hot));
         self.hot_since = Instant::now();
         self.flushing = Some(keys.clone());
-        if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(FlushJob { keys, covers: head });
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(FlushJob { keys, covers: head }).is_ok());
+        if !sent {
+            // No flusher: keep every key in memory (correct, if larger) and say so.
+            tracing::error!(
+                "the deduplication flusher has stopped; keys stay in memory until restart"
+            );
+            self.jobs = None;
+            self.flush_finished(Err("the flusher thread has stopped".into()));
         }
     }
 
