@@ -18,6 +18,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use toml::{Table, Value};
 
@@ -28,6 +29,9 @@ use crate::ids::SourceId;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Where the embedded store lives by default, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./handoff-data";
+/// Longest drain delay accepted: beyond this an orchestrator's own kill timeout would cut it
+/// short anyway (Kubernetes' default grace period is 30 s; five minutes leaves room for more).
+pub const MAX_DRAIN_DELAY_SECS: i64 = 300;
 /// Shortest write key accepted: 16 characters, about 80 bits even for hex keys.
 pub const MIN_WRITE_KEY_LEN: usize = 16;
 
@@ -42,6 +46,8 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// How long a shutting-down gateway keeps serving while `/readyz` reports 503.
+    pub drain_delay: Duration,
 }
 
 /// A source: one site, app or server that sends events with its own write key.
@@ -214,6 +220,7 @@ impl Config {
                     .parse()
                     .expect("default listen address parses"),
                 data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+                drain_delay: Duration::ZERO,
             },
             sources: Vec::new(),
         }
@@ -242,7 +249,22 @@ impl Config {
         match root.get("server") {
             None => {}
             Some(Value::Table(server)) => {
-                problems.unknown_keys("server", server, &["listen", "data_dir"]);
+                problems.unknown_keys(
+                    "server",
+                    server,
+                    &["listen", "data_dir", "drain_delay_secs"],
+                );
+                match server.get("drain_delay_secs") {
+                    None => {}
+                    Some(Value::Integer(n)) if (0..=MAX_DRAIN_DELAY_SECS).contains(n) => {
+                        config.server.drain_delay = Duration::from_secs(*n as u64);
+                    }
+                    Some(other) => problems.add(
+                        "server.drain_delay_secs",
+                        "config.server.drain_delay.invalid",
+                        format!("must be a whole number of seconds from 0 to {MAX_DRAIN_DELAY_SECS}, found {other}"),
+                    ),
+                }
                 if let Some(listen) = problems.string("server", server, "listen") {
                     match listen.parse() {
                         Ok(addr) => config.server.listen = addr,
@@ -408,6 +430,7 @@ mod tests {
             [server]
             listen = "0.0.0.0:9000"
             data_dir = "/var/lib/handoff"
+            drain_delay_secs = 15
             [[sources]]
             id = "web"
             write_key = "${WEB_KEY}"
@@ -420,6 +443,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.server.drain_delay, Duration::from_secs(15));
         assert_eq!(c.sources[0].write_key, "0123456789abcdef0123");
         assert_eq!(c.sources[0].name, "web");
         assert_eq!(c.sources[1].write_key, "prefix-0123456789abcdef0123");
@@ -437,6 +461,7 @@ mod tests {
             [server]
             listen = "localhost"
             port = 8080
+            drain_delay_secs = -1
             [[sources]]
             id = "Web Site"
             write_key = "short"
@@ -458,6 +483,10 @@ mod tests {
             ("colour", "config.key.unknown"),
             ("server.port", "config.key.unknown"),
             ("server.listen", "config.server.listen.invalid"),
+            (
+                "server.drain_delay_secs",
+                "config.server.drain_delay.invalid",
+            ),
             ("sources[0].id", "config.source.id.invalid"),
             ("sources[0].write_key", "config.source.write_key.too_short"),
             ("sources[1].id", "config.source.id.missing"),

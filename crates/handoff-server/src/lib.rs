@@ -57,10 +57,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish, and
 /// closes the journal once every accepted event is durable.
+///
+/// With a `drain_delay`, the server first reports not ready (`/readyz` 503) and keeps serving for
+/// that long, so load balancers stop sending before the listener closes.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    drain_delay: std::time::Duration,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
     let drain_state = state.clone();
@@ -68,6 +72,13 @@ pub async fn serve(
         .with_graceful_shutdown(async move {
             shutdown.await;
             drain_state.ready.store(false, Ordering::SeqCst);
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    seconds = drain_delay.as_secs(),
+                    "shutting down: reporting not ready, still serving"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
             tracing::info!("shutting down: no new connections; draining in-flight requests");
         })
         .await?;
@@ -86,6 +97,14 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "server.shutting_down",
             "the server is shutting down",
+        )
+        .into_response();
+    }
+    if !state.journal.accepts_writes() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "journal.unavailable",
+            "the journal's writer has stopped; events cannot be stored (see the logs)",
         )
         .into_response();
     }

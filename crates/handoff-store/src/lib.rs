@@ -160,6 +160,9 @@ pub trait Journal: Send + Sync + 'static {
     /// Watches the head sequence number, so consumers can wait for new events without polling.
     fn subscribe(&self) -> watch::Receiver<Seq>;
 
+    /// `false` once the journal can no longer store events (closed, or its writer stopped).
+    fn accepts_writes(&self) -> bool;
+
     /// Finishes pending writes and stops accepting new ones.
     async fn close(&self);
 }

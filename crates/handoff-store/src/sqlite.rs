@@ -392,6 +392,11 @@ impl Journal for SqliteJournal {
         self.head_rx.clone()
     }
 
+    fn accepts_writes(&self) -> bool {
+        // The writer thread owns the receiving end; it is gone once that thread has stopped.
+        !self.tx.is_closed()
+    }
+
     async fn close(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();

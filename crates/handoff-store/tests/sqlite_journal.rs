@@ -189,7 +189,9 @@ async fn concurrent_appends_share_commits() {
         stats.commits,
         tasks * per_task
     );
+    assert!(j.accepts_writes());
     j.close().await;
+    assert!(!j.accepts_writes(), "readiness can see a stopped writer");
     // After close, appends are refused with a clear error rather than lost.
     let err = j
         .append(vec![event("web", "after-close", t0())], vec![])

@@ -64,6 +64,9 @@ struct ServeArgs {
     /// Directory for the journal and state, overriding the config.
     #[arg(long, env = "HANDOFF_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Seconds to keep serving after SIGTERM while /readyz reports 503, overriding the config.
+    #[arg(long, env = "HANDOFF_DRAIN_DELAY", value_parser = clap::value_parser!(u64).range(0..=handoff_core::config::MAX_DRAIN_DELAY_SECS as u64))]
+    drain_delay: Option<u64>,
     /// Log format on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "HANDOFF_LOG_FORMAT")]
     log_format: LogFormat,
@@ -180,6 +183,9 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
     }
+    if let Some(secs) = args.drain_delay {
+        config.server.drain_delay = std::time::Duration::from_secs(secs);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -257,7 +263,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
 
     let journal: Arc<dyn Journal> = Arc::new(journal);
     let state = AppState::new(journal, keys);
-    handoff_server::serve(listener, state, shutdown).await?;
+    handoff_server::serve(listener, state, shutdown, config.server.drain_delay).await?;
     Ok(ExitCode::SUCCESS)
 }
 

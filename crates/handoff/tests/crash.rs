@@ -157,6 +157,63 @@ async fn every_acknowledged_event_survives_sigkill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_delay_reports_not_ready_but_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("handoff.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndrain_delay_secs = 2\n[[sources]]\nid = \"load\"\nwrite_key = \"{KEY}\"\n"
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(
+        &tmp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let http = client();
+    assert!(
+        http.get(format!("{}/readyz", gw.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    gw.signal("TERM");
+    let mut not_ready = false;
+    for _ in 0..50 {
+        let resp = http.get(format!("{}/readyz", gw.url)).send().await.unwrap();
+        if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "server.shutting_down");
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(not_ready, "/readyz turns 503 as soon as shutdown begins");
+    let resp = http
+        .post(format!("{}/v1/track", gw.url))
+        .basic_auth(KEY, Some(""))
+        .json(&json!({"userId": "u", "event": "during drain", "messageId": "drain-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status().is_success(),
+        "still serving during the drain delay"
+    );
+    let data_dir = gw.data_dir.clone();
+    let status = tokio::task::spawn_blocking(move || gw.wait())
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(stored_ids(&data_dir).contains("drain-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_cleanly() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
