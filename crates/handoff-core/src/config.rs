@@ -39,8 +39,25 @@ pub const MIN_WRITE_KEY_LEN: usize = 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
+    pub auth: AuthSettings,
     pub sources: Vec<SourceConfig>,
 }
+
+/// The built-in authorization server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthSettings {
+    /// `iss` of issued tokens; defaults to `http://<listen address>`.
+    pub issuer: Option<String>,
+    /// `aud` of issued tokens; defaults to the issuer.
+    pub audience: Option<String>,
+    /// Lifetime of access tokens.
+    pub token_ttl: Duration,
+}
+
+/// Default access-token lifetime: five minutes, so a leaked token is soon worthless.
+pub const DEFAULT_TOKEN_TTL_SECS: i64 = 300;
+/// Longest access-token lifetime accepted (one hour).
+pub const MAX_TOKEN_TTL_SECS: i64 = 3600;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -48,6 +65,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How long a shutting-down gateway keeps serving while `/readyz` reports 503.
     pub drain_delay: Duration,
+    /// File holding the master key (base64 of 32 bytes); `HANDOFF_MASTER_KEY` wins over it.
+    pub master_key_file: Option<PathBuf>,
 }
 
 /// A source: one site, app or server that sends events with its own write key.
@@ -221,6 +240,12 @@ impl Config {
                     .expect("default listen address parses"),
                 data_dir: PathBuf::from(DEFAULT_DATA_DIR),
                 drain_delay: Duration::ZERO,
+                master_key_file: None,
+            },
+            auth: AuthSettings {
+                issuer: None,
+                audience: None,
+                token_ttl: Duration::from_secs(DEFAULT_TOKEN_TTL_SECS as u64),
             },
             sources: Vec::new(),
         }
@@ -243,7 +268,7 @@ impl Config {
         for (k, v) in root.iter_mut() {
             substitute_env(v, k, env, &mut problems);
         }
-        problems.unknown_keys("", &root, &["server", "sources"]);
+        problems.unknown_keys("", &root, &["server", "auth", "sources"]);
 
         let mut config = Config::embedded_default();
         match root.get("server") {
@@ -252,8 +277,11 @@ impl Config {
                 problems.unknown_keys(
                     "server",
                     server,
-                    &["listen", "data_dir", "drain_delay_secs"],
+                    &["listen", "data_dir", "drain_delay_secs", "master_key_file"],
                 );
+                if let Some(file) = problems.string("server", server, "master_key_file") {
+                    config.server.master_key_file = Some(PathBuf::from(file));
+                }
                 match server.get("drain_delay_secs") {
                     None => {}
                     Some(Value::Integer(n)) if (0..=MAX_DRAIN_DELAY_SECS).contains(n) => {
@@ -291,6 +319,31 @@ impl Config {
                 "server",
                 "config.value.type",
                 format!("must be a table ([server]), found {}", other.type_str()),
+            ),
+        }
+
+        match root.get("auth") {
+            None => {}
+            Some(Value::Table(auth)) => {
+                problems.unknown_keys("auth", auth, &["issuer", "audience", "token_ttl_secs"]);
+                config.auth.issuer = problems.string("auth", auth, "issuer");
+                config.auth.audience = problems.string("auth", auth, "audience");
+                match auth.get("token_ttl_secs") {
+                    None => {}
+                    Some(Value::Integer(n)) if (1..=MAX_TOKEN_TTL_SECS).contains(n) => {
+                        config.auth.token_ttl = Duration::from_secs(*n as u64);
+                    }
+                    Some(other) => problems.add(
+                        "auth.token_ttl_secs",
+                        "config.auth.token_ttl.invalid",
+                        format!("must be a whole number of seconds from 1 to {MAX_TOKEN_TTL_SECS}, found {other}"),
+                    ),
+                }
+            }
+            Some(other) => problems.add(
+                "auth",
+                "config.value.type",
+                format!("must be a table ([auth]), found {}", other.type_str()),
             ),
         }
 

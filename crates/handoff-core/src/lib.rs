@@ -2,6 +2,7 @@
 //! model with its validation. Nothing in this crate performs I/O or needs an async runtime, so it
 //! builds and tests fast and can be fuzzed in isolation.
 
+pub mod auth;
 pub mod config;
 pub mod ids;
 pub mod ingest;

@@ -13,6 +13,8 @@ pub struct ApiError {
     pub message: String,
     /// Extra top-level fields for the body (e.g. `rejected` for batches).
     pub extra: Option<serde_json::Value>,
+    /// A `WWW-Authenticate` challenge (RFC 6750) for authentication errors.
+    pub challenge: Option<String>,
 }
 
 impl ApiError {
@@ -22,7 +24,13 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            challenge: None,
         }
+    }
+
+    pub fn with_challenge(mut self, challenge: String) -> Self {
+        self.challenge = Some(challenge);
+        self
     }
 
     pub fn with_extra(mut self, extra: serde_json::Value) -> Self {
@@ -57,6 +65,10 @@ impl IntoResponse for ApiError {
             obj.extend(extra);
         }
         let mut resp = (self.status, Json(body)).into_response();
+        if let Some(challenge) = self.challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

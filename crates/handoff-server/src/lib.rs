@@ -14,9 +14,12 @@ use tokio::net::TcpListener;
 
 use handoff_store::Journal;
 
+pub mod auth_http;
 pub mod error;
 pub mod ingest;
+pub mod keys;
 pub mod metrics;
+pub mod oauth;
 pub mod sources;
 
 pub use error::ApiError;
@@ -26,6 +29,8 @@ pub use sources::SourceKeys;
 /// Everything a request handler needs.
 pub struct AppState {
     pub journal: Arc<dyn Journal>,
+    /// The authorization server and bearer-token checks.
+    pub auth: Arc<oauth::Auth>,
     pub sources: SourceKeys,
     pub metrics: Metrics,
     /// False once shutdown has begun: `/readyz` then tells load balancers to stop sending.
@@ -33,8 +38,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(journal: Arc<dyn Journal>, sources: SourceKeys) -> Arc<Self> {
+    pub fn new(
+        journal: Arc<dyn Journal>,
+        sources: SourceKeys,
+        auth: Arc<oauth::Auth>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            auth,
             metrics: Metrics::new(sources.sources()),
             journal,
             sources,
@@ -47,6 +57,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(ingest::routes())
+        .merge(auth_http::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

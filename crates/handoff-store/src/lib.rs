@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 mod dedup;
 pub mod sqlite;
+pub mod state;
 
 pub use dedup::DEDUP_FILE;
 

@@ -14,10 +14,13 @@ use serde_json::value::RawValue;
 use handoff_core::SourceId;
 use handoff_core::config::Config;
 use handoff_core::time_fmt::{format_millis, from_unix_millis};
+use handoff_server::keys::{KeySource, MASTER_KEY_ENV, MasterKey};
+use handoff_server::oauth::{Auth, AuthConfig};
 use handoff_server::sources::write_key_digest;
 use handoff_server::{AppState, SourceKeys};
 use handoff_store::Journal;
 use handoff_store::sqlite::{JournalReader, SqliteJournal};
+use handoff_store::state::StateStore;
 
 /// mimalloc instead of the system allocator: ingest allocates and frees many small buffers per
 /// request, and glibc's malloc showed up as ~15 % of CPU in profiles of `/v1/track`.
@@ -51,6 +54,70 @@ enum Command {
     /// Look inside the journal (read-only; safe while the server runs).
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Manage OAuth clients (machine credentials for the admin API); safe while the server runs.
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+    /// Manage keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// Where the state and the master key are, for commands that change state.
+#[derive(clap::Args)]
+struct StateArgs {
+    #[arg(long, default_value = handoff_core::config::DEFAULT_DATA_DIR, env = "HANDOFF_DATA_DIR")]
+    data_dir: PathBuf,
+    /// File with the master key (base64 of 32 bytes). HANDOFF_MASTER_KEY wins over it; without
+    /// either, DATA_DIR/master.key is used (and created if missing).
+    #[arg(long, env = "HANDOFF_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum ClientsCommand {
+    /// Create a client; its secret is printed once and stored only as an argon2id hash.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Space-separated scopes, e.g. "admin:read audit:read".
+        #[arg(long)]
+        scopes: Option<String>,
+        /// A role bundling scopes: ingest, viewer, admin, auditor, privacy, vault.
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List clients (never their secrets).
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Revoke a client: its secret stops working and its tokens are refused at once.
+    Revoke {
+        client_id: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Start signing tokens with a new key; tokens signed by earlier keys verify until they expire.
+    RotateSigning {
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -67,6 +134,10 @@ struct ServeArgs {
     /// Seconds to keep serving after SIGTERM while /readyz reports 503, overriding the config.
     #[arg(long, env = "HANDOFF_DRAIN_DELAY", value_parser = clap::value_parser!(u64).range(0..=handoff_core::config::MAX_DRAIN_DELAY_SECS as u64))]
     drain_delay: Option<u64>,
+    /// File with the master key (base64 of 32 bytes), overriding the config. HANDOFF_MASTER_KEY
+    /// wins over both; without any, DATA_DIR/master.key is created (fine for trying Handoff only).
+    #[arg(long, env = "HANDOFF_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
     /// Log format on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "HANDOFF_LOG_FORMAT")]
     log_format: LogFormat,
@@ -109,6 +180,8 @@ fn main() -> ExitCode {
             quarantine,
         }) => dump(&data_dir, after, quarantine),
         Command::Journal(JournalCommand::Verify { data_dir }) => verify(&data_dir),
+        Command::Clients(cmd) => clients(cmd),
+        Command::Keys(KeysCommand::RotateSigning { state }) => rotate_signing(&state),
     };
     match result {
         Ok(code) => code,
@@ -183,6 +256,9 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     if let Some(dir) = args.data_dir {
         config.server.data_dir = dir;
     }
+    if let Some(file) = args.master_key_file {
+        config.server.master_key_file = Some(file);
+    }
     if let Some(secs) = args.drain_delay {
         config.server.drain_delay = std::time::Duration::from_secs(secs);
     }
@@ -229,6 +305,20 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
+    let issuer = config.auth.issuer.clone().unwrap_or_else(|| url.clone());
+    let auth = open_auth(
+        data_dir,
+        config.server.master_key_file.as_deref(),
+        AuthConfig {
+            audience: config
+                .auth
+                .audience
+                .clone()
+                .unwrap_or_else(|| issuer.clone()),
+            issuer,
+            token_ttl: config.auth.token_ttl,
+        },
+    )?;
     {
         let mut out = std::io::stdout().lock();
         if !from_file {
@@ -262,7 +352,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     tracing::info!(%addr, sources = keys.sources().count(), "listening");
 
     let journal: Arc<dyn Journal> = Arc::new(journal);
-    let state = AppState::new(journal, keys);
+    let state = AppState::new(journal, keys, Arc::new(auth));
     handoff_server::serve(listener, state, shutdown, config.server.drain_delay).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -321,6 +411,104 @@ fn dump(data_dir: &Path, after: u64, quarantine: bool) -> Result<ExitCode> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
         other => other?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the state store and the authorization server, loading (or creating) the master key.
+fn open_auth(data_dir: &Path, master_key_file: Option<&Path>, config: AuthConfig) -> Result<Auth> {
+    let (master, source) = MasterKey::load(
+        std::env::var(MASTER_KEY_ENV).ok(),
+        master_key_file,
+        data_dir,
+    )?;
+    match &source {
+        KeySource::Created(path) => tracing::warn!(
+            path = %path.display(),
+            "no master key configured: created one beside the data. Fine for trying Handoff; for \
+             production set HANDOFF_MASTER_KEY or --master-key-file (see docs/security.md)"
+        ),
+        KeySource::File(path) => {
+            tracing::info!(path = %path.display(), key = master.id(), "master key loaded")
+        }
+        KeySource::Env => tracing::info!(
+            key = master.id(),
+            "master key loaded from HANDOFF_MASTER_KEY"
+        ),
+    }
+    let state = Arc::new(StateStore::open(data_dir)?);
+    Ok(Auth::open(state, master, config)?)
+}
+
+/// The authorization server for CLI commands, which issue no tokens (no issuer needed).
+fn cli_auth(args: &StateArgs) -> Result<Auth> {
+    open_auth(
+        &args.data_dir,
+        args.master_key_file.as_deref(),
+        AuthConfig {
+            issuer: String::new(),
+            audience: String::new(),
+            token_ttl: handoff_server::oauth::DEFAULT_TOKEN_TTL,
+        },
+    )
+}
+
+fn clients(cmd: ClientsCommand) -> Result<ExitCode> {
+    match cmd {
+        ClientsCommand::Create {
+            name,
+            scopes,
+            role,
+            format,
+            state,
+        } => {
+            let scopes = handoff_server::auth_http::scopes_for(scopes.as_deref(), role.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            let created = cli_auth(&state)?.create_client(&name, &scopes, "cli")?;
+            if format == Format::Json {
+                println!("{}", serde_json::to_string(&created)?);
+            } else {
+                println!("client_id:     {}", created.client_id);
+                println!("client_secret: {}", created.client_secret);
+                println!("scopes:        {}", created.scopes.join(" "));
+                println!("The secret is shown this once and stored only as a hash: keep it now.");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientsCommand::List { format, state } => {
+            let list = cli_auth(&state)?.state().clients()?;
+            if format == Format::Json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|c| json!({"client_id": c.id, "name": c.name, "scopes": c.scopes.split_whitespace().collect::<Vec<_>>(), "created_at_ms": c.created_at_ms, "revoked_at_ms": c.revoked_at_ms}))
+                    .collect();
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                for c in &list {
+                    let status = if c.revoked_at_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    println!("{}  {:<8} {:<24} {}", c.id, status, c.name, c.scopes);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ClientsCommand::Revoke { client_id, state } => {
+            if cli_auth(&state)?.revoke_client(&client_id, "cli")? {
+                println!("revoked {client_id}; its tokens are refused from now on");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("no active client {client_id:?}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn rotate_signing(args: &StateArgs) -> Result<ExitCode> {
+    let kid = cli_auth(args)?.rotate_signing_key("cli")?;
+    println!("new signing key {kid}; tokens signed by earlier keys verify until they expire");
     Ok(ExitCode::SUCCESS)
 }
 

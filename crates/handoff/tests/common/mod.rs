@@ -20,6 +20,16 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `handoff serve --listen 127.0.0.1:0 --data-dir DIR ARGS…` and waits until it listens.
     pub fn start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        Self::start_logging(data_dir, args, env, None)
+    }
+
+    /// Like [`Gateway::start`], writing the gateway's log (standard error) to `log` if given.
+    pub fn start_logging(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Gateway {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--listen")
@@ -29,7 +39,10 @@ impl Gateway {
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::inherit(),
+            });
         for (k, v) in env {
             cmd.env(k, v);
         }
