@@ -67,6 +67,19 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// File holding the master key (base64 of 32 bytes); `HANDOFF_MASTER_KEY` wins over it.
     pub master_key_file: Option<PathBuf>,
+    /// `[server.tls]`: terminate TLS here.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// Accept TLS 1.2 as well as 1.3 (`min_version = "1.2"`; off by default).
+    pub allow_tls12: bool,
 }
 
 /// A source: one site, app or server that sends events with its own write key.
@@ -241,6 +254,7 @@ impl Config {
                 data_dir: PathBuf::from(DEFAULT_DATA_DIR),
                 drain_delay: Duration::ZERO,
                 master_key_file: None,
+                tls: None,
             },
             auth: AuthSettings {
                 issuer: None,
@@ -277,8 +291,62 @@ impl Config {
                 problems.unknown_keys(
                     "server",
                     server,
-                    &["listen", "data_dir", "drain_delay_secs", "master_key_file"],
+                    &[
+                        "listen",
+                        "data_dir",
+                        "drain_delay_secs",
+                        "master_key_file",
+                        "tls",
+                    ],
                 );
+                match server.get("tls") {
+                    None => {}
+                    Some(Value::Table(tls)) => {
+                        problems.unknown_keys(
+                            "server.tls",
+                            tls,
+                            &["cert_file", "key_file", "min_version"],
+                        );
+                        let cert = problems.string("server.tls", tls, "cert_file");
+                        let key = problems.string("server.tls", tls, "key_file");
+                        for (name, value) in [("cert_file", &cert), ("key_file", &key)] {
+                            if value.is_none() && !tls.contains_key(name) {
+                                problems.add(
+                                    format!("server.tls.{name}"),
+                                    "config.server.tls.missing",
+                                    "[server.tls] needs cert_file and key_file (PEM)",
+                                );
+                            }
+                        }
+                        let allow_tls12 = match problems
+                            .string("server.tls", tls, "min_version")
+                            .as_deref()
+                        {
+                            None | Some("1.3") => false,
+                            Some("1.2") => true,
+                            Some(other) => {
+                                problems.add(
+                                    "server.tls.min_version",
+                                    "config.server.tls.version",
+                                    format!("{other:?} is not supported; use \"1.3\" (default) or \"1.2\""),
+                                );
+                                false
+                            }
+                        };
+                        if let (Some(cert), Some(key)) = (cert, key) {
+                            config.server.tls = Some(TlsSettings {
+                                cert_file: PathBuf::from(cert),
+                                key_file: PathBuf::from(key),
+                                allow_tls12,
+                            });
+                        }
+                    }
+                    Some(other) => problems.add(
+                        "server.tls",
+                        "config.value.type",
+                        format!("must be a table ([server.tls]), found {}", other.type_str()),
+                    ),
+                }
                 if let Some(file) = problems.string("server", server, "master_key_file") {
                     config.server.master_key_file = Some(PathBuf::from(file));
                 }

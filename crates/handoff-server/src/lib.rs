@@ -21,6 +21,7 @@ pub mod keys;
 pub mod metrics;
 pub mod oauth;
 pub mod sources;
+pub mod tls;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -76,23 +77,46 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_delay: std::time::Duration,
+    tls: Option<tls::TlsSettings>,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
     let drain_state = state.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            drain_state.ready.store(false, Ordering::SeqCst);
-            if !drain_delay.is_zero() {
-                tracing::info!(
-                    seconds = drain_delay.as_secs(),
-                    "shutting down: reporting not ready, still serving"
-                );
-                tokio::time::sleep(drain_delay).await;
-            }
-            tracing::info!("shutting down: no new connections; draining in-flight requests");
-        })
-        .await?;
+    let drained = async move {
+        shutdown.await;
+        drain_state.ready.store(false, Ordering::SeqCst);
+        if !drain_delay.is_zero() {
+            tracing::info!(
+                seconds = drain_delay.as_secs(),
+                "shutting down: reporting not ready, still serving"
+            );
+            tokio::time::sleep(drain_delay).await;
+        }
+        tracing::info!("shutting down: no new connections; draining in-flight requests");
+    };
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(drained)
+                .await?
+        }
+        Some(settings) => {
+            let config = tls::server_config(&settings).map_err(std::io::Error::other)?;
+            let live = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
+            let watcher = tls::watch(settings, live.clone());
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                drained.await;
+                stopper.graceful_shutdown(None);
+            });
+            let served = axum_server::from_tcp_rustls(listener.into_std()?, live)?
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await;
+            watcher.abort();
+            served?;
+        }
+    }
     state.journal.close().await;
     tracing::info!("journal closed; bye");
     Ok(())

@@ -300,11 +300,20 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     // Signal handlers go in before we say we are listening: a SIGTERM that arrives right after
     // must still mean a graceful shutdown, not the default instant death.
     let shutdown = shutdown_signal()?;
+    if let Some(tls) = &config.server.tls {
+        // Fail before announcing anything when the certificate cannot be used.
+        handoff_server::tls::server_config(tls)?;
+    }
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{addr}");
     let issuer = config.auth.issuer.clone().unwrap_or_else(|| url.clone());
     let auth = open_auth(
         data_dir,
@@ -353,7 +362,14 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
 
     let journal: Arc<dyn Journal> = Arc::new(journal);
     let state = AppState::new(journal, keys, Arc::new(auth));
-    handoff_server::serve(listener, state, shutdown, config.server.drain_delay).await?;
+    handoff_server::serve(
+        listener,
+        state,
+        shutdown,
+        config.server.drain_delay,
+        config.server.tls.clone(),
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
