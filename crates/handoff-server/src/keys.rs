@@ -60,6 +60,7 @@ pub enum KeySource {
     Created(PathBuf),
 }
 
+#[derive(Clone)]
 pub struct MasterKey {
     key: [u8; 32],
     /// A short public fingerprint (first 8 bytes of SHA-256, hex), recorded with each sealed
@@ -102,46 +103,6 @@ impl MasterKey {
 
     pub fn id(&self) -> &str {
         &self.id
-    }
-
-    /// The master key from `HANDOFF_MASTER_KEY`, else from `file`, else from `data_dir/master.key`
-    /// (created with mode 0600 when missing).
-    pub fn load(
-        env: Option<String>,
-        file: Option<&Path>,
-        data_dir: &Path,
-    ) -> Result<(Self, KeySource), KeyError> {
-        if let Some(text) = env {
-            return Ok((Self::from_base64(&text)?, KeySource::Env));
-        }
-        let (path, may_create) = match file {
-            Some(p) => (p.to_owned(), false),
-            None => (data_dir.join(DEFAULT_KEY_FILE), true),
-        };
-        let file_error = |error| KeyError::File {
-            path: path.display().to_string(),
-            error,
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok((Self::from_base64(&text)?, KeySource::File(path))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => {
-                let key = Self::generate();
-                std::fs::create_dir_all(data_dir).map_err(file_error)?;
-                let mut f = {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&path)
-                        .map_err(file_error)?
-                };
-                writeln!(f, "{}", key.to_base64()).map_err(file_error)?;
-                f.sync_all().map_err(file_error)?;
-                Ok((key, KeySource::Created(path)))
-            }
-            Err(e) => Err(file_error(e)),
-        }
     }
 
     fn cipher(key: &[u8; 32]) -> Aes256Gcm {
@@ -209,6 +170,239 @@ impl MasterKey {
     }
 }
 
+impl MasterKey {
+    /// The same secret with its data key wrapped under `to` instead of `self` (the ciphertext
+    /// itself is untouched).
+    pub fn rewrap(&self, to: &MasterKey, sealed: &SealedSecret) -> Result<SealedSecret, KeyError> {
+        if sealed.master_key_id != self.id {
+            return Err(KeyError::WrongMasterKey {
+                name: sealed.name.clone(),
+                found: sealed.master_key_id.clone(),
+                configured: self.id.clone(),
+            });
+        }
+        let aad = format!("data-key:{}", sealed.name);
+        let data_key = Self::decrypt(&self.key, &sealed.wrapped_key, aad.as_bytes())
+            .ok_or_else(|| KeyError::Tampered(sealed.name.clone()))?;
+        Ok(SealedSecret {
+            master_key_id: to.id.clone(),
+            wrapped_key: Self::encrypt(&to.key, &data_key, aad.as_bytes()),
+            ..sealed.clone()
+        })
+    }
+}
+
+/// Reads master keys from text: base64 keys separated by newlines or commas, newest first.
+fn parse_ring(text: &str) -> Result<Vec<MasterKey>, KeyError> {
+    let keys = text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(MasterKey::from_base64)
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() {
+        return Err(KeyError::Malformed("no key".into()));
+    }
+    Ok(keys)
+}
+
+/// Writes `keys` (newest first) to `path` atomically with mode 0600.
+pub fn write_key_file(path: &Path, keys: &[&MasterKey]) -> Result<(), KeyError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_error = |error| KeyError::File {
+        path: path.display().to_string(),
+        error,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(file_error)?;
+    for key in keys {
+        writeln!(f, "{}", key.to_base64()).map_err(file_error)?;
+    }
+    f.sync_all().map_err(file_error)?;
+    std::fs::rename(&tmp, path).map_err(file_error)?;
+    Ok(())
+}
+
+/// The master keys in use: the first seals, any of them opens what it sealed. When the keys come
+/// from a file, the file is read again before sealing and when a secret names a key not in the
+/// ring, so a running gateway follows `handoff keys rotate-master` without a restart.
+pub struct KeyRing {
+    file: Option<PathBuf>,
+    keys: std::sync::RwLock<Vec<MasterKey>>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    // Fingerprints only: key material never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<String> = self.all().iter().map(|k| k.id().to_owned()).collect();
+        f.debug_struct("KeyRing")
+            .field("file", &self.file)
+            .field("keys", &ids)
+            .finish()
+    }
+}
+
+impl KeyRing {
+    pub fn from_keys(keys: Vec<MasterKey>) -> Self {
+        Self {
+            file: None,
+            keys: std::sync::RwLock::new(keys),
+        }
+    }
+
+    /// The keys from `HANDOFF_MASTER_KEY` (comma-separated, newest first), else from `file`,
+    /// else from `data_dir/master.key` (created with mode 0600 when missing).
+    pub fn load(
+        env: Option<String>,
+        file: Option<&Path>,
+        data_dir: &Path,
+    ) -> Result<(Self, KeySource), KeyError> {
+        if let Some(text) = env {
+            return Ok((Self::from_keys(parse_ring(&text)?), KeySource::Env));
+        }
+        let (path, may_create) = match file {
+            Some(p) => (p.to_owned(), false),
+            None => (data_dir.join(DEFAULT_KEY_FILE), true),
+        };
+        let file_error = |error| KeyError::File {
+            path: path.display().to_string(),
+            error,
+        };
+        let (keys, source) = match std::fs::read_to_string(&path) {
+            Ok(text) => (parse_ring(&text)?, KeySource::File(path.clone())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => {
+                let key = MasterKey::generate();
+                std::fs::create_dir_all(data_dir).map_err(file_error)?;
+                write_key_file(&path, &[&key])?;
+                (vec![key], KeySource::Created(path.clone()))
+            }
+            Err(e) => return Err(file_error(e)),
+        };
+        Ok((
+            Self {
+                file: Some(path),
+                keys: std::sync::RwLock::new(keys),
+            },
+            source,
+        ))
+    }
+
+    /// The file the keys come from (none when they come from the environment).
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    fn refresh(&self) {
+        let Some(path) = &self.file else { return };
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| parse_ring(&t).map_err(|e| e.to_string()))
+        {
+            Ok(keys) => *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot re-read the master key file; keeping the keys in memory")
+            }
+        }
+    }
+
+    pub fn current(&self) -> MasterKey {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())[0].clone()
+    }
+
+    pub fn all(&self) -> Vec<MasterKey> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Seals with the newest key (after re-reading the file).
+    pub fn seal(&self, name: &str, plaintext: &[u8]) -> SealedSecret {
+        self.refresh();
+        self.current().seal(name, plaintext)
+    }
+
+    /// Opens with the key that sealed it, re-reading the file once if that key is not known.
+    pub fn open(&self, sealed: &SealedSecret) -> Result<Vec<u8>, KeyError> {
+        let find = || {
+            self.keys
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|k| k.id() == sealed.master_key_id)
+                .cloned()
+        };
+        let key = match find() {
+            Some(k) => k,
+            None => {
+                self.refresh();
+                find().ok_or_else(|| KeyError::WrongMasterKey {
+                    name: sealed.name.clone(),
+                    found: sealed.master_key_id.clone(),
+                    configured: self.current().id().to_owned(),
+                })?
+            }
+        };
+        key.open(sealed)
+    }
+}
+
+/// What `handoff keys rotate-master` did.
+#[derive(Debug)]
+pub struct Rotation {
+    pub from: Vec<String>,
+    pub to: String,
+    pub rewrapped: usize,
+}
+
+/// Replaces the master keys in `file` by a new one, re-wrapping every secret's data key under
+/// it, while gateways keep running: the file first lists the new key before the old ones (so a
+/// gateway can open both and seals with the new), then every secret is re-wrapped in one
+/// transaction, then the file keeps the new key alone, and anything sealed under an old key in
+/// the meantime is re-wrapped too.
+pub fn rotate_master(
+    file: &Path,
+    state: &handoff_store::state::StateStore,
+) -> Result<Rotation, crate::oauth::AuthError> {
+    let text = std::fs::read_to_string(file).map_err(|error| KeyError::File {
+        path: file.display().to_string(),
+        error,
+    })?;
+    let old = parse_ring(&text)?;
+    let new = MasterKey::generate();
+    let mut both: Vec<&MasterKey> = vec![&new];
+    both.extend(old.iter());
+    write_key_file(file, &both)?;
+    let mut rewrapped = 0;
+    for _ in 0..2 {
+        let mut updates = Vec::new();
+        for sealed in state.secrets()? {
+            if sealed.master_key_id == new.id() {
+                continue;
+            }
+            let key = old
+                .iter()
+                .find(|k| k.id() == sealed.master_key_id)
+                .ok_or_else(|| KeyError::WrongMasterKey {
+                    name: sealed.name.clone(),
+                    found: sealed.master_key_id.clone(),
+                    configured: old[0].id().to_owned(),
+                })?;
+            updates.push((sealed.master_key_id.clone(), key.rewrap(&new, &sealed)?));
+        }
+        rewrapped += state.replace_wrapped_keys(&updates)?;
+        write_key_file(file, &[&new])?;
+    }
+    Ok(Rotation {
+        from: old.iter().map(|k| k.id().to_owned()).collect(),
+        to: new.id().to_owned(),
+        rewrapped,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,28 +466,31 @@ mod tests {
     fn load_prefers_env_then_file_then_creates_one_0600() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let (created, source) = MasterKey::load(None, None, dir.path()).unwrap();
+        let (created, source) = KeyRing::load(None, None, dir.path()).unwrap();
+        let created = created.current();
         assert!(matches!(source, KeySource::Created(_)));
         let mode = std::fs::metadata(dir.path().join(DEFAULT_KEY_FILE))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let (again, source) = MasterKey::load(None, None, dir.path()).unwrap();
+        let (again, source) = KeyRing::load(None, None, dir.path()).unwrap();
+        let again = again.current();
         assert!(matches!(source, KeySource::File(_)));
         assert_eq!(again.id(), created.id());
         let env = MasterKey::generate();
-        let (from_env, source) = MasterKey::load(Some(env.to_base64()), None, dir.path()).unwrap();
+        let (from_env, source) = KeyRing::load(Some(env.to_base64()), None, dir.path()).unwrap();
+        let from_env = from_env.current();
         assert_eq!((from_env.id(), source), (env.id(), KeySource::Env));
         assert_eq!(
-            MasterKey::load(Some("c2hvcnQ=".into()), None, dir.path())
+            KeyRing::load(Some("c2hvcnQ=".into()), None, dir.path())
                 .unwrap_err()
                 .code(),
             "keys.master.malformed"
         );
         let missing = dir.path().join("nope.key");
         assert_eq!(
-            MasterKey::load(None, Some(&missing), dir.path())
+            KeyRing::load(None, Some(&missing), dir.path())
                 .unwrap_err()
                 .code(),
             "keys.master.file"
@@ -301,6 +498,70 @@ mod tests {
         assert!(
             !format!("{env:?}").contains(&env.to_base64()),
             "Debug never prints the key"
+        );
+    }
+
+    #[test]
+    fn rotation_rewraps_everything_and_a_running_ring_follows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = handoff_store::state::StateStore::open(dir.path()).unwrap();
+        let (running, _) = KeyRing::load(None, None, dir.path()).unwrap();
+        let old_id = running.current().id().to_owned();
+        for name in ["a", "b"] {
+            state
+                .put_secret(&running.seal(name, name.as_bytes()), 0)
+                .unwrap();
+        }
+        let file = dir.path().join(DEFAULT_KEY_FILE);
+        let r = rotate_master(&file, &state).unwrap();
+        assert_eq!((r.from, r.rewrapped), (vec![old_id], 2));
+        for s in state.secrets().unwrap() {
+            assert_eq!(s.master_key_id, r.to);
+        }
+        // The file now holds the new key alone, still 0600.
+        let (fresh, _) = KeyRing::load(None, None, dir.path()).unwrap();
+        assert_eq!(fresh.all().len(), 1);
+        assert_eq!(fresh.current().id(), r.to);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // The ring loaded before the rotation follows it: opens re-wrapped secrets, seals anew.
+        assert_eq!(
+            running.open(&state.secret("a").unwrap().unwrap()).unwrap(),
+            b"a"
+        );
+        assert_eq!(running.seal("c", b"c").master_key_id, r.to);
+        // The new key, given through the environment, opens them too.
+        let (env_ring, _) =
+            KeyRing::load(Some(fresh.current().to_base64()), None, dir.path()).unwrap();
+        assert_eq!(
+            env_ring.open(&state.secret("b").unwrap().unwrap()).unwrap(),
+            b"b"
+        );
+        assert!(!format!("{env_ring:?}").contains(&fresh.current().to_base64()));
+    }
+
+    #[test]
+    fn a_ring_of_several_keys_opens_with_any_and_seals_with_the_first() {
+        let (new, old) = (MasterKey::generate(), MasterKey::generate());
+        let sealed_old = old.seal("x", b"1");
+        let ring = KeyRing::from_keys(
+            parse_ring(&format!("{}, {}", new.to_base64(), old.to_base64())).unwrap(),
+        );
+        assert_eq!(ring.open(&sealed_old).unwrap(), b"1");
+        assert_eq!(ring.seal("y", b"2").master_key_id, new.id());
+        assert_eq!(
+            parse_ring(" \n").unwrap_err().code(),
+            "keys.master.malformed"
+        );
+        assert_eq!(
+            KeyRing::from_keys(vec![new])
+                .open(&sealed_old)
+                .unwrap_err()
+                .code(),
+            "keys.master.wrong"
         );
     }
 }

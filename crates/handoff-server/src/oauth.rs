@@ -19,7 +19,7 @@ use handoff_core::auth::{Scope, Scopes};
 use handoff_store::StoreError;
 use handoff_store::state::{ClientRecord, SigningKeyRecord, StateStore};
 
-use crate::keys::{KeyError, MasterKey};
+use crate::keys::{KeyError, KeyRing};
 
 /// Default lifetime of an access token: short, so a leaked token is worth little.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -106,7 +106,7 @@ struct Signer {
 
 pub struct Auth {
     state: Arc<StateStore>,
-    master: MasterKey,
+    keys: KeyRing,
     config: AuthConfig,
     verifier: RwLock<Verifier>,
     signer: RwLock<Option<Signer>>,
@@ -136,12 +136,12 @@ impl Auth {
     /// Opens the authorization server; creates a first signing key if there is none.
     pub fn open(
         state: Arc<StateStore>,
-        master: MasterKey,
+        keys: KeyRing,
         config: AuthConfig,
     ) -> Result<Self, AuthError> {
         let auth = Self {
             state,
-            master,
+            keys,
             config,
             verifier: RwLock::new(Verifier {
                 keys: HashMap::new(),
@@ -166,6 +166,10 @@ impl Auth {
         &self.state
     }
 
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
     /// Creates a new signing key that signs from now on; older keys keep verifying until tokens
     /// they signed have expired, then are pruned.
     pub fn rotate_signing_key(&self, actor: &str) -> Result<String, AuthError> {
@@ -175,7 +179,7 @@ impl Auth {
             .to_pkcs8_der()
             .map_err(|e| AuthError::Signing(e.to_string()))?;
         let secret_name = format!("signing-key/{kid}");
-        let sealed = self.master.seal(&secret_name, der.as_bytes());
+        let sealed = self.keys.seal(&secret_name, der.as_bytes());
         let now_ms = now_secs() * 1000;
         self.state.insert_signing_key(
             &SigningKeyRecord {
@@ -236,7 +240,7 @@ impl Auth {
             let sealed = self.state.secret(&newest.secret_name)?.ok_or_else(|| {
                 AuthError::Signing(format!("the private half of key {} is missing", newest.kid))
             })?;
-            let der = self.master.open(&sealed)?;
+            let der = self.keys.open(&sealed)?;
             *self.signer.write().unwrap_or_else(|e| e.into_inner()) = Some(Signer {
                 kid: newest.kid.clone(),
                 key: EncodingKey::from_ed_der(&der),

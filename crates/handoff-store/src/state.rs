@@ -190,6 +190,42 @@ impl StateStore {
             .optional()?)
     }
 
+    /// Every sealed secret.
+    pub fn secrets(&self) -> Result<Vec<SealedSecret>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, master_key_id, wrapped_key, ciphertext FROM secrets ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SealedSecret {
+                name: r.get(0)?,
+                master_key_id: r.get(1)?,
+                wrapped_key: r.get(2)?,
+                ciphertext: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Replaces wrapped data keys in one transaction; each update applies only if the secret is
+    /// still wrapped by the key it was read with (given first). Returns how many applied.
+    pub fn replace_wrapped_keys(
+        &self,
+        updates: &[(String, SealedSecret)],
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut applied = 0;
+        for (was, s) in updates {
+            applied += tx.execute(
+                "UPDATE secrets SET master_key_id = ?1, wrapped_key = ?2 WHERE name = ?3 AND master_key_id = ?4",
+                params![s.master_key_id, s.wrapped_key, s.name, was],
+            )?;
+        }
+        tx.commit()?;
+        Ok(applied)
+    }
+
     /// Stores a signing key (its private half sealed in `secret`) as the newest.
     pub fn insert_signing_key(
         &self,

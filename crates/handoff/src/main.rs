@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use handoff_core::SourceId;
 use handoff_core::config::Config;
 use handoff_core::time_fmt::{format_millis, from_unix_millis};
-use handoff_server::keys::{KeySource, MASTER_KEY_ENV, MasterKey};
+use handoff_server::keys::{KeyRing, KeySource, MASTER_KEY_ENV};
 use handoff_server::oauth::{Auth, AuthConfig};
 use handoff_server::sources::write_key_digest;
 use handoff_server::{AppState, SourceKeys};
@@ -118,6 +118,12 @@ enum KeysCommand {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Replace the master key in its key file by a new one and re-wrap every secret under it,
+    /// while gateways keep running (they re-read the file).
+    RotateMaster {
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -182,6 +188,7 @@ fn main() -> ExitCode {
         Command::Journal(JournalCommand::Verify { data_dir }) => verify(&data_dir),
         Command::Clients(cmd) => clients(cmd),
         Command::Keys(KeysCommand::RotateSigning { state }) => rotate_signing(&state),
+        Command::Keys(KeysCommand::RotateMaster { state }) => rotate_master(&state),
     };
     match result {
         Ok(code) => code,
@@ -432,11 +439,12 @@ fn dump(data_dir: &Path, after: u64, quarantine: bool) -> Result<ExitCode> {
 
 /// Opens the state store and the authorization server, loading (or creating) the master key.
 fn open_auth(data_dir: &Path, master_key_file: Option<&Path>, config: AuthConfig) -> Result<Auth> {
-    let (master, source) = MasterKey::load(
+    let (keys, source) = KeyRing::load(
         std::env::var(MASTER_KEY_ENV).ok(),
         master_key_file,
         data_dir,
     )?;
+    let current = keys.current();
     match &source {
         KeySource::Created(path) => tracing::warn!(
             path = %path.display(),
@@ -444,15 +452,15 @@ fn open_auth(data_dir: &Path, master_key_file: Option<&Path>, config: AuthConfig
              production set HANDOFF_MASTER_KEY or --master-key-file (see docs/security.md)"
         ),
         KeySource::File(path) => {
-            tracing::info!(path = %path.display(), key = master.id(), "master key loaded")
+            tracing::info!(path = %path.display(), key = current.id(), "master key loaded")
         }
         KeySource::Env => tracing::info!(
-            key = master.id(),
+            key = current.id(),
             "master key loaded from HANDOFF_MASTER_KEY"
         ),
     }
     let state = Arc::new(StateStore::open(data_dir)?);
-    Ok(Auth::open(state, master, config)?)
+    Ok(Auth::open(state, keys, config)?)
 }
 
 /// The authorization server for CLI commands, which issue no tokens (no issuer needed).
@@ -520,6 +528,31 @@ fn clients(cmd: ClientsCommand) -> Result<ExitCode> {
             }
         }
     }
+}
+
+fn rotate_master(args: &StateArgs) -> Result<ExitCode> {
+    let auth = cli_auth(args)?;
+    let Some(file) = auth.keys().file().map(Path::to_owned) else {
+        anyhow::bail!(
+            "the master key comes from HANDOFF_MASTER_KEY, which this command cannot change. Put a new \
+             key first (HANDOFF_MASTER_KEY=new,old), restart, run this with a key file, or keep the \
+             keys in a file (--master-key-file) to rotate without a restart"
+        );
+    };
+    let r = handoff_server::keys::rotate_master(&file, auth.state())?;
+    auth.state().audit(
+        handoff_server::oauth::now_secs() * 1000,
+        "cli",
+        "master_key.rotated",
+        &json!({ "from": r.from, "to": r.to, "rewrapped": r.rewrapped }).to_string(),
+    )?;
+    println!(
+        "master key rotated to {} in {}; {} secret(s) re-wrapped. Keep a copy of the new key somewhere safe.",
+        r.to,
+        file.display(),
+        r.rewrapped
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn rotate_signing(args: &StateArgs) -> Result<ExitCode> {

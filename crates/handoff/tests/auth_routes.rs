@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use handoff_core::auth::Scopes;
-use handoff_server::keys::MasterKey;
+use handoff_server::keys::{KeyRing, MasterKey};
 use handoff_server::oauth::{Auth, AuthConfig, now_secs};
 use handoff_store::state::StateStore;
 
@@ -143,12 +143,8 @@ async fn every_protected_route_refuses_every_bad_token() {
         audience: gw.url.clone(),
         token_ttl: std::time::Duration::from_secs(300),
     };
-    let minter = Auth::open(
-        state.clone(),
-        MasterKey::from_base64(&master.to_base64()).unwrap(),
-        config.clone(),
-    )
-    .unwrap();
+    let ring = || KeyRing::from_keys(vec![master.clone()]);
+    let minter = Auth::open(state.clone(), ring(), config.clone()).unwrap();
     let record = state.client(&all.0).unwrap().unwrap();
     let every = Scopes::parse(&record.scopes).unwrap();
     let now = now_secs();
@@ -162,7 +158,7 @@ async fn every_protected_route_refuses_every_bad_token() {
         .0;
     let other_issuer = Auth::open(
         state.clone(),
-        master,
+        ring(),
         AuthConfig {
             issuer: "https://evil.example".into(),
             ..config
@@ -177,7 +173,7 @@ async fn every_protected_route_refuses_every_bad_token() {
     let elsewhere = tempfile::tempdir().unwrap();
     let (foreign_auth, _) = {
         let st = Arc::new(StateStore::open(elsewhere.path()).unwrap());
-        let (mk, _) = MasterKey::load(None, None, elsewhere.path()).unwrap();
+        let (mk, _) = KeyRing::load(None, None, elsewhere.path()).unwrap();
         (
             Auth::open(
                 st.clone(),
@@ -556,4 +552,73 @@ async fn secrets_never_reach_the_log() {
     ] {
         assert!(!text.contains(secret), "the {what} appears in the log");
     }
+}
+
+#[tokio::test]
+async fn master_and_signing_keys_rotate_while_the_gateway_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let gw = Gateway::start(&data, &[], &[]);
+    let admin = create_client(&data, "admin:read admin:write");
+    let before = token(&gw, &admin, None).await;
+    let old_master = std::fs::read_to_string(data.join("master.key")).unwrap();
+
+    let out = Command::new(BIN)
+        .args(["keys", "rotate-master", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_master = std::fs::read_to_string(data.join("master.key")).unwrap();
+    assert_ne!(old_master.trim(), new_master.trim());
+    assert_eq!(
+        new_master.trim().lines().count(),
+        1,
+        "the old key is gone from the file"
+    );
+
+    // The running gateway seals a new signing key (under the new master key, which it re-reads)
+    // and signs with it; the token from before both rotations still works.
+    let rotate = Route {
+        method: "POST",
+        path: "/admin/v1/keys/rotate-signing".into(),
+        body: None,
+        scope: "admin:write",
+        ok: StatusCode::OK,
+    };
+    let (status, body) = call(&gw, &rotate, Some(&before)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let after = token(&gw, &admin, None).await;
+    let list = Route {
+        method: "GET",
+        path: "/admin/v1/clients".into(),
+        body: None,
+        scope: "admin:read",
+        ok: StatusCode::OK,
+    };
+    for t in [&before, &after] {
+        assert_eq!(call(&gw, &list, Some(t)).await.0, StatusCode::OK);
+    }
+
+    // Every secret is now under the new key; the old key opens none of them.
+    let state = StateStore::open(&data).unwrap();
+    let new_ring = KeyRing::from_keys(vec![MasterKey::from_base64(&new_master).unwrap()]);
+    let old_ring = KeyRing::from_keys(vec![MasterKey::from_base64(&old_master).unwrap()]);
+    let secrets = state.secrets().unwrap();
+    assert!(secrets.len() >= 2);
+    for s in &secrets {
+        assert!(new_ring.open(s).is_ok(), "{}", s.name);
+        assert_eq!(old_ring.open(s).unwrap_err().code(), "keys.master.wrong");
+    }
+
+    // A restart with the new key serves the same tokens.
+    gw.signal("TERM");
+    assert!(gw.wait().success());
+    let gw = Gateway::start(&data, &[], &[]);
+    let (status, _) = call(&gw, &list, Some(&token(&gw, &admin, None).await)).await;
+    assert_eq!(status, StatusCode::OK);
 }
