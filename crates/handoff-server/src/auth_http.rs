@@ -48,6 +48,7 @@ struct OAuthError {
     error: &'static str,
     description: String,
     basic_challenge: bool,
+    retry_after: Option<u64>,
 }
 
 impl OAuthError {
@@ -57,6 +58,21 @@ impl OAuthError {
             error,
             description: description.into(),
             basic_challenge: false,
+            retry_after: None,
+        }
+    }
+
+    /// 429: RFC 6749 has no code for it; `temporarily_unavailable` is the closest, and
+    /// `Retry-After` says when to come back.
+    fn rate_limited(wait: std::time::Duration) -> Self {
+        let secs = crate::limits::retry_after_secs(wait);
+        Self {
+            retry_after: Some(secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "temporarily_unavailable",
+                format!("too many requests; retry in {secs} s"),
+            )
         }
     }
 
@@ -80,6 +96,10 @@ impl IntoResponse for OAuthError {
             Json(json!({"error": self.error, "error_description": self.description})),
         )
             .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.basic_challenge {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -170,6 +190,14 @@ fn client_credentials(
     }
 }
 
+/// The limit on all OAuth endpoints together, checked before any work.
+fn oauth_limit(state: &AppState) -> Result<(), OAuthError> {
+    state.limits.oauth().map_err(|wait| {
+        state.metrics.auth_failure("oauth.rate_limited");
+        OAuthError::rate_limited(wait)
+    })
+}
+
 /// Authenticates the client of an OAuth request (argon2 runs off the async threads).
 async fn authenticate(
     state: &Arc<AppState>,
@@ -177,6 +205,12 @@ async fn authenticate(
     form: &[(String, String)],
 ) -> Result<ClientRecord, OAuthError> {
     let (id, secret, basic) = client_credentials(headers, form)?;
+    // Only ids that exist are tracked, so guessing ids cannot grow the limiter's table.
+    let known = state.auth.state().client(&id).ok().flatten().is_some();
+    if known && let Err(wait) = state.limits.client_auth(&id) {
+        state.metrics.auth_failure("oauth.rate_limited");
+        return Err(OAuthError::rate_limited(wait));
+    }
     let auth = state.auth.clone();
     let found = tokio::task::spawn_blocking(move || auth.authenticate_client(&id, &secret))
         .await
@@ -209,6 +243,7 @@ async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
+    oauth_limit(&state)?;
     let form = form(&body)?;
     let client = authenticate(&state, &headers, &form).await?;
     match param(&form, "grant_type")? {
@@ -292,6 +327,7 @@ async fn revoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
+    oauth_limit(&state)?;
     let form = form(&body)?;
     let client = authenticate(&state, &headers, &form).await?;
     let token = param(&form, "token")?.ok_or_else(|| {
@@ -329,6 +365,7 @@ async fn introspect(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
+    oauth_limit(&state)?;
     let form = form(&body)?;
     authenticate(&state, &headers, &form).await?;
     let token = param(&form, "token")?.ok_or_else(|| {
@@ -386,7 +423,7 @@ pub fn require(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<Cl
         Some(token) => state.auth.authorize(token, scope, now_secs()),
         None => Err(TokenRejection::Missing),
     };
-    result.map_err(|rejection| {
+    let claims = result.map_err(|rejection| {
         state.metrics.auth_failure(rejection.code());
         let (status, challenge) = match &rejection {
             TokenRejection::Missing => (
@@ -403,7 +440,14 @@ pub fn require(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<Cl
             ),
         };
         ApiError::new(status, rejection.code(), rejection.to_string()).with_challenge(challenge)
-    })
+    })?;
+    if let Err(wait) = state.limits.admin(&claims.client_id) {
+        state.metrics.auth_failure("auth.rate_limited");
+        return Err(ApiError::rate_limited(crate::limits::retry_after_secs(
+            wait,
+        )));
+    }
+    Ok(claims)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {

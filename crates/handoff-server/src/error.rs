@@ -15,6 +15,8 @@ pub struct ApiError {
     pub extra: Option<serde_json::Value>,
     /// A `WWW-Authenticate` challenge (RFC 6750) for authentication errors.
     pub challenge: Option<String>,
+    /// Seconds for `Retry-After` (rate limits; 503 always says 1).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -25,6 +27,19 @@ impl ApiError {
             message: message.into(),
             extra: None,
             challenge: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429 `auth.rate_limited`, to try again after `secs`.
+    pub fn rate_limited(secs: u64) -> Self {
+        Self {
+            retry_after: Some(secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "auth.rate_limited",
+                format!("too many requests from this client; retry in {secs} s"),
+            )
         }
     }
 
@@ -69,7 +84,10 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, challenge);
         }
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

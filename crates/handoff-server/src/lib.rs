@@ -18,6 +18,7 @@ pub mod auth_http;
 pub mod error;
 pub mod ingest;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod oauth;
 pub mod sources;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub journal: Arc<dyn Journal>,
     /// The authorization server and bearer-token checks.
     pub auth: Arc<oauth::Auth>,
+    /// Rate limits on the authorization server and the admin API.
+    pub limits: limits::Limits,
     pub sources: SourceKeys,
     pub metrics: Metrics,
     /// False once shutdown has begun: `/readyz` then tells load balancers to stop sending.
@@ -46,6 +49,7 @@ impl AppState {
     ) -> Arc<Self> {
         Arc::new(Self {
             auth,
+            limits: limits::Limits::default(),
             metrics: Metrics::new(sources.sources()),
             journal,
             sources,

@@ -622,3 +622,61 @@ async fn master_and_signing_keys_rotate_while_the_gateway_runs() {
     let (status, _) = call(&gw, &list, Some(&token(&gw, &admin, None).await)).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn guessing_a_clients_secret_is_rate_limited_for_that_client_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let gw = Gateway::start(&data, &[], &[]);
+    let victim = create_client(&data, "admin:read");
+    let bystander = create_client(&data, "admin:read");
+    let attempt = |secret: String, id: String| {
+        let url = format!("{}/oauth/token", gw.url);
+        async move {
+            client()
+                .post(url)
+                .basic_auth(id, Some(secret))
+                .form(&[("grant_type", "client_credentials")])
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut limited = None;
+    for i in 0..60 {
+        let resp = attempt(format!("guess-{i}"), victim.0.clone()).await;
+        match resp.status() {
+            StatusCode::UNAUTHORIZED => continue,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited = Some((i, resp));
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let (after, resp) = limited.expect("guessing is cut off");
+    assert!(
+        after >= 20,
+        "the first attempts are only refused, not limited ({after})"
+    );
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable");
+    // Another client is not held back by someone guessing at the victim.
+    assert_eq!(
+        attempt(bystander.1.clone(), bystander.0.clone())
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    assert!(
+        gw.metrics()
+            .await
+            .contains("handoff_auth_failures_total{code=\"oauth.rate_limited\"}")
+    );
+}
