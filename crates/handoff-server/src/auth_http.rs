@@ -410,6 +410,27 @@ async fn jwks(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> 
 
 // ---------------------------------------------------------------- bearer tokens
 
+/// The API error for a refused bearer token, counted in the metrics: 401 with an RFC 6750
+/// challenge, or 403 when only the scope is missing.
+pub fn rejected(state: &AppState, rejection: TokenRejection) -> ApiError {
+    state.metrics.auth_failure(rejection.code());
+    let (status, challenge) = match &rejection {
+        TokenRejection::Missing => (
+            StatusCode::UNAUTHORIZED,
+            "Bearer realm=\"handoff\"".to_owned(),
+        ),
+        TokenRejection::Scope(s) => (
+            StatusCode::FORBIDDEN,
+            format!("Bearer realm=\"handoff\", error=\"insufficient_scope\", scope=\"{s}\""),
+        ),
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            "Bearer realm=\"handoff\", error=\"invalid_token\"".to_owned(),
+        ),
+    };
+    ApiError::new(status, rejection.code(), rejection.to_string()).with_challenge(challenge)
+}
+
 /// Checks the request's bearer token for `scope`: 401 (with an RFC 6750 challenge) when there
 /// is no valid token, 403 when it lacks the scope.
 pub fn require(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<Claims, ApiError> {
@@ -423,24 +444,7 @@ pub fn require(state: &AppState, headers: &HeaderMap, scope: Scope) -> Result<Cl
         Some(token) => state.auth.authorize(token, scope, now_secs()),
         None => Err(TokenRejection::Missing),
     };
-    let claims = result.map_err(|rejection| {
-        state.metrics.auth_failure(rejection.code());
-        let (status, challenge) = match &rejection {
-            TokenRejection::Missing => (
-                StatusCode::UNAUTHORIZED,
-                "Bearer realm=\"handoff\"".to_owned(),
-            ),
-            TokenRejection::Scope(s) => (
-                StatusCode::FORBIDDEN,
-                format!("Bearer realm=\"handoff\", error=\"insufficient_scope\", scope=\"{s}\""),
-            ),
-            _ => (
-                StatusCode::UNAUTHORIZED,
-                "Bearer realm=\"handoff\", error=\"invalid_token\"".to_owned(),
-            ),
-        };
-        ApiError::new(status, rejection.code(), rejection.to_string()).with_challenge(challenge)
-    })?;
+    let claims = result.map_err(|rejection| rejected(state, rejection))?;
     if let Err(wait) = state.limits.admin(&claims.client_id) {
         state.metrics.auth_failure("auth.rate_limited");
         return Err(ApiError::rate_limited(crate::limits::retry_after_secs(
@@ -471,7 +475,7 @@ async fn list_clients(
         .map(|c| {
             json!({
                 "client_id": c.id, "name": c.name, "scopes": c.scopes.split_whitespace().collect::<Vec<_>>(),
-                "created_at_ms": c.created_at_ms, "revoked_at_ms": c.revoked_at_ms,
+                "source": c.source, "created_at_ms": c.created_at_ms, "revoked_at_ms": c.revoked_at_ms,
             })
         })
         .collect();
@@ -486,6 +490,9 @@ struct CreateClient {
     scopes: Option<String>,
     #[serde(default)]
     role: Option<String>,
+    /// For `events:write` clients: the source their events are sent as.
+    #[serde(default)]
+    source: Option<String>,
 }
 
 /// The scopes for a new client from `--scopes "a b"` and/or `--role NAME`.
@@ -532,11 +539,17 @@ async fn create_client(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "client.scopes.invalid", e))?;
     let auth = state.auth.clone();
     let actor = format!("client:{}", claims.client_id);
-    let created =
-        tokio::task::spawn_blocking(move || auth.create_client(&req.name, &scopes, &actor))
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+    let created = tokio::task::spawn_blocking(move || {
+        auth.create_client(&req.name, &scopes, req.source.as_deref(), &actor)
+    })
+    .await
+    .map_err(unavailable)?
+    .map_err(|e| match e {
+        crate::oauth::AuthError::Invalid(why) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "client.invalid", why)
+        }
+        other => unavailable(other),
+    })?;
     Ok((
         StatusCode::CREATED,
         [(header::CACHE_CONTROL, "no-store")],

@@ -21,6 +21,7 @@ use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
 use handoff_core::SourceId;
+use handoff_core::auth::Scope;
 use handoff_core::ids::MessageKind;
 use handoff_core::ingest::{self, Endpoint, Parsed, RequestError};
 use handoff_core::time_fmt::unix_millis;
@@ -106,10 +107,10 @@ async fn ingest(
     body: Body,
 ) -> Result<Response, ApiError> {
     let limit = endpoint.body_limit();
-    let header_key = basic_auth_user(headers)?;
-    // Refuse unknown credentials before reading the body, when the header carries them.
-    let header_source = match &header_key {
-        Some(key) => Some(lookup(state, key)?),
+    // Refuse bad credentials before reading the body, when the header carries them.
+    let header_source = match credential(headers)? {
+        Some(Credential::WriteKey(key)) => Some(lookup(state, &key)?),
+        Some(Credential::Bearer(token)) => Some(token_source(state, &token)?),
         None => None,
     };
 
@@ -245,6 +246,49 @@ fn lookup(state: &AppState, key: &str) -> Result<SourceId, ApiError> {
     })
 }
 
+/// The source an `events:write` access token sends events as (its client's source, a signed
+/// claim of the token); the source must be one this gateway serves.
+fn token_source(state: &AppState, token: &str) -> Result<SourceId, ApiError> {
+    let claims = state
+        .auth
+        .authorize(token, Scope::EventsWrite, crate::oauth::now_secs())
+        .map_err(|r| crate::auth_http::rejected(state, r))?;
+    let source = claims
+        .source
+        .as_deref()
+        .and_then(|s| SourceId::parse(s).ok())
+        .filter(|s| state.sources.contains(s));
+    source.ok_or_else(|| {
+        state.metrics.auth_failure("auth.token.source_unknown");
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "auth.token.source_unknown",
+            "the token's client is not bound to a source this gateway serves",
+        )
+    })
+}
+
+enum Credential {
+    /// `Authorization: Basic base64(writeKey:)`.
+    WriteKey(String),
+    /// `Authorization: Bearer <access token with events:write>`.
+    Bearer(String),
+}
+
+/// The credential in the Authorization header, if there is one.
+fn credential(headers: &HeaderMap) -> Result<Option<Credential>, ApiError> {
+    if let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+    {
+        return Ok(Some(Credential::Bearer(token.to_owned())));
+    }
+    Ok(basic_auth_user(headers)?.map(Credential::WriteKey))
+}
+
 /// The write key from `Authorization: Basic base64(writeKey:)`, if the header is there.
 fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
@@ -254,7 +298,7 @@ fn basic_auth_user(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "auth.header.malformed",
-            "the Authorization header must be \"Basic \" followed by base64 of \"<writeKey>:\"",
+            "the Authorization header must be \"Basic \" followed by base64 of \"<writeKey>:\", or \"Bearer <access token>\"",
         )
     };
     let value = value.to_str().map_err(|_| malformed())?;

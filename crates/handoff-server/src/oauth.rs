@@ -36,6 +36,9 @@ pub struct Claims {
     pub jti: String,
     pub scope: String,
     pub client_id: String,
+    /// Private claim: the source an `events:write` token sends events as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum AuthError {
     Keys(#[from] KeyError),
     #[error("the signing key could not be used: {0}")]
     Signing(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Why a bearer token was refused. Each is a 401 except `Scope` (403).
@@ -130,6 +135,8 @@ pub struct NewClient {
     pub client_id: String,
     pub client_secret: String,
     pub scopes: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Auth {
@@ -303,6 +310,10 @@ impl Auth {
             jti: random_token(16),
             scope: scopes.to_string(),
             client_id: client.id.clone(),
+            source: client
+                .source
+                .clone()
+                .filter(|_| scopes.contains(Scope::EventsWrite)),
         };
         let signer = self.signer.read().unwrap_or_else(|e| e.into_inner());
         let signer = signer
@@ -384,12 +395,32 @@ impl Auth {
     }
 
     /// Creates a client allowed `scopes`; the secret is returned once and stored as argon2id.
+    /// Creates a client allowed `scopes` (and, for `events:write`, bound to `source`); the
+    /// secret is returned once and stored as argon2id.
     pub fn create_client(
         &self,
         name: &str,
         scopes: &Scopes,
+        source: Option<&str>,
         actor: &str,
     ) -> Result<NewClient, AuthError> {
+        if let Some(source) = source {
+            handoff_core::SourceId::parse(source)
+                .map_err(|why| AuthError::Invalid(format!("source {source:?} {why}")))?;
+        }
+        match (scopes.contains(Scope::EventsWrite), source) {
+            (true, None) => {
+                return Err(AuthError::Invalid(
+                    "an events:write client needs a source (--source ID): its events are sent as that source".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(AuthError::Invalid(
+                    "a source only applies to a client with events:write".into(),
+                ));
+            }
+            _ => {}
+        }
         let client_id = format!("hc_{}", random_token(12));
         let client_secret = random_token(32);
         // argon2id with the crate's defaults (OWASP's 19 MiB, 2 passes) and a random salt.
@@ -403,6 +434,7 @@ impl Auth {
             name: name.to_owned(),
             secret_hash,
             scopes: scopes.to_string(),
+            source: source.map(str::to_owned),
             created_at_ms: now_ms,
             revoked_at_ms: None,
         })?;
@@ -410,12 +442,13 @@ impl Auth {
             now_ms,
             actor,
             "client.created",
-            &serde_json::json!({ "client_id": client_id, "name": name, "scopes": scopes.to_string() }).to_string(),
+            &serde_json::json!({ "client_id": client_id, "name": name, "scopes": scopes.to_string(), "source": source }).to_string(),
         )?;
         Ok(NewClient {
             client_id,
             client_secret,
             scopes: scopes.iter().map(Scope::as_str).collect(),
+            source: source.map(str::to_owned),
         })
     }
 

@@ -36,6 +36,11 @@ impl SourceKeys {
         self.by_digest.get(&write_key_digest(write_key))
     }
 
+    /// `true` if `id` is one of the sources served.
+    pub fn contains(&self, id: &SourceId) -> bool {
+        self.by_digest.values().any(|s| s == id)
+    }
+
     pub fn sources(&self) -> impl Iterator<Item = &SourceId> {
         self.by_digest.values()
     }

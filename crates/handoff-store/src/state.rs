@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS clients (
     name          TEXT NOT NULL,
     secret_hash   TEXT NOT NULL,
     scopes        TEXT NOT NULL,
+    source        TEXT,
     created_at_ms INTEGER NOT NULL,
     revoked_at_ms INTEGER
 );
@@ -56,6 +57,8 @@ pub struct ClientRecord {
     pub secret_hash: String,
     /// Space-separated scopes the client may be granted.
     pub scopes: String,
+    /// The source its `events:write` tokens send events as.
+    pub source: Option<String>,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
 }
@@ -119,16 +122,9 @@ impl StateStore {
 
     pub fn insert_client(&self, c: &ClientRecord) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO clients (id, name, secret_hash, scopes, created_at_ms, revoked_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                c.id,
-                c.name,
-                c.secret_hash,
-                c.scopes,
-                c.created_at_ms,
-                c.revoked_at_ms
-            ],
+            "INSERT INTO clients (id, name, secret_hash, scopes, source, created_at_ms, revoked_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![c.id, c.name, c.secret_hash, c.scopes, c.source, c.created_at_ms, c.revoked_at_ms],
         )?;
         Ok(())
     }
@@ -137,7 +133,7 @@ impl StateStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, name, secret_hash, scopes, created_at_ms, revoked_at_ms FROM clients WHERE id = ?1",
+                "SELECT id, name, secret_hash, scopes, source, created_at_ms, revoked_at_ms FROM clients WHERE id = ?1",
                 [id],
                 client_row,
             )
@@ -147,7 +143,7 @@ impl StateStore {
     pub fn clients(&self) -> Result<Vec<ClientRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, name, secret_hash, scopes, created_at_ms, revoked_at_ms FROM clients ORDER BY created_at_ms, id",
+            "SELECT id, name, secret_hash, scopes, source, created_at_ms, revoked_at_ms FROM clients ORDER BY created_at_ms, id",
         )?;
         let rows = stmt.query_map([], client_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -352,8 +348,9 @@ fn client_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClientRecord> {
         name: r.get(1)?,
         secret_hash: r.get(2)?,
         scopes: r.get(3)?,
-        created_at_ms: r.get(4)?,
-        revoked_at_ms: r.get(5)?,
+        source: r.get(4)?,
+        created_at_ms: r.get(5)?,
+        revoked_at_ms: r.get(6)?,
     })
 }
 
@@ -369,7 +366,8 @@ mod tests {
             id: "c1".into(),
             name: "ci".into(),
             secret_hash: "$argon2id$...".into(),
-            scopes: "admin:read".into(),
+            scopes: "events:write".into(),
+            source: Some("web".into()),
             created_at_ms: 1,
             revoked_at_ms: None,
         };

@@ -91,6 +91,9 @@ enum ClientsCommand {
         /// A role bundling scopes: ingest, viewer, admin, auditor, privacy, vault.
         #[arg(long)]
         role: Option<String>,
+        /// For events:write clients: the source (id from the config) their events are sent as.
+        #[arg(long)]
+        source: Option<String>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         #[command(flatten)]
@@ -482,18 +485,23 @@ fn clients(cmd: ClientsCommand) -> Result<ExitCode> {
             name,
             scopes,
             role,
+            source,
             format,
             state,
         } => {
             let scopes = handoff_server::auth_http::scopes_for(scopes.as_deref(), role.as_deref())
                 .map_err(anyhow::Error::msg)?;
-            let created = cli_auth(&state)?.create_client(&name, &scopes, "cli")?;
+            let created =
+                cli_auth(&state)?.create_client(&name, &scopes, source.as_deref(), "cli")?;
             if format == Format::Json {
                 println!("{}", serde_json::to_string(&created)?);
             } else {
                 println!("client_id:     {}", created.client_id);
                 println!("client_secret: {}", created.client_secret);
                 println!("scopes:        {}", created.scopes.join(" "));
+                if let Some(source) = &created.source {
+                    println!("source:        {source}");
+                }
                 println!("The secret is shown this once and stored only as a hash: keep it now.");
             }
             Ok(ExitCode::SUCCESS)

@@ -18,6 +18,12 @@ use handoff_server::oauth::{Auth, AuthConfig, now_secs};
 use handoff_store::state::StateStore;
 
 fn create_client(data_dir: &std::path::Path, scopes: &str) -> (String, String) {
+    // events:write clients are bound to a source: the embedded default's.
+    let source: &[&str] = if scopes.contains("events:write") {
+        &["--source", "default"]
+    } else {
+        &[]
+    };
     let out = Command::new(BIN)
         .args([
             "clients",
@@ -31,6 +37,7 @@ fn create_client(data_dir: &std::path::Path, scopes: &str) -> (String, String) {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(source)
         .output()
         .unwrap();
     assert!(

@@ -301,7 +301,7 @@ async fn bad_requests_get_clear_errors() {
             ok_track.clone(),
             vec![("authorization", "Bearer abc")],
             StatusCode::UNAUTHORIZED,
-            "auth.header.malformed",
+            "auth.token.malformed",
         ),
         (
             "/v1/track",
@@ -555,4 +555,99 @@ async fn duplicates_skew_and_unknown_fields() {
         metric(&metrics, "handoff_events_duplicate_total{source=\"web\"}"),
         2.0
     );
+}
+
+#[tokio::test]
+async fn ingest_accepts_an_events_write_token_bound_to_a_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path());
+    let create = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN)
+            .args([
+                "clients",
+                "create",
+                "--name",
+                "backend",
+                "--format",
+                "json",
+                "--data-dir",
+            ])
+            .arg(&gw.data_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let token_for = |out: &str| {
+        let c: Value = serde_json::from_str(out).unwrap();
+        let url = format!("{}/oauth/token", gw.url);
+        let (id, secret) = (
+            c["client_id"].as_str().unwrap().to_owned(),
+            c["client_secret"].as_str().unwrap().to_owned(),
+        );
+        async move {
+            let body: Value = client()
+                .post(url)
+                .basic_auth(id, Some(secret))
+                .form(&[("grant_type", "client_credentials")])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    // An events:write client must name its source, and only such a client may.
+    let (ok, _, stderr) = create(&["--role", "ingest"]);
+    assert!(!ok && stderr.contains("needs a source"), "{stderr}");
+    let (ok, _, stderr) = create(&["--role", "viewer", "--source", "web"]);
+    assert!(!ok && stderr.contains("only applies"), "{stderr}");
+
+    let (ok, out, _) = create(&["--role", "ingest", "--source", "server"]);
+    assert!(ok);
+    let ingest_token = token_for(&out).await;
+    let send = |token: String| {
+        let url = format!("{}/v1/track", gw.url);
+        async move {
+            let resp = client()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"userId": "u", "event": "by token"}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = send(ingest_token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let events = dump(&gw.data_dir, &[]);
+    assert_eq!(
+        (events.len(), events[0]["source"].as_str()),
+        (1, Some("server"))
+    );
+
+    // A token without events:write, or bound to a source this gateway does not serve, is refused.
+    let (_, out, _) = create(&["--role", "viewer"]);
+    let (status, body) = send(token_for(&out).await).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::FORBIDDEN, "auth.scope.insufficient")
+    );
+    let (_, out, _) = create(&["--role", "ingest", "--source", "ghost"]);
+    let (status, body) = send(token_for(&out).await).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::FORBIDDEN, "auth.token.source_unknown")
+    );
+    let (status, body) = send("not.a.token".into()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(dump(&gw.data_dir, &[]).len(), 1);
 }
