@@ -58,9 +58,20 @@ def journal(gw, source):
 
 
 def metric(gw, name):
+    """A sample from /metrics, scraped as Prometheus would: with a monitor client's token."""
     import requests
 
-    body = requests.get(gw["url"] + "/metrics", timeout=10).text
+    if "monitor" not in gw:
+        out = subprocess.run(
+            [BIN, "clients", "create", "--name", "prometheus", "--role", "monitor", "--format", "json",
+             "--data-dir", gw["data_dir"]],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        creds = json.loads(out)
+        gw["monitor"] = (creds["client_id"], creds["client_secret"])
+    token = requests.post(gw["url"] + "/oauth/token", auth=gw["monitor"],
+                          data={"grant_type": "client_credentials"}, timeout=10).json()["access_token"]
+    body = requests.get(gw["url"] + "/metrics", headers={"Authorization": "Bearer " + token}, timeout=10).text
     for line in body.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -368,18 +368,75 @@ fn row(name: &str, p: &Phase) {
     );
 }
 
-async fn scrape(addr: &str, metric: &str) -> Result<f64> {
+/// One HTTP/1.1 request on a fresh connection; the response body as text.
+async fn fetch(addr: &str, req: Request<Full<Bytes>>) -> Result<String> {
     let stream = TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let resp = sender
-        .send_request(
-            Request::get("/metrics")
-                .header("host", addr)
-                .body(Full::new(Bytes::new()))?,
-        )
-        .await?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
     let text = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
+    if !status.is_success() {
+        bail!("{status}: {text}");
+    }
+    Ok(text)
+}
+
+/// Reads one metric as Prometheus would: a `monitor` client (made with the CLI) gets a token.
+async fn scrape(handoff: &Path, data_dir: &Path, addr: &str, metric: &str) -> Result<f64> {
+    let out = Command::new(handoff)
+        .args([
+            "clients",
+            "create",
+            "--name",
+            "bench",
+            "--role",
+            "monitor",
+            "--format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "creating a monitor client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let creds: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        creds["client_id"].as_str().unwrap_or_default(),
+        creds["client_secret"].as_str().unwrap_or_default()
+    ));
+    let token: serde_json::Value = serde_json::from_str(
+        &fetch(
+            addr,
+            Request::post("/oauth/token")
+                .header("host", addr)
+                .header("authorization", format!("Basic {basic}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from_static(
+                    b"grant_type=client_credentials",
+                )))?,
+        )
+        .await?,
+    )?;
+    let text = fetch(
+        addr,
+        Request::get("/metrics")
+            .header("host", addr)
+            .header(
+                "authorization",
+                format!(
+                    "Bearer {}",
+                    token["access_token"].as_str().unwrap_or_default()
+                ),
+            )
+            .body(Full::new(Bytes::new()))?,
+    )
+    .await?;
     text.lines()
         .find(|l| l.starts_with(metric))
         .and_then(|l| l.rsplit(' ').next())
@@ -479,7 +536,13 @@ async fn run(
     row("handoff /v1/track at 10,000/s", &ten_k);
     let (_, hwm) = gw.rss_kib();
 
-    let stored = scrape(&gw.url, "handoff_journal_head_sequence").await?;
+    let stored = scrape(
+        &handoff,
+        &tmp.join("data"),
+        &gw.url,
+        "handoff_journal_head_sequence",
+    )
+    .await?;
     let answered: u64 = [&track, &batch, &half_track, &half_batch, &ten_k]
         .iter()
         .map(|p| p.events)

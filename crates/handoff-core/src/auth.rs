@@ -19,16 +19,19 @@ pub enum Scope {
     AuditRead,
     /// Reveal tokenised or vaulted values.
     VaultReveal,
+    /// Scrape `/metrics`.
+    MetricsRead,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 6] = [
+    pub const ALL: [Scope; 7] = [
         Scope::EventsWrite,
         Scope::AdminRead,
         Scope::AdminWrite,
         Scope::DsrWrite,
         Scope::AuditRead,
         Scope::VaultReveal,
+        Scope::MetricsRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Scope {
             Scope::DsrWrite => "dsr:write",
             Scope::AuditRead => "audit:read",
             Scope::VaultReveal => "vault:reveal",
+            Scope::MetricsRead => "metrics:read",
         }
     }
 
@@ -54,7 +58,7 @@ pub struct Scopes(BTreeSet<Scope>);
 /// A scope string naming something that is not a scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown scope {0:?}; known scopes: events:write admin:read admin:write dsr:write audit:read vault:reveal"
+    "unknown scope {0:?}; known scopes: events:write admin:read admin:write dsr:write audit:read vault:reveal metrics:read"
 )]
 pub struct UnknownScope(pub String);
 
@@ -132,16 +136,19 @@ pub enum Role {
     Privacy,
     /// Reveals vaulted values (payment flows): `vault:reveal`.
     Vault,
+    /// Scrapes metrics (Prometheus): `metrics:read`.
+    Monitor,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Ingest,
         Role::Viewer,
         Role::Admin,
         Role::Auditor,
         Role::Privacy,
         Role::Vault,
+        Role::Monitor,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -152,6 +159,7 @@ impl Role {
             Role::Auditor => "auditor",
             Role::Privacy => "privacy",
             Role::Vault => "vault",
+            Role::Monitor => "monitor",
         }
     }
 
@@ -168,6 +176,7 @@ impl Role {
             Role::Auditor => &[AdminRead, AuditRead],
             Role::Privacy => &[DsrWrite, AuditRead],
             Role::Vault => &[VaultReveal],
+            Role::Monitor => &[MetricsRead],
         };
         list.iter().copied().collect()
     }

@@ -158,7 +158,15 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics_text(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    // Metrics name sources and show volumes: a token with metrics:read is needed (Prometheus
+    // fetches one itself with its `oauth2` scrape setting).
+    if let Err(e) = auth_http::require(&state, &headers, handoff_core::auth::Scope::MetricsRead) {
+        return e.into_response();
+    }
     match state.journal.stats().await {
         Ok(stats) => (
             [(

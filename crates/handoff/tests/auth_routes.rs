@@ -135,7 +135,7 @@ async fn every_protected_route_refuses_every_bad_token() {
     let gw = Gateway::start(&data, &[], &[]);
     let all = create_client(
         &data,
-        "admin:read admin:write audit:read dsr:write vault:reveal events:write",
+        "admin:read admin:write audit:read dsr:write vault:reveal events:write metrics:read",
     );
     let narrow = create_client(&data, "events:write");
     let victim = create_client(&data, "admin:read");
@@ -307,6 +307,13 @@ async fn every_protected_route_refuses_every_bad_token() {
             path: "/admin/v1/keys/rotate-signing".into(),
             body: None,
             scope: "admin:write",
+            ok: StatusCode::OK,
+        },
+        Route {
+            method: "GET",
+            path: "/metrics".into(),
+            body: None,
+            scope: "metrics:read",
             ok: StatusCode::OK,
         },
     ];

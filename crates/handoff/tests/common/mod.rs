@@ -15,6 +15,8 @@ pub struct Gateway {
     pub data_dir: PathBuf,
     /// What the gateway printed on standard output up to "listening on".
     pub banner: Vec<String>,
+    /// Credentials of a `monitor` client, made on first use of [`Gateway::metrics`].
+    monitor: std::sync::OnceLock<(String, String)>,
 }
 
 impl Gateway {
@@ -69,6 +71,7 @@ impl Gateway {
                             url,
                             data_dir: data_dir.to_owned(),
                             banner,
+                            monitor: std::sync::OnceLock::new(),
                         };
                     }
                     banner.push(line);
@@ -115,16 +118,53 @@ impl Gateway {
         panic!("handoff did not exit within 30 s");
     }
 
-    /// The gateway's `/metrics` page.
+    /// The gateway's `/metrics` page, read as Prometheus would: with a `monitor` client's token.
     pub async fn metrics(&self) -> String {
-        client()
-            .get(format!("{}/metrics", self.url))
+        let (id, secret) = self.monitor.get_or_init(|| {
+            let out = Command::new(BIN)
+                .args([
+                    "clients",
+                    "create",
+                    "--name",
+                    "prometheus",
+                    "--role",
+                    "monitor",
+                    "--format",
+                    "json",
+                    "--data-dir",
+                ])
+                .arg(&self.data_dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            (
+                v["client_id"].as_str().unwrap().to_owned(),
+                v["client_secret"].as_str().unwrap().to_owned(),
+            )
+        });
+        let token: serde_json::Value = client()
+            .post(format!("{}/oauth/token", self.url))
+            .basic_auth(id, Some(secret))
+            .form(&[("grant_type", "client_credentials")])
             .send()
             .await
             .unwrap()
-            .text()
+            .json()
             .await
-            .unwrap()
+            .unwrap();
+        let resp = client()
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(token["access_token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "/metrics: {}", resp.status());
+        resp.text().await.unwrap()
     }
 }
 
