@@ -38,6 +38,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/admin/v1/clients/{id}", delete(revoke_client))
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/keys/rotate-signing", post(rotate_signing))
+        // Bodies here are small forms and JSON; refuse anything larger before a handler runs.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
 }
 
 // ---------------------------------------------------------------- OAuth endpoints
@@ -211,6 +213,13 @@ async fn authenticate(
         state.metrics.auth_failure("oauth.rate_limited");
         return Err(OAuthError::rate_limited(wait));
     }
+    let _permit = state.auth.argon2_permits.acquire().await.map_err(|_| {
+        OAuthError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "shutting down",
+        )
+    })?;
     let auth = state.auth.clone();
     let found = tokio::task::spawn_blocking(move || auth.authenticate_client(&id, &secret))
         .await
@@ -367,7 +376,9 @@ async fn introspect(
 ) -> Result<Response, OAuthError> {
     oauth_limit(&state)?;
     let form = form(&body)?;
-    authenticate(&state, &headers, &form).await?;
+    let caller = authenticate(&state, &headers, &form).await?;
+    // A client learns about its own tokens only, unless it may read the administration.
+    let sees_all = Scopes::parse(&caller.scopes).is_ok_and(|s| s.contains(Scope::AdminRead));
     let token = param(&form, "token")?.ok_or_else(|| {
         OAuthError::new(
             StatusCode::BAD_REQUEST,
@@ -376,11 +387,11 @@ async fn introspect(
         )
     })?;
     let body = match state.auth.verify(token, now_secs()) {
-        Ok(c) => json!({
+        Ok(c) if sees_all || c.client_id == caller.id => json!({
             "active": true, "scope": c.scope, "client_id": c.client_id, "sub": c.sub, "aud": c.aud,
             "iss": c.iss, "exp": c.exp, "iat": c.iat, "jti": c.jti, "token_type": "Bearer",
         }),
-        Err(_) => json!({"active": false}),
+        _ => json!({"active": false}),
     };
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
 }
@@ -537,6 +548,24 @@ async fn create_client(
     }
     let scopes = scopes_for(req.scopes.as_deref(), req.role.as_deref())
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "client.scopes.invalid", e))?;
+    // Through the API a client can hand out only what it holds itself, plus sending events and
+    // reading metrics; vault:reveal and dsr:write come from a holder of them (or the CLI).
+    let held = Scopes::parse(&claims.scope).unwrap_or_default();
+    let beyond: Vec<&str> = scopes
+        .iter()
+        .filter(|s| !held.contains(*s) && !matches!(s, Scope::EventsWrite | Scope::MetricsRead))
+        .map(Scope::as_str)
+        .collect();
+    if !beyond.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "client.scopes.not_held",
+            format!(
+                "a client cannot grant scopes it does not hold: {}",
+                beyond.join(" ")
+            ),
+        ));
+    }
     let auth = state.auth.clone();
     let actor = format!("client:{}", claims.client_id);
     let created = tokio::task::spawn_blocking(move || {

@@ -226,6 +226,13 @@ pub fn write_key_file(path: &Path, keys: &[&MasterKey]) -> Result<(), KeyError> 
     }
     f.sync_all().map_err(file_error)?;
     std::fs::rename(&tmp, path).map_err(file_error)?;
+    // The rename itself must survive a power cut, or the file could come back holding a key the
+    // database no longer uses.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(file_error)?;
+    }
     Ok(())
 }
 
@@ -358,26 +365,40 @@ pub struct Rotation {
     pub rewrapped: usize,
 }
 
+/// How long `rotate_master` waits before its last check: longer than SQLite's busy timeout (5 s),
+/// so a gateway that read the key file just before it changed and was waiting to store a secret
+/// sealed under the old key has stored it by then.
+pub const ROTATION_GRACE: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// Replaces the master keys in `file` by a new one, re-wrapping every secret's data key under
-/// it, while gateways keep running: the file first lists the new key before the old ones (so a
-/// gateway can open both and seals with the new), then every secret is re-wrapped in one
-/// transaction, then the file keeps the new key alone, and anything sealed under an old key in
-/// the meantime is re-wrapped too.
+/// it, while gateways keep running:
+/// 1. the file lists the new key before the old ones (gateways re-read it: they open with either
+///    and seal with the new one);
+/// 2. every secret is re-wrapped in one transaction (each update conditional on the key it was
+///    read with);
+/// 3. the file keeps the new key alone;
+/// 4. after `grace`, anything sealed under an old key meanwhile is re-wrapped too (this process
+///    still holds the old keys).
+///
+/// An exclusive lock on `<file>.lock` keeps two rotations from interleaving.
 pub fn rotate_master(
     file: &Path,
     state: &handoff_store::state::StateStore,
+    grace: std::time::Duration,
 ) -> Result<Rotation, crate::oauth::AuthError> {
-    let text = std::fs::read_to_string(file).map_err(|error| KeyError::File {
+    let file_error = |error| KeyError::File {
         path: file.display().to_string(),
         error,
-    })?;
+    };
+    let lock = std::fs::File::create(file.with_extension("lock")).map_err(file_error)?;
+    lock.lock().map_err(file_error)?;
+    let text = std::fs::read_to_string(file).map_err(file_error)?;
     let old = parse_ring(&text)?;
     let new = MasterKey::generate();
     let mut both: Vec<&MasterKey> = vec![&new];
     both.extend(old.iter());
     write_key_file(file, &both)?;
-    let mut rewrapped = 0;
-    for _ in 0..2 {
+    let rewrap_all = || -> Result<usize, crate::oauth::AuthError> {
         let mut updates = Vec::new();
         for sealed in state.secrets()? {
             if sealed.master_key_id == new.id() {
@@ -393,9 +414,13 @@ pub fn rotate_master(
                 })?;
             updates.push((sealed.master_key_id.clone(), key.rewrap(&new, &sealed)?));
         }
-        rewrapped += state.replace_wrapped_keys(&updates)?;
-        write_key_file(file, &[&new])?;
-    }
+        Ok(state.replace_wrapped_keys(&updates)?)
+    };
+    let mut rewrapped = rewrap_all()?;
+    write_key_file(file, &[&new])?;
+    std::thread::sleep(grace);
+    rewrapped += rewrap_all()?;
+    drop(lock);
     Ok(Rotation {
         from: old.iter().map(|k| k.id().to_owned()).collect(),
         to: new.id().to_owned(),
@@ -513,7 +538,7 @@ mod tests {
                 .unwrap();
         }
         let file = dir.path().join(DEFAULT_KEY_FILE);
-        let r = rotate_master(&file, &state).unwrap();
+        let r = rotate_master(&file, &state, std::time::Duration::ZERO).unwrap();
         assert_eq!((r.from, r.rewrapped), (vec![old_id], 2));
         for s in state.secrets().unwrap() {
             assert_eq!(s.master_key_id, r.to);

@@ -98,7 +98,8 @@ pub struct AuthConfig {
 struct Verifier {
     /// Public keys by kid.
     keys: HashMap<String, DecodingKey>,
-    revoked_tokens: HashSet<String>,
+    /// Revoked token ids with their expiry (seconds); swept as they expire.
+    revoked_tokens: HashMap<String, i64>,
     revoked_clients: HashSet<String>,
     /// `PRAGMA data_version` when this was loaded: reload when another process changed state.
     version: i64,
@@ -110,6 +111,8 @@ struct Signer {
 }
 
 pub struct Auth {
+    /// Permits for argon2 verifications (see [`ARGON2_CONCURRENCY`]).
+    pub argon2_permits: tokio::sync::Semaphore,
     state: Arc<StateStore>,
     keys: KeyRing,
     config: AuthConfig,
@@ -130,7 +133,7 @@ fn random_token(bytes: usize) -> String {
 }
 
 /// A new client's id and its secret, shown once.
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 pub struct NewClient {
     pub client_id: String,
     pub client_secret: String,
@@ -138,6 +141,22 @@ pub struct NewClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
 }
+
+impl std::fmt::Debug for NewClient {
+    // Written by hand so the secret never reaches a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewClient")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// Argon2id verifications allowed at once (19 MiB and tens of milliseconds each): a burst of
+/// token requests queues instead of taking all memory and both cores.
+pub const ARGON2_CONCURRENCY: usize = 2;
 
 impl Auth {
     /// Opens the authorization server; creates a first signing key if there is none.
@@ -147,12 +166,13 @@ impl Auth {
         config: AuthConfig,
     ) -> Result<Self, AuthError> {
         let auth = Self {
+            argon2_permits: tokio::sync::Semaphore::new(ARGON2_CONCURRENCY),
             state,
             keys,
             config,
             verifier: RwLock::new(Verifier {
                 keys: HashMap::new(),
-                revoked_tokens: HashSet::new(),
+                revoked_tokens: HashMap::new(),
                 revoked_clients: HashSet::new(),
                 version: -1,
             }),
@@ -197,7 +217,9 @@ impl Auth {
             },
             &sealed,
         )?;
-        let keep_for = self.config.token_ttl.as_millis() as i64 + 60_000;
+        // A replaced key must verify for as long as any token it signed can live. The CLI does
+        // not know the gateway's configured lifetime, so always keep it for the longest allowed.
+        let keep_for = handoff_core::config::MAX_TOKEN_TTL_SECS * 1000 + 60_000;
         self.state.prune_signing_keys(now_ms - keep_for)?;
         self.state.audit(
             now_ms,
@@ -205,11 +227,16 @@ impl Auth {
             "signing_key.rotated",
             &serde_json::json!({ "kid": kid }).to_string(),
         )?;
+        // This process's own writes do not change `data_version`: switch the signer now.
+        self.reload()?;
         Ok(kid)
     }
 
-    /// Re-reads keys and revocations from the store.
+    /// Re-reads keys and revocations from the store. The verifier stays write-locked while the
+    /// store is read, so a revocation made meanwhile (which takes the same lock) is either in
+    /// what is read or added after: never overwritten by an older snapshot.
     fn reload(&self) -> Result<(), AuthError> {
+        let mut verifier = self.verifier.write().unwrap_or_else(|e| e.into_inner());
         let version = self.state.data_version()?;
         let records = self.state.signing_keys()?;
         let keys = records
@@ -220,6 +247,7 @@ impl Auth {
             .state
             .revoked_tokens(now_secs() * 1000)?
             .into_iter()
+            .map(|(jti, exp_ms)| (jti, exp_ms / 1000))
             .collect();
         let revoked_clients = self
             .state
@@ -228,12 +256,13 @@ impl Auth {
             .filter(|c| c.revoked_at_ms.is_some())
             .map(|c| c.id)
             .collect();
-        *self.verifier.write().unwrap_or_else(|e| e.into_inner()) = Verifier {
+        *verifier = Verifier {
             keys,
             revoked_tokens,
             revoked_clients,
             version,
         };
+        drop(verifier);
         let newest = records
             .first()
             .ok_or_else(|| AuthError::Signing("no signing key".into()))?;
@@ -358,7 +387,7 @@ impl Auth {
         if claims.exp <= now {
             return Err(TokenRejection::Expired);
         }
-        if verifier.revoked_tokens.contains(&claims.jti)
+        if verifier.revoked_tokens.contains_key(&claims.jti)
             || verifier.revoked_clients.contains(&claims.client_id)
         {
             return Err(TokenRejection::Revoked);
@@ -379,6 +408,8 @@ impl Auth {
 
     /// Revokes one token (everywhere at once: the revocation is checked on every request).
     pub fn revoke_token(&self, claims: &Claims, actor: &str) -> Result<(), AuthError> {
+        // Store and memory change under the verifier's lock (see `reload`).
+        let mut verifier = self.verifier.write().unwrap_or_else(|e| e.into_inner());
         self.state.revoke_token(&claims.jti, claims.exp * 1000)?;
         self.state.audit(
             now_secs() * 1000,
@@ -386,11 +417,11 @@ impl Auth {
             "token.revoked",
             &serde_json::json!({ "jti": claims.jti, "client_id": claims.client_id }).to_string(),
         )?;
-        self.verifier
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        let now = now_secs();
+        verifier.revoked_tokens.retain(|_, exp| *exp > now);
+        verifier
             .revoked_tokens
-            .insert(claims.jti.clone());
+            .insert(claims.jti.clone(), claims.exp);
         Ok(())
     }
 
@@ -454,6 +485,8 @@ impl Auth {
 
     /// Revokes a client: its secret stops working and every token it holds is refused at once.
     pub fn revoke_client(&self, client_id: &str, actor: &str) -> Result<bool, AuthError> {
+        // Store and memory change under the verifier's lock (see `reload`).
+        let mut verifier = self.verifier.write().unwrap_or_else(|e| e.into_inner());
         let now_ms = now_secs() * 1000;
         let revoked = self.state.revoke_client(client_id, now_ms)?;
         if revoked {
@@ -463,11 +496,7 @@ impl Auth {
                 "client.revoked",
                 &serde_json::json!({ "client_id": client_id }).to_string(),
             )?;
-            self.verifier
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .revoked_clients
-                .insert(client_id.to_owned());
+            verifier.revoked_clients.insert(client_id.to_owned());
         }
         Ok(revoked)
     }

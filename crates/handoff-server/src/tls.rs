@@ -84,6 +84,8 @@ pub fn watch(settings: TlsSettings, live: RustlsConfig) -> tokio::task::JoinHand
                     tracing::info!(cert = %settings.cert_file.display(), "TLS certificate reloaded");
                 }
                 Err(e) => {
+                    // Once per change: the next change to the files is tried again.
+                    seen = now;
                     tracing::warn!(error = %e, "TLS files changed but do not load; keeping the current certificate")
                 }
             }

@@ -290,23 +290,33 @@ impl StateStore {
         Ok(doomed.len())
     }
 
+    /// Records a revoked token id until it expires (expired ones are refused anyway and are
+    /// removed here).
     pub fn revoke_token(&self, jti: &str, expires_at_ms: i64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at_ms) VALUES (?1, ?2)",
-            params![jti, expires_at_ms],
-        )?;
-        Ok(())
-    }
-
-    /// Revoked token ids that have not expired yet (expired ones are refused anyway, and pruned).
-    pub fn revoked_tokens(&self, now_ms: i64) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
-        conn.execute(
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "DELETE FROM revoked_tokens WHERE expires_at_ms < ?1",
             [now_ms],
         )?;
-        let mut stmt = conn.prepare("SELECT jti FROM revoked_tokens")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at_ms) VALUES (?1, ?2)",
+            params![jti, expires_at_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Revoked token ids (with their expiry, ms) that have not expired yet. Read-only.
+    pub fn revoked_tokens(&self, now_ms: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT jti, expires_at_ms FROM revoked_tokens WHERE expires_at_ms >= ?1")?;
+        let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -408,9 +418,17 @@ mod tests {
         assert_eq!(kids, ["k3", "k2"]);
         assert!(s.secret("signing/k1").unwrap().is_none());
 
-        s.revoke_token("t1", 1000).unwrap();
-        s.revoke_token("t0", 10).unwrap();
-        assert_eq!(s.revoked_tokens(500).unwrap(), ["t1"]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        s.revoke_token("t1", now + 60_000).unwrap();
+        s.revoke_token("t0", now - 10).unwrap();
+        // The expired one is never listed, and is swept by the next revocation.
+        assert_eq!(
+            s.revoked_tokens(now).unwrap(),
+            [("t1".to_string(), now + 60_000)]
+        );
 
         s.audit(7, "client:c1", "client.created", "{}").unwrap();
         assert_eq!(s.audit_log(0, 10).unwrap()[0].action, "client.created");

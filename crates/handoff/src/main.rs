@@ -547,7 +547,11 @@ fn rotate_master(args: &StateArgs) -> Result<ExitCode> {
              keys in a file (--master-key-file) to rotate without a restart"
         );
     };
-    let r = handoff_server::keys::rotate_master(&file, auth.state())?;
+    let r = handoff_server::keys::rotate_master(
+        &file,
+        auth.state(),
+        handoff_server::keys::ROTATION_GRACE,
+    )?;
     auth.state().audit(
         handoff_server::oauth::now_secs() * 1000,
         "cli",

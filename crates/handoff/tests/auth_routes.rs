@@ -284,7 +284,7 @@ async fn every_protected_route_refuses_every_bad_token() {
         Route {
             method: "POST",
             path: "/admin/v1/clients".into(),
-            body: Some(json!({"name": "made by test", "role": "viewer"})),
+            body: Some(json!({"name": "made by test", "role": "monitor"})),
             scope: "admin:write",
             ok: StatusCode::CREATED,
         },
@@ -607,6 +607,12 @@ async fn master_and_signing_keys_rotate_while_the_gateway_runs() {
     let (status, body) = call(&gw, &rotate, Some(&before)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let after = token(&gw, &admin, None).await;
+    // The very next token is signed with the new key (no reload from elsewhere needed).
+    let header: Value = serde_json::from_slice(&unb64(after.split('.').next().unwrap())).unwrap();
+    assert_eq!(
+        header["kid"], body["kid"],
+        "the gateway switched to the key it just made"
+    );
     let list = Route {
         method: "GET",
         path: "/admin/v1/clients".into(),
@@ -693,4 +699,69 @@ async fn guessing_a_clients_secret_is_rate_limited_for_that_client_only() {
             .await
             .contains("handoff_auth_failures_total{code=\"oauth.rate_limited\"}")
     );
+}
+
+#[tokio::test]
+async fn introspection_and_grants_follow_least_privilege() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let gw = Gateway::start(&data, &[], &[]);
+    let admin = create_client(&data, "admin:read admin:write");
+    let ingest = create_client(&data, "events:write");
+    let admin_token = token(&gw, &admin, None).await;
+    let ingest_token = token(&gw, &ingest, None).await;
+    let introspect = |(id, secret): (String, String), t: String| {
+        let url = format!("{}/oauth/introspect", gw.url);
+        async move {
+            let body: Value = client()
+                .post(url)
+                .basic_auth(id, Some(secret))
+                .form(&[("token", t)])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["active"].as_bool().unwrap()
+        }
+    };
+    // A client without admin:read learns about its own tokens only.
+    assert!(introspect(ingest.clone(), ingest_token.clone()).await);
+    assert!(!introspect(ingest.clone(), admin_token.clone()).await);
+    assert!(introspect(admin.clone(), ingest_token.clone()).await);
+
+    // Through the API, a client grants only what it holds (plus events:write and metrics:read).
+    let create = |body: Value| {
+        let (url, t) = (format!("{}/admin/v1/clients", gw.url), admin_token.clone());
+        async move {
+            let resp = client()
+                .post(url)
+                .bearer_auth(t)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = create(json!({"name": "vault", "role": "vault"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("client.scopes.not_held"))
+    );
+    let (status, _) = create(json!({"name": "auditor", "scopes": "audit:read"})).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "audit:read is not held by this admin token"
+    );
+    let (status, body) =
+        create(json!({"name": "shop", "role": "ingest", "source": "default"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["source"], "default");
+    let (status, body) = create(json!({"name": "ro", "scopes": "admin:read metrics:read"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(format!("{body}").contains("client_secret"));
 }
