@@ -200,6 +200,19 @@ fn oauth_limit(state: &AppState) -> Result<(), OAuthError> {
     })
 }
 
+/// What every OAuth endpoint does first: the endpoints' rate limit, then the form, then the
+/// client's credentials.
+async fn oauth_request(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Vec<(String, String)>, ClientRecord), OAuthError> {
+    oauth_limit(state)?;
+    let form = form(body)?;
+    let client = authenticate(state, headers, &form).await?;
+    Ok((form, client))
+}
+
 /// Authenticates the client of an OAuth request (argon2 runs off the async threads).
 async fn authenticate(
     state: &Arc<AppState>,
@@ -252,9 +265,7 @@ async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    oauth_limit(&state)?;
-    let form = form(&body)?;
-    let client = authenticate(&state, &headers, &form).await?;
+    let (form, client) = oauth_request(&state, &headers, &body).await?;
     match param(&form, "grant_type")? {
         Some("client_credentials") => {}
         Some(other) => {
@@ -336,9 +347,7 @@ async fn revoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    oauth_limit(&state)?;
-    let form = form(&body)?;
-    let client = authenticate(&state, &headers, &form).await?;
+    let (form, client) = oauth_request(&state, &headers, &body).await?;
     let token = param(&form, "token")?.ok_or_else(|| {
         OAuthError::new(
             StatusCode::BAD_REQUEST,
@@ -374,9 +383,7 @@ async fn introspect(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
-    oauth_limit(&state)?;
-    let form = form(&body)?;
-    let caller = authenticate(&state, &headers, &form).await?;
+    let (form, caller) = oauth_request(&state, &headers, &body).await?;
     // A client learns about its own tokens only, unless it may read the administration.
     let sees_all = Scopes::parse(&caller.scopes).is_ok_and(|s| s.contains(Scope::AdminRead));
     let token = param(&form, "token")?.ok_or_else(|| {

@@ -19,54 +19,15 @@ use handoff_store::state::StateStore;
 
 fn create_client(data_dir: &std::path::Path, scopes: &str) -> (String, String) {
     // events:write clients are bound to a source: the embedded default's.
-    let source: &[&str] = if scopes.contains("events:write") {
-        &["--source", "default"]
-    } else {
-        &[]
-    };
-    let out = Command::new(BIN)
-        .args([
-            "clients",
-            "create",
-            "--name",
-            "test",
-            "--scopes",
-            scopes,
-            "--format",
-            "json",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(source)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    (
-        v["client_id"].as_str().unwrap().into(),
-        v["client_secret"].as_str().unwrap().into(),
-    )
+    let mut args = vec!["--name", "test", "--scopes", scopes];
+    if scopes.contains("events:write") {
+        args.extend(["--source", "default"]);
+    }
+    common::create_client(data_dir, &args).unwrap()
 }
 
-async fn token(gw: &Gateway, (id, secret): &(String, String), scope: Option<&str>) -> String {
-    let mut form = vec![("grant_type", "client_credentials")];
-    if let Some(scope) = scope {
-        form.push(("scope", scope));
-    }
-    let resp = client()
-        .post(format!("{}/oauth/token", gw.url))
-        .basic_auth(id, Some(secret))
-        .form(&form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_owned()
+async fn token(gw: &Gateway, creds: &(String, String), scope: Option<&str>) -> String {
+    common::fetch_token(&gw.url, creds, scope).await
 }
 
 fn b64(data: &[u8]) -> String {

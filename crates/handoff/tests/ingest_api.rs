@@ -562,56 +562,22 @@ async fn ingest_accepts_an_events_write_token_bound_to_a_source() {
     let tmp = tempfile::tempdir().unwrap();
     let gw = start(tmp.path());
     let create = |args: &[&str]| {
-        let out = std::process::Command::new(common::BIN)
-            .args([
-                "clients",
-                "create",
-                "--name",
-                "backend",
-                "--format",
-                "json",
-                "--data-dir",
-            ])
-            .arg(&gw.data_dir)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let mut all = vec!["--name", "backend"];
+        all.extend(args);
+        common::create_client(&gw.data_dir, &all)
     };
-    let token_for = |out: &str| {
-        let c: Value = serde_json::from_str(out).unwrap();
-        let url = format!("{}/oauth/token", gw.url);
-        let (id, secret) = (
-            c["client_id"].as_str().unwrap().to_owned(),
-            c["client_secret"].as_str().unwrap().to_owned(),
-        );
-        async move {
-            let body: Value = client()
-                .post(url)
-                .basic_auth(id, Some(secret))
-                .form(&[("grant_type", "client_credentials")])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            body["access_token"].as_str().unwrap().to_owned()
-        }
+    let token_for = |creds: (String, String)| {
+        let url = gw.url.clone();
+        async move { common::fetch_token(&url, &creds, None).await }
     };
     // An events:write client must name its source, and only such a client may.
-    let (ok, _, stderr) = create(&["--role", "ingest"]);
-    assert!(!ok && stderr.contains("needs a source"), "{stderr}");
-    let (ok, _, stderr) = create(&["--role", "viewer", "--source", "web"]);
-    assert!(!ok && stderr.contains("only applies"), "{stderr}");
+    let refused = create(&["--role", "ingest"]).unwrap_err();
+    assert!(refused.contains("needs a source"), "{refused}");
+    let refused = create(&["--role", "viewer", "--source", "web"]).unwrap_err();
+    assert!(refused.contains("only applies"), "{refused}");
 
-    let (ok, out, _) = create(&["--role", "ingest", "--source", "server"]);
-    assert!(ok);
-    let ingest_token = token_for(&out).await;
+    let ingest_token =
+        token_for(create(&["--role", "ingest", "--source", "server"]).unwrap()).await;
     let send = |token: String| {
         let url = format!("{}/v1/track", gw.url);
         async move {
@@ -635,14 +601,14 @@ async fn ingest_accepts_an_events_write_token_bound_to_a_source() {
     );
 
     // A token without events:write, or bound to a source this gateway does not serve, is refused.
-    let (_, out, _) = create(&["--role", "viewer"]);
-    let (status, body) = send(token_for(&out).await).await;
+    let viewer = create(&["--role", "viewer"]).unwrap();
+    let (status, body) = send(token_for(viewer).await).await;
     assert_eq!(
         (status, error_code(&body)),
         (StatusCode::FORBIDDEN, "auth.scope.insufficient")
     );
-    let (_, out, _) = create(&["--role", "ingest", "--source", "ghost"]);
-    let (status, body) = send(token_for(&out).await).await;
+    let ghost = create(&["--role", "ingest", "--source", "ghost"]).unwrap();
+    let (status, body) = send(token_for(ghost).await).await;
     assert_eq!(
         (status, error_code(&body)),
         (StatusCode::FORBIDDEN, "auth.token.source_unknown")

@@ -120,46 +120,17 @@ impl Gateway {
 
     /// The gateway's `/metrics` page, read as Prometheus would: with a `monitor` client's token.
     pub async fn metrics(&self) -> String {
-        let (id, secret) = self.monitor.get_or_init(|| {
-            let out = Command::new(BIN)
-                .args([
-                    "clients",
-                    "create",
-                    "--name",
-                    "prometheus",
-                    "--role",
-                    "monitor",
-                    "--format",
-                    "json",
-                    "--data-dir",
-                ])
-                .arg(&self.data_dir)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            (
-                v["client_id"].as_str().unwrap().to_owned(),
-                v["client_secret"].as_str().unwrap().to_owned(),
+        let monitor = self.monitor.get_or_init(|| {
+            create_client(
+                &self.data_dir,
+                &["--name", "prometheus", "--role", "monitor"],
             )
-        });
-        let token: serde_json::Value = client()
-            .post(format!("{}/oauth/token", self.url))
-            .basic_auth(id, Some(secret))
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
             .unwrap()
-            .json()
-            .await
-            .unwrap();
+        });
+        let token = fetch_token(&self.url, monitor, None).await;
         let resp = client()
             .get(format!("{}/metrics", self.url))
-            .bearer_auth(token["access_token"].as_str().unwrap())
+            .bearer_auth(token)
             .send()
             .await
             .unwrap();
@@ -205,6 +176,51 @@ pub fn dump(data_dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("each dump line is JSON"))
         .collect()
+}
+
+/// `handoff clients create ARGS… --format json --data-dir DIR`: the new client's id and secret,
+/// or what the command said on standard error when it refused.
+pub fn create_client(data_dir: &Path, args: &[&str]) -> Result<(String, String), String> {
+    let out = Command::new(BIN)
+        .args(["clients", "create", "--format", "json", "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    Ok((
+        v["client_id"].as_str().unwrap().to_owned(),
+        v["client_secret"].as_str().unwrap().to_owned(),
+    ))
+}
+
+/// An access token by client credentials (`client_secret_basic`) from the gateway at `url`.
+pub async fn fetch_token(
+    url: &str,
+    (id, secret): &(String, String),
+    scope: Option<&str>,
+) -> String {
+    let mut form = vec![("grant_type", "client_credentials")];
+    if let Some(scope) = scope {
+        form.push(("scope", scope));
+    }
+    let resp = client()
+        .post(format!("{url}/oauth/token"))
+        .basic_auth(id, Some(secret))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        reqwest::StatusCode::OK,
+        "token request refused"
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
 }
 
 /// The messageIds of every stored event.
