@@ -23,6 +23,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use crate::ids::SourceId;
+use crate::policy::model::{self, Destination, PolicySettings, Vendor};
 
 /// Where the gateway listens when neither the config nor `--listen` says otherwise: loopback only,
 /// so a first run never exposes an unauthenticated port to the network by accident.
@@ -41,6 +42,12 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthSettings,
     pub sources: Vec<SourceConfig>,
+    /// `[policy]`: settings shared by every destination's decisions.
+    pub policy: PolicySettings,
+    /// `[[vendors]]`: the vendor registry.
+    pub vendors: Vec<Vendor>,
+    /// `[[destinations]]`: where events may go, and under which policy.
+    pub destinations: Vec<Destination>,
 }
 
 /// The built-in authorization server.
@@ -262,13 +269,26 @@ impl Config {
                 token_ttl: Duration::from_secs(DEFAULT_TOKEN_TTL_SECS as u64),
             },
             sources: Vec::new(),
+            policy: PolicySettings::default(),
+            vendors: Vec::new(),
+            destinations: Vec::new(),
         }
     }
 
-    /// Parses, substitutes environment variables and validates a configuration file.
+    /// Parses, substitutes environment variables and validates a configuration file, judging
+    /// vendor assessments' age against today's date (UTC).
     pub fn from_toml(
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigErrors> {
+        Self::from_toml_on(text, env, time::OffsetDateTime::now_utc().date())
+    }
+
+    /// [`Config::from_toml`] as if today were `today`.
+    pub fn from_toml_on(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        today: time::Date,
     ) -> Result<Self, ConfigErrors> {
         let mut problems = Problems(Vec::new());
         let mut root: Table = match text.parse() {
@@ -282,7 +302,18 @@ impl Config {
         for (k, v) in root.iter_mut() {
             substitute_env(v, k, env, &mut problems);
         }
-        problems.unknown_keys("", &root, &["server", "auth", "sources"]);
+        problems.unknown_keys(
+            "",
+            &root,
+            &[
+                "server",
+                "auth",
+                "sources",
+                "policy",
+                "vendors",
+                "destinations",
+            ],
+        );
 
         let mut config = Config::embedded_default();
         match root.get("server") {
@@ -526,6 +557,20 @@ impl Config {
                     other.type_str()
                 ),
             ),
+        }
+
+        let mut found = Vec::new();
+        config.policy = model::read_policy(root.get("policy"), &mut found);
+        config.vendors = model::read_vendors(root.get("vendors"), &mut found);
+        config.destinations = model::read_destinations(
+            root.get("destinations"),
+            &config.vendors,
+            &config.policy,
+            today,
+            &mut found,
+        );
+        for (key, code, message) in found {
+            problems.add(key, code, message);
         }
 
         if problems.0.is_empty() {

@@ -170,6 +170,14 @@ pub struct Parsed {
     pub rejected: Vec<Rejected>,
 }
 
+/// What the HTTP request itself says about its messages, beyond the body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestSignals {
+    /// `Sec-GPC: 1`: the browser sent a Global Privacy Control opt-out. Recorded as
+    /// `context.gpc = true` in every message of the request, so the policy sees it later.
+    pub gpc: bool,
+}
+
 /// Parses and normalises one request body.
 ///
 /// `received_at` is the server's clock at receipt; `new_id` generates a `messageId` for messages
@@ -178,6 +186,23 @@ pub fn parse(
     endpoint: Endpoint,
     body: &[u8],
     received_at: OffsetDateTime,
+    new_id: &mut dyn FnMut() -> String,
+) -> Result<Parsed, RequestError> {
+    parse_with_signals(
+        endpoint,
+        body,
+        received_at,
+        RequestSignals::default(),
+        new_id,
+    )
+}
+
+/// [`parse`], recording the request's own signals (GPC) in each message.
+pub fn parse_with_signals(
+    endpoint: Endpoint,
+    body: &[u8],
+    received_at: OffsetDateTime,
+    signals: RequestSignals,
     new_id: &mut dyn FnMut() -> String,
 ) -> Result<Parsed, RequestError> {
     let body = std::str::from_utf8(body).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
@@ -194,7 +219,10 @@ pub fn parse(
                 &members,
                 raw.get().len(),
                 Some(kind),
-                &BatchDefaults::default(),
+                &BatchDefaults {
+                    gpc: signals.gpc,
+                    ..BatchDefaults::default()
+                },
                 received_at,
                 &received_at_text,
                 new_id,
@@ -224,6 +252,7 @@ pub fn parse(
                 sent_at: top.get("sentAt"),
                 context: top.get("context"),
                 integrations: top.get("integrations"),
+                gpc: signals.gpc,
             };
             parsed.accepted.reserve(messages.len());
             for (index, raw) in messages.into_iter().enumerate() {
@@ -283,6 +312,8 @@ struct BatchDefaults<'a> {
     sent_at: Option<&'a RawValue>,
     context: Option<&'a RawValue>,
     integrations: Option<&'a RawValue>,
+    /// Set `context.gpc = true` (the request carried `Sec-GPC: 1`).
+    gpc: bool,
 }
 
 /// A message's top-level members, in the order sent. Values stay raw JSON text: nested objects
@@ -448,6 +479,22 @@ fn merged<'a>(own: Option<&'a RawValue>, shared: Option<&'a RawValue>) -> Option
     }
 }
 
+/// `context` with `"gpc": true`: the browser's `Sec-GPC: 1` is an opt-out, and an opt-out from
+/// the user agent wins over whatever the page's script wrote.
+fn with_gpc(context: Option<&str>) -> String {
+    let members = context.and_then(|c| serde_json::from_str::<Members<'_>>(c).ok());
+    let mut out = String::from("{");
+    if let Some(members) = &members {
+        for (k, v) in members.0.iter().filter(|(k, _)| k != "gpc") {
+            push_key(&mut out, k);
+            out.push_str(v.get());
+        }
+    }
+    push_key(&mut out, "gpc");
+    out.push_str("true}");
+    out
+}
+
 /// Members that [`normalise`] writes itself rather than copying.
 const WRITTEN_BY_US: [&str; 8] = [
     "type",
@@ -566,7 +613,11 @@ fn normalise(
         ("context", defaults.context),
         ("integrations", defaults.integrations),
     ] {
-        if let Some(v) = merged(m.get(field), shared) {
+        let mut value = merged(m.get(field), shared);
+        if field == "context" && defaults.gpc {
+            value = Some(Cow::Owned(with_gpc(value.as_deref())));
+        }
+        if let Some(v) = value {
             push_key(&mut out, field);
             out.push_str(&v);
         }
@@ -797,6 +848,32 @@ mod tests {
         assert_eq!(v["k0"], 150);
         assert_eq!(v["k49"], 199);
         assert_eq!(p.accepted[0].payload.matches("\"k7\"").count(), 1);
+    }
+
+    #[test]
+    fn sec_gpc_is_recorded_in_every_message() {
+        let gpc = RequestSignals { gpc: true };
+        let body = br#"{"context": {"ip": "b"}, "batch": [
+            {"type": "track", "event": "e", "userId": "u", "context": {"gpc": false, "a": 1}},
+            {"type": "track", "event": "e", "userId": "u"}]}"#;
+        let p = parse_with_signals(Endpoint::Batch, body, NOW, gpc, &mut ids()).unwrap();
+        let ctx: Vec<Value> = p
+            .accepted
+            .iter()
+            .map(|a| serde_json::from_str::<Value>(&a.payload).unwrap()["context"].clone())
+            .collect();
+        assert_eq!(ctx[0], json!({"a": 1, "ip": "b", "gpc": true}));
+        assert_eq!(ctx[1], json!({"ip": "b", "gpc": true}));
+        let single = br#"{"event": "e", "userId": "u"}"#;
+        let kind = Endpoint::Single(MessageKind::Track);
+        let p = parse_with_signals(kind, single, NOW, gpc, &mut ids()).unwrap();
+        assert!(
+            p.accepted[0]
+                .payload
+                .ends_with(r#""context":{"gpc":true}}"#)
+        );
+        let p = parse(kind, single, NOW, &mut ids()).unwrap();
+        assert!(!p.accepted[0].payload.contains("gpc"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tower_http::cors::{Any, CorsLayer};
 use handoff_core::SourceId;
 use handoff_core::auth::Scope;
 use handoff_core::ids::MessageKind;
-use handoff_core::ingest::{self, Endpoint, Parsed, RequestError};
+use handoff_core::ingest::{self, Endpoint, Parsed, RequestError, RequestSignals};
 use handoff_core::time_fmt::unix_millis;
 use handoff_store::{NewEvent, QuarantineEntry};
 
@@ -117,13 +117,22 @@ async fn ingest(
     let body = read_body(body, headers, limit).await?;
     let received_at = time::OffsetDateTime::now_utc();
     let mut new_id = || uuid::Uuid::new_v4().to_string();
-    let parsed: Parsed = ingest::parse(endpoint, &body, received_at, &mut new_id).map_err(|e| {
-        let status = match e {
-            RequestError::WriteKeyInvalid => StatusCode::UNAUTHORIZED,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::new(status, e.code(), e.to_string())
-    })?;
+    // Sec-GPC (Global Privacy Control): "1" is the only value the specification defines.
+    let signals = RequestSignals {
+        gpc: headers
+            .get("sec-gpc")
+            .is_some_and(|v| v.as_bytes().trim_ascii() == b"1"),
+    };
+    let parsed: Parsed =
+        ingest::parse_with_signals(endpoint, &body, received_at, signals, &mut new_id).map_err(
+            |e| {
+                let status = match e {
+                    RequestError::WriteKeyInvalid => StatusCode::UNAUTHORIZED,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                ApiError::new(status, e.code(), e.to_string())
+            },
+        )?;
 
     let source = match header_source {
         Some(source) => source,

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod plan;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -50,6 +52,23 @@ enum Command {
         /// The configuration file (TOML).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Show what each destination would receive of a sample event, and why; sends nothing.
+    Plan {
+        /// The configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A file with one message as an SDK would send it (JSON; `-` reads stdin).
+        #[arg(long, short)]
+        event: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Decide as on this day (YYYY-MM-DD), e.g. to see which vendor assessments lapse.
+        #[arg(long, value_parser = plan::parse_date)]
+        as_of: Option<time::Date>,
+        /// Decide as if the request carried `Sec-GPC: 1`.
+        #[arg(long)]
+        gpc: bool,
     },
     /// Look inside the journal (read-only; safe while the server runs).
     #[command(subcommand)]
@@ -183,6 +202,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check { config } => check(&config),
+        Command::Plan {
+            config,
+            event,
+            format,
+            as_of,
+            gpc,
+        } => plan::run(&config, &event, format == Format::Json, as_of, gpc),
         Command::Journal(JournalCommand::Dump {
             data_dir,
             after,
@@ -213,11 +239,16 @@ fn load_config(
 fn check(path: &Path) -> Result<ExitCode> {
     match load_config(path)? {
         Ok(config) => {
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
             println!(
-                "{}: OK ({} source{}, listen {}, data_dir {})",
+                "{}: OK ({} source{}, {} vendor{}, {} destination{}, listen {}, data_dir {})",
                 path.display(),
                 config.sources.len(),
-                if config.sources.len() == 1 { "" } else { "s" },
+                plural(config.sources.len()),
+                config.vendors.len(),
+                plural(config.vendors.len()),
+                config.destinations.len(),
+                plural(config.destinations.len()),
                 config.server.listen,
                 config.server.data_dir.display()
             );

@@ -32,10 +32,17 @@ fn check_accepts_the_example_config() {
         &[
             ("HANDOFF_WEB_WRITE_KEY", "0123456789abcdef0123"),
             ("HANDOFF_BACKEND_WRITE_KEY", "fedcba98765432100123"),
+            (
+                "HANDOFF_GA4_PSEUDONYMISATION_KEY",
+                "ga4-key-0123456789abcdef0123456789abcdef",
+            ),
         ],
     );
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("OK (2 sources"), "{stdout}");
+    assert!(
+        stdout.contains("OK (2 sources, 4 vendors, 4 destinations"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -1,0 +1,775 @@
+//! The policy engine: for one event and one destination, what may leave, in what form, and why.
+//!
+//! [`decide`] is pure. Its checks run in this order, and the first that fails decides:
+//!
+//! 1. destination enabled                      `destination.disabled`
+//! 2. vendor approved: DPA, assessment age     `vendor.no_dpa`, `vendor.assessment_missing`, `vendor.assessment_expired`
+//! 3. event type (and track name) allowed      `event.type_not_allowed`, `event.name_not_allowed`
+//! 4. subject not suppressed (erasure)         `subject.suppressed`
+//! 5. legal basis:
+//!    - consent: a TC string decides for destinations with a TCF vendor id
+//!      (`tcf.malformed`, `tcf.vendor_no_consent`, `tcf.purpose_no_consent`,
+//!      `tcf.special_feature_no_opt_in`, `tcf.publisher_restricted`); otherwise the consent
+//!      categories in the event, else those stored for the subject (`consent.missing`,
+//!      `consent.denied`, `consent.malformed`);
+//!    - legitimate interest with a TCF vendor id: the TC string must not record an objection
+//!      (`tcf.legitimate_interest_objected`);
+//!    - contract and legal obligation need no consent;
+//!    - then, for destinations that sell or share: GPC (`gpc.opt_out`), the US Privacy string
+//!      (`usp.opt_out`, `usp.malformed`), a stored opt-out (`subject.opt_out`);
+//! 6. residency                                `residency.region_unknown`, `residency.region_not_allowed`, `residency.no_transfer_mechanism`
+//! 7. minimise (allowlist), 8. transform, 9. PII scan (`pii.found` when the action is block).
+
+pub mod model;
+pub mod paths;
+pub mod pii;
+pub mod transform;
+
+use serde::Serialize;
+use serde_json::Value;
+use time::Date;
+
+use crate::consent::{ConsentContext, Signal, SubjectState, get_path};
+use crate::ids::MessageKind;
+use model::{
+    Destination, ENVELOPE_KEYS, LegalBasis, PiiAction, TransferMechanism, in_gdpr_area,
+    vendor_unapproved,
+};
+use paths::{FieldPath, for_each_match};
+use tcf_check::check_tcf;
+use transform::{Transform, hmac_hex, scalar_text, sha256_hex, truncate_ip};
+
+pub use model::{PolicySettings, Vendor};
+
+/// Every reason code a decision can carry. Blocking reasons first, then notes on a send.
+pub const REASON_CODES: &[&str] = &[
+    "destination.disabled",
+    "vendor.no_dpa",
+    "vendor.assessment_missing",
+    "vendor.assessment_expired",
+    "event.type_not_allowed",
+    "event.name_not_allowed",
+    "subject.suppressed",
+    "consent.missing",
+    "consent.denied",
+    "consent.malformed",
+    "tcf.malformed",
+    "tcf.vendor_no_consent",
+    "tcf.purpose_no_consent",
+    "tcf.special_feature_no_opt_in",
+    "tcf.publisher_restricted",
+    "tcf.legitimate_interest_objected",
+    "gpc.opt_out",
+    "usp.opt_out",
+    "usp.malformed",
+    "subject.opt_out",
+    "residency.region_unknown",
+    "residency.region_not_allowed",
+    "residency.no_transfer_mechanism",
+    "pii.found",
+    "pii.redacted",
+    "pii.alert",
+    "transform.invalid_value",
+];
+
+/// A reason: a stable code from [`REASON_CODES`] and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reason {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Reason {
+    fn new(code: &'static str, message: impl Into<String>) -> Reason {
+        debug_assert!(
+            REASON_CODES.contains(&code),
+            "{code} is not in REASON_CODES"
+        );
+        Reason {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// PII found in a payload about to leave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PiiHit {
+    pub path: String,
+    pub kind: &'static str,
+}
+
+/// Send this payload, or do not send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Send(Value),
+    Block,
+}
+
+/// The decision for one event and one destination.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// For a block, the reason it was blocked; for a send, notes (PII redacted, values dropped).
+    pub reasons: Vec<Reason>,
+    /// Paths removed from the event (not allowed, dropped by a transform, or unusable values).
+    pub dropped: Vec<String>,
+    pub pii: Vec<PiiHit>,
+}
+
+impl Decision {
+    fn block(reason: Reason) -> Decision {
+        Decision {
+            outcome: Outcome::Block,
+            reasons: vec![reason],
+            dropped: Vec::new(),
+            pii: Vec::new(),
+        }
+    }
+
+    pub fn is_send(&self) -> bool {
+        matches!(self.outcome, Outcome::Send(_))
+    }
+
+    pub fn payload(&self) -> Option<&Value> {
+        match &self.outcome {
+            Outcome::Send(v) => Some(v),
+            Outcome::Block => None,
+        }
+    }
+}
+
+/// An event read once and shared by every destination's decision.
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    pub value: Value,
+    pub kind: Option<MessageKind>,
+    /// The subject's country (ISO alpha-2, upper-case) when the event says.
+    pub region: Option<String>,
+}
+
+impl PreparedEvent {
+    pub fn new(value: Value, settings: &PolicySettings) -> PreparedEvent {
+        let kind = value
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(MessageKind::parse);
+        let region = get_path(&value, &settings.region_field)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|c| c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()))
+            .map(str::to_ascii_uppercase);
+        PreparedEvent {
+            value,
+            kind,
+            region,
+        }
+    }
+}
+
+mod tcf_check {
+    use super::Reason;
+    use crate::consent::tcf::{RestrictionType, TcString};
+    use crate::policy::model::{ConsentRequirement, LegalBasis};
+
+    /// The TCF verdict for a destination with a vendor id; `None` means allowed.
+    pub(super) fn check_tcf(
+        tc: &TcString,
+        req: &ConsentRequirement,
+        vendor: u16,
+        basis: LegalBasis,
+    ) -> Option<Reason> {
+        for &purpose in &req.tcf_purposes {
+            let restriction = tc.restriction(purpose, vendor);
+            if restriction == Some(RestrictionType::NotAllowed) {
+                return Some(Reason::new(
+                    "tcf.publisher_restricted",
+                    format!(
+                        "the publisher does not allow vendor {vendor} to process for purpose {purpose}"
+                    ),
+                ));
+            }
+            // The basis the vendor must use: the publisher may require one; otherwise ours.
+            let use_li = match restriction {
+                Some(RestrictionType::RequireLegitimateInterest) => true,
+                Some(RestrictionType::RequireConsent) => false,
+                _ => basis == LegalBasis::LegitimateInterest,
+            };
+            if use_li {
+                if purpose == 1 {
+                    return Some(Reason::new(
+                        "tcf.publisher_restricted",
+                        "purpose 1 cannot rest on legitimate interest",
+                    ));
+                }
+                if !tc.purposes_li_transparency.contains(&purpose)
+                    || !tc.vendor_legitimate_interests.contains(vendor)
+                {
+                    return Some(Reason::new(
+                        "tcf.legitimate_interest_objected",
+                        format!(
+                            "the TC string records no legitimate interest for vendor {vendor} and purpose {purpose} (objected or not disclosed)"
+                        ),
+                    ));
+                }
+            } else {
+                if !tc.vendor_consents.contains(vendor) {
+                    return Some(Reason::new(
+                        "tcf.vendor_no_consent",
+                        format!("the TC string gives no consent to vendor {vendor}"),
+                    ));
+                }
+                if !tc.purposes_consent.contains(&purpose) {
+                    return Some(Reason::new(
+                        "tcf.purpose_no_consent",
+                        format!("the TC string gives no consent for purpose {purpose}"),
+                    ));
+                }
+            }
+        }
+        for &feature in &req.tcf_special_features {
+            if !tc.special_feature_opt_ins.contains(&feature) {
+                return Some(Reason::new(
+                    "tcf.special_feature_no_opt_in",
+                    format!("the TC string has no opt-in for special feature {feature}"),
+                ));
+            }
+        }
+        None
+    }
+}
+
+fn legal_basis(consent: &ConsentContext, dest: &Destination) -> Option<Reason> {
+    let req = &dest.consent;
+    match dest.legal_basis {
+        LegalBasis::Consent => {
+            let tcf_decides = req.tcf_vendor_id.is_some() && consent.tcf.is_present();
+            if let (true, Some(vendor)) = (tcf_decides, req.tcf_vendor_id) {
+                match &consent.tcf {
+                    Signal::Malformed(why) => {
+                        return Some(Reason::new(
+                            "tcf.malformed",
+                            format!("the TC string cannot be read: {why}"),
+                        ));
+                    }
+                    Signal::Present(tc) => {
+                        if let Some(r) = check_tcf(tc, req, vendor, LegalBasis::Consent) {
+                            return Some(r);
+                        }
+                    }
+                    Signal::Absent => unreachable!("tcf_decides checked presence"),
+                }
+            } else {
+                let stored = consent.subject.preferences.as_ref().map(|p| &p.categories);
+                let categories = match (&consent.categories, stored) {
+                    (Signal::Present(c), _) => c,
+                    (Signal::Malformed(why), _) => {
+                        return Some(Reason::new(
+                            "consent.malformed",
+                            format!("the consent categories cannot be read: {why}"),
+                        ));
+                    }
+                    (Signal::Absent, Some(c)) => c,
+                    (Signal::Absent, None) => {
+                        let what = if req.tcf_vendor_id.is_some() {
+                            "no TC string and no consent categories"
+                        } else {
+                            "no consent categories"
+                        };
+                        return Some(Reason::new(
+                            "consent.missing",
+                            format!(
+                                "the event carries {what}, and none are stored for the subject"
+                            ),
+                        ));
+                    }
+                };
+                if req.categories.is_empty() {
+                    // Only a TC string could grant consent here, and none came with the event.
+                    return Some(Reason::new(
+                        "consent.missing",
+                        "this destination is decided by a TC string, and the event carries none",
+                    ));
+                }
+                for c in &req.categories {
+                    match categories.get(c) {
+                        Some(true) => {}
+                        Some(false) => {
+                            return Some(Reason::new(
+                                "consent.denied",
+                                format!("consent for category {c:?} was refused"),
+                            ));
+                        }
+                        None => {
+                            return Some(Reason::new(
+                                "consent.missing",
+                                format!("no consent recorded for category {c:?}"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        LegalBasis::LegitimateInterest => {
+            if let (Some(vendor), Signal::Present(tc)) = (req.tcf_vendor_id, &consent.tcf)
+                && let Some(r) = check_tcf(tc, req, vendor, LegalBasis::LegitimateInterest)
+            {
+                return Some(r);
+            }
+        }
+        LegalBasis::Contract | LegalBasis::LegalObligation => {}
+    }
+    if dest.sale_or_sharing {
+        if consent.gpc {
+            return Some(Reason::new(
+                "gpc.opt_out",
+                "Global Privacy Control is on: an opt-out of sale and sharing",
+            ));
+        }
+        match &consent.us_privacy {
+            Signal::Present(u) if u.opt_out_sale == Some(true) => {
+                return Some(Reason::new(
+                    "usp.opt_out",
+                    "the US Privacy string records an opt-out of sale",
+                ));
+            }
+            Signal::Malformed(why) => {
+                return Some(Reason::new(
+                    "usp.malformed",
+                    format!("the US Privacy string cannot be read: {why}"),
+                ));
+            }
+            _ => {}
+        }
+        if consent
+            .subject
+            .preferences
+            .as_ref()
+            .is_some_and(|p| p.opt_out_of_sale)
+        {
+            return Some(Reason::new(
+                "subject.opt_out",
+                "the subject opted out of sale and sharing",
+            ));
+        }
+    }
+    None
+}
+
+fn residency(event: &PreparedEvent, dest: &Destination) -> Option<Reason> {
+    let region = event.region.as_deref();
+    if let Some(allowed) = &dest.allowed_regions {
+        let Some(r) = region else {
+            return Some(Reason::new(
+                "residency.region_unknown",
+                "this destination only takes subjects of some regions, and the event does not say where its subject is",
+            ));
+        };
+        let ok = allowed
+            .iter()
+            .any(|a| a == r || (a == "EEA" && in_gdpr_area(r) && r != "GB" && r != "CH"));
+        if !ok {
+            return Some(Reason::new(
+                "residency.region_not_allowed",
+                format!(
+                    "subjects in {r} may not be sent here (allowed: {})",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    let vendor = &dest.vendor;
+    // A transfer out of the GDPR area needs a mechanism. An unknown region is treated as inside.
+    let subject_protected = region.is_none_or(in_gdpr_area);
+    if subject_protected
+        && !in_gdpr_area(&vendor.country)
+        && vendor.transfer_mechanism == TransferMechanism::None
+    {
+        return Some(Reason::new(
+            "residency.no_transfer_mechanism",
+            format!(
+                "vendor {:?} processes in {} with no transfer mechanism, and the subject is {}",
+                vendor.id,
+                vendor.country,
+                region.map_or("of unknown region".to_owned(), |r| format!("in {r}"))
+            ),
+        ));
+    }
+    None
+}
+
+/// Decides what `dest` may receive of `event`. `today` is the day the decision is made (vendor
+/// assessments age).
+pub fn decide(
+    event: &PreparedEvent,
+    consent: &ConsentContext,
+    dest: &Destination,
+    today: Date,
+) -> Decision {
+    if !dest.enabled {
+        return Decision::block(Reason::new(
+            "destination.disabled",
+            format!("destination {:?} is disabled", dest.id),
+        ));
+    }
+    if let Some((code, message)) =
+        vendor_unapproved(&dest.vendor, dest.max_assessment_age_days, today)
+    {
+        return Decision::block(Reason::new(code, message));
+    }
+    match event.kind {
+        Some(k) if dest.event_types.contains(&k) => {}
+        k => {
+            return Decision::block(Reason::new(
+                "event.type_not_allowed",
+                format!(
+                    "{} events are not sent here",
+                    k.map_or("untyped", MessageKind::as_str)
+                ),
+            ));
+        }
+    }
+    if let (Some(MessageKind::Track), Some(names)) = (event.kind, &dest.event_names) {
+        let name = event
+            .value
+            .get("event")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !names.iter().any(|n| n == name) {
+            return Decision::block(Reason::new(
+                "event.name_not_allowed",
+                format!("track event {name:?} is not sent here"),
+            ));
+        }
+    }
+    if consent.subject.suppressed {
+        return Decision::block(Reason::new(
+            "subject.suppressed",
+            "an erasure request suppressed this subject",
+        ));
+    }
+    if let Some(r) = legal_basis(consent, dest) {
+        return Decision::block(r);
+    }
+    if let Some(r) = residency(event, dest) {
+        return Decision::block(r);
+    }
+
+    let (mut payload, mut dropped) = dest.allowlist.apply(&event.value, ENVELOPE_KEYS);
+    let mut reasons = Vec::new();
+    let mut opaque: Vec<String> = Vec::new();
+    apply_transforms(dest, &mut payload, &mut dropped, &mut reasons, &mut opaque);
+
+    let mut hits = Vec::new();
+    let mut findings = Vec::new();
+    scan_strings(
+        &mut payload,
+        &mut String::new(),
+        dest,
+        &opaque,
+        &mut findings,
+        &mut hits,
+    );
+    if !hits.is_empty() {
+        let kinds: Vec<&str> = {
+            let mut k: Vec<&str> = hits.iter().map(|h| h.kind).collect();
+            k.sort_unstable();
+            k.dedup();
+            k
+        };
+        let at: Vec<&str> = hits.iter().map(|h| h.path.as_str()).collect();
+        match dest.pii {
+            PiiAction::Block => {
+                return Decision {
+                    outcome: Outcome::Block,
+                    reasons: vec![Reason::new(
+                        "pii.found",
+                        format!("{} found in {}", kinds.join(", "), at.join(", ")),
+                    )],
+                    dropped: Vec::new(),
+                    pii: hits,
+                };
+            }
+            PiiAction::Redact => reasons.push(Reason::new(
+                "pii.redacted",
+                format!("{} redacted in {}", kinds.join(", "), at.join(", ")),
+            )),
+            PiiAction::Alert => reasons.push(Reason::new(
+                "pii.alert",
+                format!(
+                    "{} sent in {} (alert only)",
+                    kinds.join(", "),
+                    at.join(", ")
+                ),
+            )),
+        }
+    }
+    Decision {
+        outcome: Outcome::Send(payload),
+        reasons,
+        dropped,
+        pii: hits,
+    }
+}
+
+fn apply_transforms(
+    dest: &Destination,
+    payload: &mut Value,
+    dropped: &mut Vec<String>,
+    reasons: &mut Vec<Reason>,
+    opaque: &mut Vec<String>,
+) {
+    for t in &dest.transforms {
+        match t {
+            Transform::Move { field, to } => {
+                if let Some(v) = paths::take(payload, field) {
+                    if let Err(_v) = paths::put(payload, to, v) {
+                        dropped.push(field.to_string());
+                        reasons.push(Reason::new(
+                            "transform.invalid_value",
+                            format!("{field} could not be moved to {to}: something else is in the way; dropped"),
+                        ));
+                    } else if opaque.iter().any(|o| o == field.as_str()) {
+                        opaque.push(to.to_string());
+                    }
+                }
+            }
+            Transform::Drop { field } => {
+                let mut removed = Vec::new();
+                drop_matches(payload, field, &mut removed);
+                dropped.extend(removed);
+            }
+            _ => {
+                let mut invalid: Vec<String> = Vec::new();
+                for_each_match(payload, t.field(), &mut |v, at| {
+                    let Some(text) = scalar_text(v) else {
+                        if !v.is_null() {
+                            invalid.push(at.to_owned());
+                        }
+                        return;
+                    };
+                    let out = match t {
+                        Transform::Hash {
+                            normalize,
+                            country_code,
+                            ..
+                        } => normalize
+                            .apply(&text, country_code.as_deref())
+                            .map(|n| sha256_hex(&n)),
+                        Transform::Hmac { normalize, .. } => {
+                            let key = dest.pseudonymisation_key.as_ref().map_or(&[][..], |k| &k.0);
+                            normalize.apply(&text, None).map(|n| hmac_hex(key, &n))
+                        }
+                        Transform::TruncateIp { .. } => truncate_ip(&text),
+                        Transform::Generalise { to, .. } => to.apply(&text),
+                        Transform::Move { .. } | Transform::Drop { .. } => unreachable!(),
+                    };
+                    match out {
+                        Some(s) => {
+                            *v = Value::String(s);
+                            if matches!(t, Transform::Hash { .. } | Transform::Hmac { .. }) {
+                                opaque.push(at.to_owned());
+                            }
+                        }
+                        None => invalid.push(at.to_owned()),
+                    }
+                });
+                for at in invalid {
+                    remove_concrete(payload, &at);
+                    reasons.push(Reason::new(
+                        "transform.invalid_value",
+                        format!("{at} is not a valid value for {} and was dropped", t.op()),
+                    ));
+                    dropped.push(at);
+                }
+            }
+        }
+    }
+}
+
+/// Removes every node `field` matches, recording their concrete paths.
+fn drop_matches(payload: &mut Value, field: &FieldPath, removed: &mut Vec<String>) {
+    let Some((last, parents)) = field.segments().split_last() else {
+        return;
+    };
+    let parent_path = FieldPath::parse(
+        &parents
+            .iter()
+            .map(|s| match s {
+                paths::Segment::Key(k) => k.as_str(),
+                paths::Segment::Any => "*",
+            })
+            .collect::<Vec<_>>()
+            .join("."),
+    );
+    let mut remove_from = |obj: &mut Value, at: &str| {
+        let Some(map) = obj.as_object_mut() else {
+            return;
+        };
+        let prefix = if at.is_empty() {
+            String::new()
+        } else {
+            format!("{at}.")
+        };
+        match last {
+            paths::Segment::Key(k) => {
+                if map.remove(k).is_some() {
+                    removed.push(format!("{prefix}{k}"));
+                }
+            }
+            paths::Segment::Any => {
+                for k in std::mem::take(map).keys() {
+                    removed.push(format!("{prefix}{k}"));
+                }
+            }
+        }
+    };
+    match parent_path {
+        Ok(p) => for_each_match(payload, &p, &mut remove_from),
+        Err(_) => remove_from(payload, ""),
+    }
+}
+
+/// Removes the value at a concrete path as reported by `for_each_match` (`a.b[].c`): within
+/// arrays, the key is removed from every element whose value is invalid, which is the
+/// conservative choice.
+fn remove_concrete(payload: &mut Value, at: &str) {
+    let plain = at.replace("[]", "");
+    if let Ok(p) = FieldPath::parse(&plain) {
+        let mut removed = Vec::new();
+        if at.contains("[]") {
+            drop_matches(payload, &p, &mut removed);
+        } else {
+            paths::take(payload, &p);
+        }
+    }
+}
+
+/// Scans (and, when the action is redact, redacts) every string in the payload except the
+/// envelope, hashed values and the fields expected to carry PII.
+fn scan_strings(
+    v: &mut Value,
+    at: &mut String,
+    dest: &Destination,
+    opaque: &[String],
+    findings: &mut Vec<pii::Finding>,
+    hits: &mut Vec<PiiHit>,
+) {
+    match v {
+        Value::String(s) => {
+            if opaque.iter().any(|o| o == at) || expected(dest, at) {
+                return;
+            }
+            findings.clear();
+            pii::scan(s, findings);
+            if findings.is_empty() {
+                return;
+            }
+            for f in findings.iter() {
+                hits.push(PiiHit {
+                    path: at.clone(),
+                    kind: f.kind.code(),
+                });
+            }
+            if dest.pii == PiiAction::Redact {
+                *s = pii::redact(s, findings);
+            }
+        }
+        Value::Object(map) => {
+            let len = at.len();
+            for (k, child) in map.iter_mut() {
+                if len == 0 && ENVELOPE_KEYS.contains(&k.as_str()) {
+                    continue;
+                }
+                if len > 0 {
+                    at.push('.');
+                }
+                at.push_str(k);
+                scan_strings(child, at, dest, opaque, findings, hits);
+                at.truncate(len);
+            }
+        }
+        Value::Array(items) => {
+            let len = at.len();
+            at.push_str("[]");
+            for item in items {
+                scan_strings(item, at, dest, opaque, findings, hits);
+            }
+            at.truncate(len);
+        }
+        _ => {}
+    }
+}
+
+fn expected(dest: &Destination, at: &str) -> bool {
+    if dest.pii_expected.is_empty() {
+        return false;
+    }
+    let plain = at.replace("[]", "");
+    FieldPath::parse(&plain).is_ok_and(|p| dest.pii_expected.iter().any(|e| p.is_covered_by(e)))
+}
+
+/// What each destination would receive of one event, and why: the output of `handoff plan`
+/// and of `POST /admin/v1/plan`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub destinations: Vec<PlannedDestination>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedDestination {
+    pub id: String,
+    pub vendor: String,
+    pub connector: model::ConnectorKind,
+    pub purposes: Vec<model::Purpose>,
+    pub legal_basis: LegalBasis,
+    /// `send` or `block`.
+    pub decision: &'static str,
+    /// Reason codes (see [`REASON_CODES`]).
+    pub reasons: Vec<&'static str>,
+    /// The same reasons with a sentence each.
+    pub details: Vec<Reason>,
+    /// Exactly what would be sent (before the connector's wire mapping); `null` when blocked.
+    pub payload: Option<Value>,
+    pub dropped: Vec<String>,
+    pub pii: Vec<PiiHit>,
+}
+
+/// Decides `event` (a normalised message) for every destination of `destinations`.
+pub fn plan(
+    settings: &PolicySettings,
+    destinations: &[Destination],
+    event: Value,
+    subject: SubjectState,
+    today: Date,
+) -> Plan {
+    let prepared = PreparedEvent::new(event, settings);
+    let consent = ConsentContext::from_event(&prepared.value, &settings.consent_fields, subject);
+    let destinations = destinations
+        .iter()
+        .map(|dest| {
+            let d = decide(&prepared, &consent, dest, today);
+            let send = d.is_send();
+            PlannedDestination {
+                id: dest.id.clone(),
+                vendor: dest.vendor.id.clone(),
+                connector: dest.connector,
+                purposes: dest.purposes.clone(),
+                legal_basis: dest.legal_basis,
+                decision: if send { "send" } else { "block" },
+                reasons: d.reasons.iter().map(|r| r.code).collect(),
+                details: d.reasons,
+                payload: match d.outcome {
+                    Outcome::Send(v) => Some(v),
+                    Outcome::Block => None,
+                },
+                dropped: d.dropped,
+                pii: d.pii,
+            }
+        })
+        .collect();
+    Plan { destinations }
+}
+
+#[cfg(test)]
+mod tests;
