@@ -70,6 +70,9 @@ enum Command {
         #[arg(long)]
         gpc: bool,
     },
+    /// Decode consent strings.
+    #[command(subcommand)]
+    Consent(ConsentCommand),
     /// Look inside the journal (read-only; safe while the server runs).
     #[command(subcommand)]
     Journal(JournalCommand),
@@ -96,6 +99,13 @@ struct StateArgs {
 enum Format {
     Text,
     Json,
+}
+
+#[derive(Subcommand)]
+enum ConsentCommand {
+    /// Print what an IAB TCF v2.2 TC string says, as one JSON object per string. Strings come
+    /// from the arguments, or one per line on stdin. Exits 1 if any string cannot be decoded.
+    Decode { strings: Vec<String> },
 }
 
 #[derive(Subcommand)]
@@ -216,6 +226,7 @@ fn main() -> ExitCode {
         }) => dump(&data_dir, after, quarantine),
         Command::Journal(JournalCommand::Verify { data_dir }) => verify(&data_dir),
         Command::Clients(cmd) => clients(cmd),
+        Command::Consent(ConsentCommand::Decode { strings }) => consent_decode(strings),
         Command::Keys(KeysCommand::RotateSigning { state }) => rotate_signing(&state),
         Command::Keys(KeysCommand::RotateMaster { state }) => rotate_master(&state),
     };
@@ -234,6 +245,36 @@ fn load_config(
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(Config::from_toml(&text, &|name| std::env::var(name).ok()))
+}
+
+fn consent_decode(strings: Vec<String>) -> Result<ExitCode> {
+    let strings = if strings.is_empty() {
+        std::io::stdin()
+            .lines()
+            .collect::<std::io::Result<Vec<String>>>()
+            .context("cannot read stdin")?
+    } else {
+        strings
+    };
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut failed = false;
+    for s in strings.iter().filter(|s| !s.trim().is_empty()) {
+        let line = match handoff_core::consent::tcf::decode(s) {
+            Ok(tc) => serde_json::to_string(&tc)?,
+            Err(e) => {
+                failed = true;
+                json!({"error": {"code": "consent.tcf.malformed", "message": e.to_string()}})
+                    .to_string()
+            }
+        };
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn check(path: &Path) -> Result<ExitCode> {

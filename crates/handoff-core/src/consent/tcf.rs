@@ -8,6 +8,8 @@
 
 use std::collections::BTreeSet;
 
+use serde::Serialize;
+
 use base64::Engine;
 use base64::alphabet::URL_SAFE;
 use base64::engine::DecodePaddingMode;
@@ -108,9 +110,22 @@ impl VendorSet {
     }
 }
 
+impl Serialize for VendorSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
 impl std::fmt::Debug for VendorSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for RestrictionType {
+    /// As encoded: 0 not allowed, 1 require consent, 2 require legitimate interest.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(*self as u8)
     }
 }
 
@@ -126,6 +141,7 @@ impl<const N: usize> From<[u16; N]> for VendorSet {
 
 /// How a publisher restricts a vendor's processing for one purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum RestrictionType {
     /// 0: the vendor may not process for this purpose at all.
     NotAllowed,
@@ -136,7 +152,7 @@ pub enum RestrictionType {
 }
 
 /// One publisher restriction: a purpose, a type, and the vendors it applies to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PublisherRestriction {
     pub purpose: u8,
     pub restriction: RestrictionType,
@@ -144,7 +160,7 @@ pub struct PublisherRestriction {
 }
 
 /// The publisher TC segment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PublisherTc {
     pub purposes_consent: BTreeSet<u8>,
     pub purposes_li_transparency: BTreeSet<u8>,
@@ -153,7 +169,7 @@ pub struct PublisherTc {
 }
 
 /// A decoded TC string.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TcString {
     pub version: u8,
     /// Deciseconds since the Unix epoch, as encoded.

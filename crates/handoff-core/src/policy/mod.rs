@@ -22,6 +22,7 @@
 
 pub mod model;
 pub mod paths;
+pub mod payload;
 pub mod pii;
 pub mod transform;
 
@@ -32,14 +33,12 @@ use time::Date;
 use crate::consent::{ConsentContext, Signal, SubjectState, get_path};
 use crate::ids::MessageKind;
 use model::{
-    Destination, ENVELOPE_KEYS, LegalBasis, PiiAction, TransferMechanism, in_gdpr_area,
-    vendor_unapproved,
+    Destination, LegalBasis, PiiAction, TransferMechanism, in_gdpr_area, vendor_unapproved,
 };
-use paths::{FieldPath, for_each_match};
 use tcf_check::check_tcf;
-use transform::{Transform, hmac_hex, scalar_text, sha256_hex, truncate_ip};
 
 pub use model::{PolicySettings, Vendor};
+pub use payload::PathList;
 
 /// Every reason code a decision can carry. Blocking reasons first, then notes on a send.
 pub const REASON_CODES: &[&str] = &[
@@ -99,10 +98,26 @@ pub struct PiiHit {
     pub kind: &'static str,
 }
 
+/// A decided payload: the minimised, transformed event as JSON text, in the form the outbox
+/// stores and connectors read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload(pub String);
+
+impl Payload {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The payload as a `Value` (for tests, `handoff plan` and connectors' mappings).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(&self.0).expect("payloads are written as valid JSON")
+    }
+}
+
 /// Send this payload, or do not send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Send(Value),
+    Send(Payload),
     Block,
 }
 
@@ -113,7 +128,7 @@ pub struct Decision {
     /// For a block, the reason it was blocked; for a send, notes (PII redacted, values dropped).
     pub reasons: Vec<Reason>,
     /// Paths removed from the event (not allowed, dropped by a transform, or unusable values).
-    pub dropped: Vec<String>,
+    pub dropped: PathList,
     pub pii: Vec<PiiHit>,
 }
 
@@ -122,7 +137,7 @@ impl Decision {
         Decision {
             outcome: Outcome::Block,
             reasons: vec![reason],
-            dropped: Vec::new(),
+            dropped: PathList::default(),
             pii: Vec::new(),
         }
     }
@@ -131,9 +146,9 @@ impl Decision {
         matches!(self.outcome, Outcome::Send(_))
     }
 
-    pub fn payload(&self) -> Option<&Value> {
+    pub fn payload(&self) -> Option<&Payload> {
         match &self.outcome {
-            Outcome::Send(v) => Some(v),
+            Outcome::Send(p) => Some(p),
             Outcome::Block => None,
         }
     }
@@ -455,258 +470,44 @@ pub fn decide(
         return Decision::block(r);
     }
 
-    let (mut payload, mut dropped) = dest.allowlist.apply(&event.value, ENVELOPE_KEYS);
-    let mut reasons = Vec::new();
-    let mut opaque: Vec<String> = Vec::new();
-    apply_transforms(dest, &mut payload, &mut dropped, &mut reasons, &mut opaque);
-
-    let mut hits = Vec::new();
-    let mut findings = Vec::new();
-    scan_strings(
-        &mut payload,
-        &mut String::new(),
-        dest,
-        &opaque,
-        &mut findings,
-        &mut hits,
-    );
+    let payload::Written {
+        json,
+        dropped,
+        mut reasons,
+        hits,
+    } = payload::write(&event.value, dest);
     if !hits.is_empty() {
-        let kinds: Vec<&str> = {
-            let mut k: Vec<&str> = hits.iter().map(|h| h.kind).collect();
-            k.sort_unstable();
-            k.dedup();
-            k
-        };
-        let at: Vec<&str> = hits.iter().map(|h| h.path.as_str()).collect();
+        let mut kinds: Vec<&str> = hits.iter().map(|h| h.kind).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let mut at: Vec<&str> = hits.iter().map(|h| h.path.as_str()).collect();
+        at.dedup();
+        let (kinds, at) = (kinds.join(", "), at.join(", "));
         match dest.pii {
             PiiAction::Block => {
                 return Decision {
                     outcome: Outcome::Block,
-                    reasons: vec![Reason::new(
-                        "pii.found",
-                        format!("{} found in {}", kinds.join(", "), at.join(", ")),
-                    )],
-                    dropped: Vec::new(),
+                    reasons: vec![Reason::new("pii.found", format!("{kinds} found in {at}"))],
+                    dropped: PathList::default(),
                     pii: hits,
                 };
             }
             PiiAction::Redact => reasons.push(Reason::new(
                 "pii.redacted",
-                format!("{} redacted in {}", kinds.join(", "), at.join(", ")),
+                format!("{kinds} redacted in {at}"),
             )),
             PiiAction::Alert => reasons.push(Reason::new(
                 "pii.alert",
-                format!(
-                    "{} sent in {} (alert only)",
-                    kinds.join(", "),
-                    at.join(", ")
-                ),
+                format!("{kinds} sent in {at} (alert only)"),
             )),
         }
     }
     Decision {
-        outcome: Outcome::Send(payload),
+        outcome: Outcome::Send(Payload(json)),
         reasons,
         dropped,
         pii: hits,
     }
-}
-
-fn apply_transforms(
-    dest: &Destination,
-    payload: &mut Value,
-    dropped: &mut Vec<String>,
-    reasons: &mut Vec<Reason>,
-    opaque: &mut Vec<String>,
-) {
-    for t in &dest.transforms {
-        match t {
-            Transform::Move { field, to } => {
-                if let Some(v) = paths::take(payload, field) {
-                    if let Err(_v) = paths::put(payload, to, v) {
-                        dropped.push(field.to_string());
-                        reasons.push(Reason::new(
-                            "transform.invalid_value",
-                            format!("{field} could not be moved to {to}: something else is in the way; dropped"),
-                        ));
-                    } else if opaque.iter().any(|o| o == field.as_str()) {
-                        opaque.push(to.to_string());
-                    }
-                }
-            }
-            Transform::Drop { field } => {
-                let mut removed = Vec::new();
-                drop_matches(payload, field, &mut removed);
-                dropped.extend(removed);
-            }
-            _ => {
-                let mut invalid: Vec<String> = Vec::new();
-                for_each_match(payload, t.field(), &mut |v, at| {
-                    let Some(text) = scalar_text(v) else {
-                        if !v.is_null() {
-                            invalid.push(at.to_owned());
-                        }
-                        return;
-                    };
-                    let out = match t {
-                        Transform::Hash {
-                            normalize,
-                            country_code,
-                            ..
-                        } => normalize
-                            .apply(&text, country_code.as_deref())
-                            .map(|n| sha256_hex(&n)),
-                        Transform::Hmac { normalize, .. } => {
-                            let key = dest.pseudonymisation_key.as_ref().map_or(&[][..], |k| &k.0);
-                            normalize.apply(&text, None).map(|n| hmac_hex(key, &n))
-                        }
-                        Transform::TruncateIp { .. } => truncate_ip(&text),
-                        Transform::Generalise { to, .. } => to.apply(&text),
-                        Transform::Move { .. } | Transform::Drop { .. } => unreachable!(),
-                    };
-                    match out {
-                        Some(s) => {
-                            *v = Value::String(s);
-                            if matches!(t, Transform::Hash { .. } | Transform::Hmac { .. }) {
-                                opaque.push(at.to_owned());
-                            }
-                        }
-                        None => invalid.push(at.to_owned()),
-                    }
-                });
-                for at in invalid {
-                    remove_concrete(payload, &at);
-                    reasons.push(Reason::new(
-                        "transform.invalid_value",
-                        format!("{at} is not a valid value for {} and was dropped", t.op()),
-                    ));
-                    dropped.push(at);
-                }
-            }
-        }
-    }
-}
-
-/// Removes every node `field` matches, recording their concrete paths.
-fn drop_matches(payload: &mut Value, field: &FieldPath, removed: &mut Vec<String>) {
-    let Some((last, parents)) = field.segments().split_last() else {
-        return;
-    };
-    let parent_path = FieldPath::parse(
-        &parents
-            .iter()
-            .map(|s| match s {
-                paths::Segment::Key(k) => k.as_str(),
-                paths::Segment::Any => "*",
-            })
-            .collect::<Vec<_>>()
-            .join("."),
-    );
-    let mut remove_from = |obj: &mut Value, at: &str| {
-        let Some(map) = obj.as_object_mut() else {
-            return;
-        };
-        let prefix = if at.is_empty() {
-            String::new()
-        } else {
-            format!("{at}.")
-        };
-        match last {
-            paths::Segment::Key(k) => {
-                if map.remove(k).is_some() {
-                    removed.push(format!("{prefix}{k}"));
-                }
-            }
-            paths::Segment::Any => {
-                for k in std::mem::take(map).keys() {
-                    removed.push(format!("{prefix}{k}"));
-                }
-            }
-        }
-    };
-    match parent_path {
-        Ok(p) => for_each_match(payload, &p, &mut remove_from),
-        Err(_) => remove_from(payload, ""),
-    }
-}
-
-/// Removes the value at a concrete path as reported by `for_each_match` (`a.b[].c`): within
-/// arrays, the key is removed from every element whose value is invalid, which is the
-/// conservative choice.
-fn remove_concrete(payload: &mut Value, at: &str) {
-    let plain = at.replace("[]", "");
-    if let Ok(p) = FieldPath::parse(&plain) {
-        let mut removed = Vec::new();
-        if at.contains("[]") {
-            drop_matches(payload, &p, &mut removed);
-        } else {
-            paths::take(payload, &p);
-        }
-    }
-}
-
-/// Scans (and, when the action is redact, redacts) every string in the payload except the
-/// envelope, hashed values and the fields expected to carry PII.
-fn scan_strings(
-    v: &mut Value,
-    at: &mut String,
-    dest: &Destination,
-    opaque: &[String],
-    findings: &mut Vec<pii::Finding>,
-    hits: &mut Vec<PiiHit>,
-) {
-    match v {
-        Value::String(s) => {
-            if opaque.iter().any(|o| o == at) || expected(dest, at) {
-                return;
-            }
-            findings.clear();
-            pii::scan(s, findings);
-            if findings.is_empty() {
-                return;
-            }
-            for f in findings.iter() {
-                hits.push(PiiHit {
-                    path: at.clone(),
-                    kind: f.kind.code(),
-                });
-            }
-            if dest.pii == PiiAction::Redact {
-                *s = pii::redact(s, findings);
-            }
-        }
-        Value::Object(map) => {
-            let len = at.len();
-            for (k, child) in map.iter_mut() {
-                if len == 0 && ENVELOPE_KEYS.contains(&k.as_str()) {
-                    continue;
-                }
-                if len > 0 {
-                    at.push('.');
-                }
-                at.push_str(k);
-                scan_strings(child, at, dest, opaque, findings, hits);
-                at.truncate(len);
-            }
-        }
-        Value::Array(items) => {
-            let len = at.len();
-            at.push_str("[]");
-            for item in items {
-                scan_strings(item, at, dest, opaque, findings, hits);
-            }
-            at.truncate(len);
-        }
-        _ => {}
-    }
-}
-
-fn expected(dest: &Destination, at: &str) -> bool {
-    if dest.pii_expected.is_empty() {
-        return false;
-    }
-    let plain = at.replace("[]", "");
-    FieldPath::parse(&plain).is_ok_and(|p| dest.pii_expected.iter().any(|e| p.is_covered_by(e)))
 }
 
 /// What each destination would receive of one event, and why: the output of `handoff plan`
@@ -758,13 +559,13 @@ pub fn plan(
                 legal_basis: dest.legal_basis,
                 decision: if send { "send" } else { "block" },
                 reasons: d.reasons.iter().map(|r| r.code).collect(),
-                details: d.reasons,
-                payload: match d.outcome {
-                    Outcome::Send(v) => Some(v),
+                details: d.reasons.clone(),
+                payload: match &d.outcome {
+                    Outcome::Send(p) => Some(p.to_value()),
                     Outcome::Block => None,
                 },
-                dropped: d.dropped,
-                pii: d.pii,
+                dropped: d.dropped.to_vec(),
+                pii: d.pii.clone(),
             }
         })
         .collect();

@@ -5,6 +5,7 @@
 //! Keeping a node keeps everything under it.
 
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Segment {
@@ -79,6 +80,19 @@ impl FieldPath {
     }
 }
 
+impl FieldPath {
+    /// [`FieldPath::is_covered_by`] for a concrete path as the walkers write it
+    /// (`properties.products[].sku`), without allocating.
+    pub fn covers_concrete(&self, at: &str) -> bool {
+        let mut parts = at.split('.').map(|p| p.trim_end_matches("[]"));
+        self.segments.iter().all(|seg| match (seg, parts.next()) {
+            (_, None) => false,
+            (Segment::Any, Some(_)) => true,
+            (Segment::Key(k), Some(p)) => k == p,
+        })
+    }
+}
+
 impl std::fmt::Display for FieldPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
@@ -127,7 +141,8 @@ impl Allowlist {
             return (Value::Object(Map::new()), dropped);
         };
         let mut out = Map::new();
-        let mut path = String::new();
+        let mut path = String::with_capacity(128);
+        dropped.reserve(16);
         for (key, value) in map {
             if always.contains(&key.as_str()) {
                 out.insert(key.clone(), value.clone());
@@ -151,7 +166,8 @@ fn walk(
     path: &mut String,
     dropped: &mut Vec<String>,
 ) -> Option<Value> {
-    let mut next: Vec<&Node> = Vec::new();
+    // Usually one node matches (an exact key or `*`); keep them off the heap.
+    let mut next: SmallVec<[&Node; 4]> = SmallVec::new();
     for parent in parents {
         for (seg, child) in &parent.children {
             let matches = match seg {
@@ -167,9 +183,7 @@ fn walk(
         }
     }
     if next.is_empty() {
-        if !dropped.iter().any(|d| d == path) {
-            dropped.push(path.clone());
-        }
+        record(dropped, path);
         return None;
     }
     descend(&next, value, path, dropped)
@@ -207,11 +221,16 @@ fn descend(
         }
         // A scalar where the allowlist expected more structure: not allowed.
         _ => {
-            if !dropped.iter().any(|d| d == path) {
-                dropped.push(path.clone());
-            }
+            record(dropped, path);
             None
         }
+    }
+}
+
+/// Records a dropped path once: elements of an array share theirs (`products[].price`).
+fn record(dropped: &mut Vec<String>, path: &str) {
+    if !path.contains("[]") || !dropped.iter().any(|d| d == path) {
+        dropped.push(path.to_owned());
     }
 }
 
@@ -322,6 +341,11 @@ mod tests {
         assert!(p.is_covered_by(&FieldPath::parse("properties.*").unwrap()));
         assert!(p.is_covered_by(&FieldPath::parse("properties").unwrap()));
         assert!(!p.is_covered_by(&FieldPath::parse("traits.*").unwrap()));
+        let products = FieldPath::parse("properties.products.*").unwrap();
+        assert!(products.covers_concrete("properties.products[].sku"));
+        assert!(products.covers_concrete("properties.products.a.b"));
+        assert!(!products.covers_concrete("properties.products"));
+        assert!(!products.covers_concrete("properties.total"));
     }
 
     #[test]

@@ -49,6 +49,11 @@ fn is_domain(b: u8) -> bool {
 /// Appends every finding in `s` to `out`, in order, without overlaps.
 pub fn scan(s: &str, out: &mut Vec<Finding>) {
     let b = s.as_bytes();
+    // Every kind has a digit or an '@', and none is shorter than 6 bytes ("a@b.co"): most
+    // strings (names, titles, URLs without numbers) are dismissed by this one vectorised pass.
+    if b.len() < 6 || !b.iter().any(|&c| c.is_ascii_digit() || c == b'@') {
+        return;
+    }
     let first = out.len();
     let mut i = 0;
     while i < b.len() {

@@ -218,7 +218,7 @@ pub fn sha256_hex(normalised: &str) -> String {
     if is_sha256_hex(normalised) {
         return normalised.to_ascii_lowercase();
     }
-    hex::encode(Sha256::digest(normalised.as_bytes()))
+    base16ct::lower::encode_string(&Sha256::digest(normalised.as_bytes()))
 }
 
 pub fn is_sha256_hex(s: &str) -> bool {
@@ -231,7 +231,7 @@ pub fn hmac_hex(key: &[u8], value: &str) -> String {
     let mut mac =
         <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts any key length");
     mac.update(value.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    base16ct::lower::encode_string(&mac.finalize().into_bytes())
 }
 
 /// IPv4 to its /24, IPv6 to its /48, written as an address with the rest zeroed.
@@ -328,10 +328,10 @@ impl Transform {
 }
 
 /// The text of a scalar for transforms: strings as they are, numbers as written.
-pub fn scalar_text(v: &Value) -> Option<String> {
+pub fn scalar_text(v: &Value) -> Option<std::borrow::Cow<'_, str>> {
     match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(std::borrow::Cow::Borrowed(s)),
+        Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),
         _ => None,
     }
 }
