@@ -81,7 +81,7 @@ fn decisions(c: &mut Criterion) {
             let value: Value = serde_json::from_str(black_box(EVENT)).unwrap();
             let event = PreparedEvent::new(value, &config.policy);
             ConsentContext::from_event(
-                &event.value,
+                event.value(),
                 &config.policy.consent_fields,
                 SubjectState::default(),
             )
@@ -92,7 +92,7 @@ fn decisions(c: &mut Criterion) {
             let value: Value = serde_json::from_str(black_box(EVENT)).unwrap();
             let event = PreparedEvent::new(value, &config.policy);
             let consent = ConsentContext::from_event(
-                &event.value,
+                event.value(),
                 &config.policy.consent_fields,
                 SubjectState::default(),
             );

@@ -157,10 +157,14 @@ impl Decision {
 /// An event read once and shared by every destination's decision.
 #[derive(Debug, Clone)]
 pub struct PreparedEvent {
-    pub value: Value,
+    value: Value,
     pub kind: Option<MessageKind>,
     /// The subject's country (ISO alpha-2, upper-case) when the event says.
     pub region: Option<String>,
+    /// PII in the event's strings, found once for all destinations: `(address of the string's
+    /// bytes, findings)`, sorted, for the strings that have any. Addresses are stable because
+    /// `value` is never changed after this is built.
+    pii: Vec<(usize, Vec<pii::Finding>)>,
 }
 
 impl PreparedEvent {
@@ -174,11 +178,45 @@ impl PreparedEvent {
             .map(str::trim)
             .filter(|c| c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()))
             .map(str::to_ascii_uppercase);
+        let mut found = Vec::new();
+        index_pii(&value, &mut found);
+        found.sort_unstable_by_key(|(at, _)| *at);
         PreparedEvent {
             value,
             kind,
             region,
+            pii: found,
         }
+    }
+
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// The PII found in `s`, a string inside this event's value.
+    pub(crate) fn pii_in(&self, s: &str) -> &[pii::Finding] {
+        match self
+            .pii
+            .binary_search_by_key(&(s.as_ptr() as usize), |(at, _)| *at)
+        {
+            Ok(i) => &self.pii[i].1,
+            Err(_) => &[],
+        }
+    }
+}
+
+fn index_pii(v: &Value, out: &mut Vec<(usize, Vec<pii::Finding>)>) {
+    match v {
+        Value::String(s) => {
+            let mut f = Vec::new();
+            pii::scan(s, &mut f);
+            if !f.is_empty() {
+                out.push((s.as_ptr() as usize, f));
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| index_pii(i, out)),
+        Value::Object(map) => map.values().for_each(|i| index_pii(i, out)),
+        _ => {}
     }
 }
 
@@ -475,7 +513,7 @@ pub fn decide(
         dropped,
         mut reasons,
         hits,
-    } = payload::write(&event.value, dest);
+    } = payload::write(event, dest);
     if !hits.is_empty() {
         let mut kinds: Vec<&str> = hits.iter().map(|h| h.kind).collect();
         kinds.sort_unstable();
@@ -545,7 +583,7 @@ pub fn plan(
     today: Date,
 ) -> Plan {
     let prepared = PreparedEvent::new(event, settings);
-    let consent = ConsentContext::from_event(&prepared.value, &settings.consent_fields, subject);
+    let consent = ConsentContext::from_event(prepared.value(), &settings.consent_fields, subject);
     let destinations = destinations
         .iter()
         .map(|dest| {

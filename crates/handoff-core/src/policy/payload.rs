@@ -15,7 +15,7 @@ use super::model::{Destination, ENVELOPE_KEYS, PiiAction};
 use super::paths::{self, FieldPath, Segment};
 use super::pii;
 use super::transform::{Transform, hmac_hex, scalar_text, sha256_hex, truncate_ip};
-use super::{PiiHit, Reason};
+use super::{PiiHit, PreparedEvent, Reason};
 
 /// A destination's allowlist and transforms as one trie.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -131,6 +131,7 @@ pub(super) struct Written {
 
 struct Walk<'a> {
     dest: &'a Destination,
+    event: &'a PreparedEvent,
     out: Vec<u8>,
     /// The concrete path of the node being written (`a.b[].c`).
     path: String,
@@ -142,10 +143,22 @@ struct Walk<'a> {
 
 type Nodes<'n> = SmallVec<[&'n Node; 4]>;
 
+/// How a string's PII is found.
+#[derive(Clone, Copy)]
+enum Scan {
+    /// A hash or pseudonym: nothing to find.
+    Opaque,
+    /// A string of the event itself: scanned once when the event was prepared.
+    Indexed,
+    /// A string a transform made: scanned here.
+    Now,
+}
+
 /// Writes `dest`'s payload for `event`.
-pub(super) fn write(event: &Value, dest: &Destination) -> Written {
+pub(super) fn write(event: &PreparedEvent, dest: &Destination) -> Written {
     let mut w = Walk {
         dest,
+        event,
         out: Vec::with_capacity(512),
         path: String::with_capacity(128),
         dropped: PathList {
@@ -159,7 +172,7 @@ pub(super) fn write(event: &Value, dest: &Destination) -> Written {
     let root = &dest.compiled.root;
     w.out.push(b'{');
     let mut first = true;
-    if let Value::Object(map) = event {
+    if let Value::Object(map) = event.value() {
         for (key, value) in map {
             let mark = w.out.len();
             if !first {
@@ -222,7 +235,11 @@ fn children<'n>(parents: &[&'n Node], key: &str) -> Nodes<'n> {
 /// compiler vectorises) then copying is several times faster than escaping byte by byte; the
 /// rest go through serde_json.
 fn write_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // A fold, not `all`: without the early exit the compiler turns it into SIMD compares.
+    let needs_escape = s.bytes().fold(false, |acc, b| {
+        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escape {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -327,7 +344,7 @@ impl Walk<'_> {
                 false
             }
             Value::String(s) => {
-                self.string(s, false);
+                self.string(s, Scan::Indexed);
                 true
             }
             other => {
@@ -337,32 +354,41 @@ impl Walk<'_> {
         }
     }
 
-    /// Writes a string, scanning it for PII unless it is a hash or an expected identifier.
-    fn string(&mut self, s: &str, opaque: bool) {
-        if !opaque {
-            self.findings.clear();
-            pii::scan(s, &mut self.findings);
-            if !self.findings.is_empty()
-                && !self
-                    .dest
-                    .pii_expected
-                    .iter()
-                    .any(|e| e.covers_concrete(&self.path))
-            {
-                for f in &self.findings {
-                    self.hits.push(PiiHit {
-                        path: self.path.clone(),
-                        kind: f.kind.code(),
-                    });
-                }
-                if self.dest.pii == PiiAction::Redact {
-                    let redacted = pii::redact(s, &self.findings);
-                    write_str(&mut self.out, &redacted);
-                    return;
-                }
+    /// Writes a string, with its PII handled unless it is an expected identifier.
+    fn string(&mut self, s: &str, scan: Scan) {
+        let event = self.event;
+        let mut scratch = std::mem::take(&mut self.findings);
+        let findings: &[pii::Finding] = match scan {
+            Scan::Opaque => &[],
+            Scan::Indexed => event.pii_in(s),
+            Scan::Now => {
+                scratch.clear();
+                pii::scan(s, &mut scratch);
+                &scratch
+            }
+        };
+        let expected = || {
+            self.dest
+                .pii_expected
+                .iter()
+                .any(|e| e.covers_concrete(&self.path))
+        };
+        if findings.is_empty() || expected() {
+            write_str(&mut self.out, s);
+        } else {
+            for f in findings {
+                self.hits.push(PiiHit {
+                    path: self.path.clone(),
+                    kind: f.kind.code(),
+                });
+            }
+            if self.dest.pii == PiiAction::Redact {
+                write_str(&mut self.out, &pii::redact(s, findings));
+            } else {
+                write_str(&mut self.out, s);
             }
         }
-        write_str(&mut self.out, s);
+        self.findings = scratch;
     }
 
     /// Applies the transforms that end at this node, in order, then writes what is left.
@@ -412,7 +438,7 @@ impl Walk<'_> {
         }
         match text {
             Some(s) => {
-                self.string(&s, opaque);
+                self.string(&s, if opaque { Scan::Opaque } else { Scan::Now });
                 true
             }
             // A null met the transforms: nothing to transform, and null says nothing.

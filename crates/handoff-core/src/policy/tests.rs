@@ -72,7 +72,7 @@ fn order() -> Value {
 fn run(config: &Config, event: Value, subject: SubjectState, id: &str) -> Decision {
     let prepared = PreparedEvent::new(event, &config.policy);
     let consent =
-        ConsentContext::from_event(&prepared.value, &config.policy.consent_fields, subject);
+        ConsentContext::from_event(prepared.value(), &config.policy.consent_fields, subject);
     decide(&prepared, &consent, dest(config, id), TODAY)
 }
 
@@ -401,7 +401,7 @@ fn vendor_approval_is_checked_at_decision_time() {
     let c = example();
     let prepared = PreparedEvent::new(order(), &c.policy);
     let consent = ConsentContext::from_event(
-        &prepared.value,
+        prepared.value(),
         &c.policy.consent_fields,
         SubjectState::default(),
     );
@@ -430,7 +430,7 @@ fn residency_needs_a_transfer_mechanism_for_protected_subjects() {
     let run_on = |e: Value, d: &Destination| {
         let prepared = PreparedEvent::new(e, &c.policy);
         let consent = ConsentContext::from_event(
-            &prepared.value,
+            prepared.value(),
             &c.policy.consent_fields,
             SubjectState::default(),
         );
@@ -797,7 +797,7 @@ proptest! {
             let mut e = order();
             set(&mut e, "context.consent", json!({"tcf": tc, "categoryPreferences": categories}));
             let prepared = PreparedEvent::new(e, &c.policy);
-            let consent = ConsentContext::from_event(&prepared.value, &c.policy.consent_fields, SubjectState::default());
+            let consent = ConsentContext::from_event(prepared.value(), &c.policy.consent_fields, SubjectState::default());
             for d in c.destinations.iter().filter(|d| d.legal_basis == model::LegalBasis::Consent) {
                 let decision = decide(&prepared, &consent, d, TODAY);
                 if all_consent_based || d.consent.tcf_vendor_id.is_some() {
