@@ -21,6 +21,7 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod oauth;
+pub mod policy_http;
 pub mod sources;
 pub mod tls;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub limits: limits::Limits,
     pub sources: SourceKeys,
     pub metrics: Metrics,
+    /// Vendors, destinations and policy settings from the configuration.
+    pub policy: policy_http::PolicyConfig,
     /// False once shutdown has begun: `/readyz` then tells load balancers to stop sending.
     pub ready: AtomicBool,
 }
@@ -46,9 +49,11 @@ impl AppState {
         journal: Arc<dyn Journal>,
         sources: SourceKeys,
         auth: Arc<oauth::Auth>,
+        policy: policy_http::PolicyConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
             auth,
+            policy,
             limits: limits::Limits::default(),
             metrics: Metrics::new(sources.sources()),
             journal,
@@ -63,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(ingest::routes())
         .merge(auth_http::routes())
+        .merge(policy_http::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

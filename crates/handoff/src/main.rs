@@ -443,7 +443,17 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     tracing::info!(%addr, sources = keys.sources().count(), "listening");
 
     let journal: Arc<dyn Journal> = Arc::new(journal);
-    let state = AppState::new(journal, keys, Arc::new(auth));
+    let policy = handoff_server::policy_http::PolicyConfig {
+        settings: config.policy.clone(),
+        vendors: config.vendors.clone(),
+        destinations: config.destinations.clone(),
+    };
+    tracing::info!(
+        vendors = policy.vendors.len(),
+        destinations = policy.destinations.len(),
+        "policy loaded"
+    );
+    let state = AppState::new(journal, keys, Arc::new(auth), policy);
     handoff_server::serve(
         listener,
         state,

@@ -4,14 +4,12 @@ use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use anyhow::{Context, Result};
 use time::Date;
 
 use handoff_core::config::Config;
 use handoff_core::consent::SubjectState;
-use handoff_core::ids::MessageKind;
-use handoff_core::ingest::{self, Endpoint, RequestSignals};
+use handoff_core::ingest::RequestSignals;
 use handoff_core::policy;
 
 /// Reads a date given as `YYYY-MM-DD`.
@@ -20,8 +18,8 @@ pub fn parse_date(s: &str) -> Result<Date, String> {
     Date::parse(s, &fmt).map_err(|_| format!("{s:?} is not a date like 2026-11-25"))
 }
 
-/// Reads the event file (`-` for stdin) and normalises it exactly as ingest would.
-fn read_event(path: &Path, gpc: bool) -> Result<Value> {
+/// Reads the event file (`-` for stdin).
+fn read_event(path: &Path) -> Result<Vec<u8>> {
     let mut body = Vec::new();
     if path == Path::new("-") {
         std::io::stdin()
@@ -30,40 +28,7 @@ fn read_event(path: &Path, gpc: bool) -> Result<Value> {
     } else {
         body = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     }
-    let raw: Value =
-        serde_json::from_slice(&body).with_context(|| format!("{} is not JSON", path.display()))?;
-    if raw.get("batch").is_some() {
-        bail!("plan takes one message, not a batch: put one message in the file");
-    }
-    let Some(kind) = raw
-        .get("type")
-        .and_then(Value::as_str)
-        .and_then(MessageKind::parse)
-    else {
-        bail!("the message needs \"type\": one of track, identify, page, screen, group, alias");
-    };
-    let mut n = 0;
-    let mut new_id = || {
-        n += 1;
-        format!("planned-message-{n}")
-    };
-    let parsed = ingest::parse_with_signals(
-        Endpoint::Single(kind),
-        &body,
-        time::OffsetDateTime::now_utc(),
-        RequestSignals { gpc },
-        &mut new_id,
-    )
-    .map_err(|e| anyhow::anyhow!("{e} [{}]", e.code()))?;
-    if let Some(r) = parsed.rejected.first() {
-        bail!(
-            "ingest would refuse this message: {} [{}]",
-            r.error,
-            r.error.code()
-        );
-    }
-    let accepted = parsed.accepted.first().context("ingest accepted nothing")?;
-    Ok(serde_json::from_str(&accepted.payload)?)
+    Ok(body)
 }
 
 pub fn run(
@@ -86,14 +51,20 @@ pub fn run(
             return Ok(ExitCode::FAILURE);
         }
     };
-    let event = read_event(event_path, gpc)?;
-    let plan = policy::plan(
+    let body = read_event(event_path)?;
+    let now = match as_of {
+        Some(day) => day.midnight().assume_utc(),
+        None => time::OffsetDateTime::now_utc(),
+    };
+    let plan = policy::plan_message(
         &config.policy,
         &config.destinations,
-        event,
+        &body,
+        RequestSignals { gpc },
+        now,
         SubjectState::default(),
-        today,
-    );
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e} [{}]", event_path.display(), e.code))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(ExitCode::SUCCESS);

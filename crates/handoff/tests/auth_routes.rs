@@ -272,6 +272,27 @@ async fn every_protected_route_refuses_every_bad_token() {
         },
         Route {
             method: "GET",
+            path: "/admin/v1/vendors".into(),
+            body: None,
+            scope: "admin:read",
+            ok: StatusCode::OK,
+        },
+        Route {
+            method: "GET",
+            path: "/admin/v1/destinations".into(),
+            body: None,
+            scope: "admin:read",
+            ok: StatusCode::OK,
+        },
+        Route {
+            method: "POST",
+            path: "/admin/v1/plan".into(),
+            body: Some(json!({"type": "track", "event": "Viewed", "userId": "u1"})),
+            scope: "admin:read",
+            ok: StatusCode::OK,
+        },
+        Route {
+            method: "GET",
             path: "/metrics".into(),
             body: None,
             scope: "metrics:read",

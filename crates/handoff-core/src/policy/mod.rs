@@ -610,5 +610,74 @@ pub fn plan(
     Plan { destinations }
 }
 
+/// Why a sample message cannot be planned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PlanError {
+    /// `plan.batch`, `plan.type_missing`, or the ingest code that would refuse the message.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Plans one message given as an SDK would send it (JSON bytes): it is first normalised exactly
+/// as ingest would (ids, times, `Sec-GPC`), then decided for every destination. This is what
+/// `handoff plan` and `POST /admin/v1/plan` run.
+pub fn plan_message(
+    settings: &PolicySettings,
+    destinations: &[Destination],
+    body: &[u8],
+    signals: crate::ingest::RequestSignals,
+    now: time::OffsetDateTime,
+    subject: SubjectState,
+) -> Result<Plan, PlanError> {
+    use crate::ingest::{self, Endpoint};
+    let raw: Value = serde_json::from_slice(body).map_err(|e| PlanError {
+        code: "request.json.malformed",
+        message: format!("the message is not valid JSON: {e}"),
+    })?;
+    if raw.get("batch").is_some() {
+        return Err(PlanError {
+            code: "plan.batch",
+            message: "plan takes one message, not a batch".into(),
+        });
+    }
+    let Some(kind) = raw
+        .get("type")
+        .and_then(Value::as_str)
+        .and_then(MessageKind::parse)
+    else {
+        return Err(PlanError {
+            code: "plan.type_missing",
+            message: "the message needs \"type\": track, identify, page, screen, group or alias"
+                .into(),
+        });
+    };
+    let mut n = 0;
+    let mut new_id = || {
+        n += 1;
+        format!("planned-message-{n}")
+    };
+    let parsed =
+        ingest::parse_with_signals(Endpoint::Single(kind), body, now, signals, &mut new_id)
+            .map_err(|e| PlanError {
+                code: e.code(),
+                message: e.to_string(),
+            })?;
+    if let Some(r) = parsed.rejected.first() {
+        return Err(PlanError {
+            code: r.error.code(),
+            message: format!("ingest would refuse this message: {}", r.error),
+        });
+    }
+    let Some(accepted) = parsed.accepted.first() else {
+        return Err(PlanError {
+            code: "plan.type_missing",
+            message: "ingest accepted nothing".into(),
+        });
+    };
+    let event: Value = serde_json::from_str(&accepted.payload).expect("ingest writes valid JSON");
+    Ok(plan(settings, destinations, event, subject, now.date()))
+}
+
 #[cfg(test)]
 mod tests;
