@@ -100,7 +100,10 @@ impl Categories {
             let Value::Bool(b) = v else {
                 return Err(format!("category {k:?} is not true or false"));
             };
-            out.insert(k.to_ascii_lowercase(), *b);
+            // Names differing only in case are one category: a refusal under any spelling wins.
+            out.entry(k.to_ascii_lowercase())
+                .and_modify(|granted: &mut bool| *granted &= *b)
+                .or_insert(*b);
         }
         Ok(Categories(out))
     }
@@ -116,7 +119,8 @@ impl Categories {
 }
 
 /// Preferences stored for a subject: set by an `identify` call carrying
-/// `traits.consent.categoryPreferences`, or by an operator or a data-subject request.
+/// `traits.consent.categoryPreferences` / `traits.consent.optOut`, by an operator, or by a
+/// data-subject request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredPreferences {
     pub categories: Categories,
@@ -124,23 +128,48 @@ pub struct StoredPreferences {
     pub opt_out_of_sale: bool,
 }
 
+/// What one `identify` (or API call) says about a subject's preferences. Only what it says
+/// changes: a later call without `optOut` does not undo an opt-out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PreferenceUpdate {
+    pub categories: Option<Categories>,
+    pub opt_out_of_sale: Option<bool>,
+}
+
 impl StoredPreferences {
+    /// The preferences after `update`: categories it names replace the stored ones one by one;
+    /// the opt-out changes only when the update says `optOut` explicitly.
+    pub fn apply(&self, update: &PreferenceUpdate) -> StoredPreferences {
+        let mut next = self.clone();
+        if let Some(c) = &update.categories {
+            for (name, granted) in c.iter() {
+                next.categories.0.insert(name.to_owned(), granted);
+            }
+        }
+        if let Some(o) = update.opt_out_of_sale {
+            next.opt_out_of_sale = o;
+        }
+        next
+    }
+}
+
+impl PreferenceUpdate {
     /// What an `identify` event asks to store, if anything.
-    pub fn from_identify(event: &Value) -> Option<Result<StoredPreferences, String>> {
+    pub fn from_identify(event: &Value) -> Option<Result<PreferenceUpdate, String>> {
         let consent = event.get("traits")?.get("consent")?;
         let categories = match consent.get("categoryPreferences") {
-            None => Categories::default(),
+            None => None,
             Some(v) => match Categories::from_json(v) {
-                Ok(c) => c,
+                Ok(c) => Some(c),
                 Err(e) => return Some(Err(format!("traits.consent.categoryPreferences {e}"))),
             },
         };
         let opt_out_of_sale = match consent.get("optOut") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
+            None => None,
+            Some(Value::Bool(b)) => Some(*b),
             Some(_) => return Some(Err("traits.consent.optOut is not true or false".into())),
         };
-        Some(Ok(StoredPreferences {
+        Some(Ok(PreferenceUpdate {
             categories,
             opt_out_of_sale,
         }))
@@ -197,13 +226,15 @@ impl ConsentContext {
                 Err(e) => Signal::Malformed(e),
             },
         };
-        // GPC is an opt-out: anything that is not clearly "off" counts as on.
-        let gpc = match get_path(event, &fields.gpc) {
+        // GPC is an opt-out: anything that is not clearly "off" counts as on. Ingest records
+        // `Sec-GPC: 1` in `context.gpc`, which counts whatever field is configured.
+        let on = |path: &str| match get_path(event, path) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
             Some(Value::String(s)) => s != "0" && !s.eq_ignore_ascii_case("false"),
             Some(Value::Number(n)) => n.as_f64() != Some(0.0),
             Some(_) => true,
         };
+        let gpc = on(&fields.gpc) || on(DEFAULT_GPC_FIELD);
         ConsentContext {
             tcf,
             us_privacy,
@@ -266,16 +297,54 @@ mod tests {
     }
 
     #[test]
-    fn identify_traits_set_stored_preferences() {
+    fn identify_traits_update_stored_preferences() {
         let e = json!({"traits": {"consent": {"categoryPreferences": {"Analytics": true}, "optOut": true}}});
-        let p = StoredPreferences::from_identify(&e).unwrap().unwrap();
+        let u = PreferenceUpdate::from_identify(&e).unwrap().unwrap();
+        let p = StoredPreferences::default().apply(&u);
         assert!(p.opt_out_of_sale);
         assert_eq!(p.categories.get("analytics"), Some(true));
-        assert!(StoredPreferences::from_identify(&json!({"traits": {}})).is_none());
+        // A later identify that does not mention the opt-out leaves it in place.
+        let later = json!({"traits": {"consent": {"categoryPreferences": {"Advertising": true}}}});
+        let p = p.apply(&PreferenceUpdate::from_identify(&later).unwrap().unwrap());
+        assert!(p.opt_out_of_sale);
+        assert_eq!(
+            (
+                p.categories.get("analytics"),
+                p.categories.get("advertising")
+            ),
+            (Some(true), Some(true))
+        );
+        let back_in = json!({"traits": {"consent": {"optOut": false}}});
         assert!(
-            StoredPreferences::from_identify(&json!({"traits": {"consent": {"optOut": 1}}}))
+            !p.apply(&PreferenceUpdate::from_identify(&back_in).unwrap().unwrap())
+                .opt_out_of_sale
+        );
+        assert!(PreferenceUpdate::from_identify(&json!({"traits": {}})).is_none());
+        assert!(
+            PreferenceUpdate::from_identify(&json!({"traits": {"consent": {"optOut": 1}}}))
                 .unwrap()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_refusal_under_any_spelling_wins() {
+        let c = Categories::from_json(&json!({"Advertising": false, "advertising": true})).unwrap();
+        assert_eq!(c.get("advertising"), Some(false));
+        let c = Categories::from_json(&json!({"ADVERTISING": true, "advertising": false})).unwrap();
+        assert_eq!(c.get("Advertising"), Some(false));
+    }
+
+    #[test]
+    fn sec_gpc_counts_whatever_gpc_field_is_configured() {
+        let fields = ConsentFields {
+            gpc: "properties.gpc".into(),
+            ..ConsentFields::default()
+        };
+        let from_header = json!({"context": {"gpc": true}});
+        assert!(ConsentContext::from_event(&from_header, &fields, SubjectState::default()).gpc);
+        let from_field = json!({"properties": {"gpc": "1"}});
+        assert!(ConsentContext::from_event(&from_field, &fields, SubjectState::default()).gpc);
+        assert!(!ConsentContext::from_event(&json!({}), &fields, SubjectState::default()).gpc);
     }
 }

@@ -54,6 +54,10 @@ pub enum TcfError {
     VendorAboveMax,
     #[error("publisher restriction type {0} is not defined")]
     RestrictionType(u8),
+    #[error("the {0} field holds a value that is not a letter")]
+    Letter(&'static str),
+    #[error("publisher restriction for purpose {0}, which does not exist (1-24)")]
+    Purpose(u8),
 }
 
 /// A set of vendor ids (1–65,535) as a bitset: membership and range inserts are O(1) per word,
@@ -260,7 +264,7 @@ impl<'a> Bits<'a> {
             let n = self.read(6, field)? as u8;
             // 0 = 'A' … 25 = 'Z'; anything else cannot be a letter.
             if n > 25 {
-                return Err(TcfError::Truncated(field));
+                return Err(TcfError::Letter(field));
             }
             s.push((b'A' + n) as char);
         }
@@ -268,9 +272,13 @@ impl<'a> Bits<'a> {
     }
 
     /// `NumEntries` followed by entries of single ids or ranges.
-    fn ranges(&mut self, max: Option<u16>, field: &'static str) -> Result<VendorSet, TcfError> {
+    fn ranges(
+        &mut self,
+        max: Option<u16>,
+        field: &'static str,
+        set: &mut VendorSet,
+    ) -> Result<(), TcfError> {
         let entries = self.read(12, field)?;
-        let mut set = VendorSet::default();
         for _ in 0..entries {
             let is_range = self.flag(field)?;
             let start = self.read(16, field)? as u16;
@@ -290,14 +298,16 @@ impl<'a> Bits<'a> {
             }
             set.insert_range(start, end);
         }
-        Ok(set)
+        Ok(())
     }
 
     /// A vendor section: `MaxVendorId`, `IsRangeEncoding`, then a bitfield or ranges.
     fn vendor_section(&mut self, field: &'static str) -> Result<VendorSet, TcfError> {
         let max = self.read(16, field)? as u16;
         if self.flag(field)? {
-            self.ranges(Some(max), field)
+            let mut set = VendorSet::default();
+            self.ranges(Some(max), field, &mut set)?;
+            Ok(set)
         } else {
             let mut set = VendorSet::default();
             for id in 1..=max {
@@ -348,21 +358,39 @@ pub fn decode(input: &str) -> Result<TcString, TcfError> {
     let vendor_consents = b.vendor_section("VendorConsents")?;
     let vendor_legitimate_interests = b.vendor_section("VendorLegitimateInterests")?;
     let restrictions = b.read(12, "NumPubRestrictions")?;
-    let mut publisher_restrictions = Vec::with_capacity(restrictions.min(64) as usize);
+    // Entries for the same purpose and type are merged, so a hostile string with thousands of
+    // entries costs at most 24 purposes x 3 types vendor sets (8 KiB each at worst).
+    let mut publisher_restrictions: Vec<PublisherRestriction> = Vec::new();
     for _ in 0..restrictions {
         let purpose = b.read(6, "PubRestrictionEntry")? as u8;
+        if !(1..=24).contains(&purpose) {
+            return Err(TcfError::Purpose(purpose));
+        }
         let restriction = match b.read(2, "PubRestrictionEntry")? as u8 {
             0 => RestrictionType::NotAllowed,
             1 => RestrictionType::RequireConsent,
             2 => RestrictionType::RequireLegitimateInterest,
             other => return Err(TcfError::RestrictionType(other)),
         };
-        let vendors = b.ranges(None, "PubRestrictionEntry")?;
-        publisher_restrictions.push(PublisherRestriction {
-            purpose,
-            restriction,
-            vendors,
-        });
+        let i = match publisher_restrictions
+            .iter()
+            .position(|r| r.purpose == purpose && r.restriction == restriction)
+        {
+            Some(i) => i,
+            None => {
+                publisher_restrictions.push(PublisherRestriction {
+                    purpose,
+                    restriction,
+                    vendors: VendorSet::default(),
+                });
+                publisher_restrictions.len() - 1
+            }
+        };
+        b.ranges(
+            None,
+            "PubRestrictionEntry",
+            &mut publisher_restrictions[i].vendors,
+        )?;
     }
 
     let mut disclosed_vendors = None;
@@ -588,6 +616,59 @@ mod tests {
             decode(&"A".repeat(MAX_TC_STRING_LEN + 1)),
             Err(TcfError::TooLong)
         );
+    }
+
+    #[test]
+    fn restriction_entries_are_merged_by_purpose_and_type() {
+        // 1,500 entries for one purpose and type, each a full range: one merged set.
+        let mut w = Writer::default();
+        w.put(6, 2)
+            .put(36, 0)
+            .put(36, 0)
+            .put(12, 0)
+            .put(12, 0)
+            .put(6, 0)
+            .put(12, 0);
+        w.put(12, 0)
+            .put(6, 4)
+            .put(2, 0)
+            .put(12, 0)
+            .put(24, 0)
+            .put(24, 0)
+            .put(1, 0)
+            .put(12, 0);
+        w.put(16, 0).put(1, 0).put(16, 0).put(1, 0);
+        w.put(12, 1500);
+        for _ in 0..1500 {
+            w.put(6, 7)
+                .put(2, 0)
+                .put(12, 1)
+                .put(1, 1)
+                .put(16, 1)
+                .put(16, 65_535);
+        }
+        let tc = decode(&w.finish()).unwrap();
+        assert_eq!(tc.publisher_restrictions.len(), 1);
+        assert_eq!(tc.publisher_restrictions[0].vendors.len(), 65_535);
+        let mut zero = Writer::default();
+        zero.put(6, 2)
+            .put(36, 0)
+            .put(36, 0)
+            .put(12, 0)
+            .put(12, 0)
+            .put(6, 0)
+            .put(12, 0);
+        zero.put(12, 0)
+            .put(6, 4)
+            .put(2, 0)
+            .put(12, 0)
+            .put(24, 0)
+            .put(24, 0)
+            .put(1, 0)
+            .put(12, 0);
+        zero.put(16, 0).put(1, 0).put(16, 0).put(1, 0);
+        zero.put(12, 1).put(6, 0).put(2, 0).put(12, 0);
+        assert_eq!(decode(&zero.finish()), Err(TcfError::Purpose(0)));
     }
 
     #[test]

@@ -155,11 +155,13 @@ impl Decision {
 }
 
 /// An event read once and shared by every destination's decision.
-#[derive(Debug, Clone)]
+/// Not `Clone`: its PII index is keyed by the addresses of its own strings.
+#[derive(Debug)]
 pub struct PreparedEvent {
     value: Value,
     pub kind: Option<MessageKind>,
-    /// The subject's country (ISO alpha-2, upper-case) when the event says.
+    /// The subject's country (ISO 3166-1 alpha-2) when the event says, and says it with an
+    /// assigned code; otherwise unknown (and, for residency, treated as protected).
     pub region: Option<String>,
     /// PII in the event's strings, found once for all destinations: `(address of the string's
     /// bytes, findings)`, sorted, for the strings that have any. Addresses are stable because
@@ -175,9 +177,8 @@ impl PreparedEvent {
             .and_then(MessageKind::parse);
         let region = get_path(&value, &settings.region_field)
             .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|c| c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()))
-            .map(str::to_ascii_uppercase);
+            .and_then(model::country_code)
+            .map(str::to_owned);
         let mut found = Vec::new();
         index_pii(&value, &mut found);
         found.sort_unstable_by_key(|(at, _)| *at);
@@ -193,7 +194,7 @@ impl PreparedEvent {
         &self.value
     }
 
-    /// The PII found in `s`, a string inside this event's value.
+    /// The PII found in `s`, a string (or key) inside this event's value.
     pub(crate) fn pii_in(&self, s: &str) -> &[pii::Finding] {
         match self
             .pii
@@ -215,13 +216,27 @@ fn index_pii(v: &Value, out: &mut Vec<(usize, Vec<pii::Finding>)>) {
             }
         }
         Value::Array(items) => items.iter().for_each(|i| index_pii(i, out)),
-        Value::Object(map) => map.values().for_each(|i| index_pii(i, out)),
+        Value::Object(map) => {
+            for (k, v) in map {
+                // Keys too: an e-mail address can be a key (`{"jane@example.com": true}`).
+                let mut f = Vec::new();
+                pii::scan(k, &mut f);
+                if !f.is_empty() {
+                    out.push((k.as_ptr() as usize, f));
+                }
+                index_pii(v, out);
+            }
+        }
         _ => {}
     }
 }
 
+/// TCF v2.2 purposes that may not rest on legitimate interest: storing or accessing
+/// information on a device (1) and the personalised advertising and content purposes (3-6).
+pub const TCF_CONSENT_ONLY_PURPOSES: &[u8] = &[1, 3, 4, 5, 6];
+
 mod tcf_check {
-    use super::Reason;
+    use super::{Reason, TCF_CONSENT_ONLY_PURPOSES};
     use crate::consent::tcf::{RestrictionType, TcString};
     use crate::policy::model::{ConsentRequirement, LegalBasis};
 
@@ -242,17 +257,27 @@ mod tcf_check {
                     ),
                 ));
             }
-            // The basis the vendor must use: the publisher may require one; otherwise ours.
-            let use_li = match restriction {
-                Some(RestrictionType::RequireLegitimateInterest) => true,
-                Some(RestrictionType::RequireConsent) => false,
+            // The basis the vendor must use: the publisher may require one; otherwise ours. A
+            // destination configured for consent is never switched to legitimate interest by
+            // a restriction: whether the vendor may do so is in the vendor list, not here.
+            let use_li = match (restriction, basis) {
+                (Some(RestrictionType::RequireLegitimateInterest), LegalBasis::Consent) => {
+                    return Some(Reason::new(
+                        "tcf.publisher_restricted",
+                        format!(
+                            "the publisher requires legitimate interest for purpose {purpose}, and this destination relies on consent"
+                        ),
+                    ));
+                }
+                (Some(RestrictionType::RequireLegitimateInterest), _) => true,
+                (Some(RestrictionType::RequireConsent), _) => false,
                 _ => basis == LegalBasis::LegitimateInterest,
             };
             if use_li {
-                if purpose == 1 {
+                if TCF_CONSENT_ONLY_PURPOSES.contains(&purpose) {
                     return Some(Reason::new(
                         "tcf.publisher_restricted",
-                        "purpose 1 cannot rest on legitimate interest",
+                        format!("TCF v2.2 allows purpose {purpose} only with consent"),
                     ));
                 }
                 if !tc.purposes_li_transparency.contains(&purpose)
@@ -363,13 +388,21 @@ fn legal_basis(consent: &ConsentContext, dest: &Destination) -> Option<Reason> {
                 }
             }
         }
-        LegalBasis::LegitimateInterest => {
-            if let (Some(vendor), Signal::Present(tc)) = (req.tcf_vendor_id, &consent.tcf)
-                && let Some(r) = check_tcf(tc, req, vendor, LegalBasis::LegitimateInterest)
-            {
-                return Some(r);
+        LegalBasis::LegitimateInterest => match (req.tcf_vendor_id, &consent.tcf) {
+            (Some(vendor), Signal::Present(tc)) => {
+                if let Some(r) = check_tcf(tc, req, vendor, LegalBasis::LegitimateInterest) {
+                    return Some(r);
+                }
             }
-        }
+            // An objection recorded in a string we cannot read must still count.
+            (Some(_), Signal::Malformed(why)) => {
+                return Some(Reason::new(
+                    "tcf.malformed",
+                    format!("the TC string cannot be read: {why}"),
+                ));
+            }
+            _ => {}
+        },
         LegalBasis::Contract | LegalBasis::LegalObligation => {}
     }
     if dest.sale_or_sharing {
@@ -513,14 +546,28 @@ pub fn decide(
         dropped,
         mut reasons,
         hits,
+        more_hits,
     } = payload::write(event, dest);
     if !hits.is_empty() {
         let mut kinds: Vec<&str> = hits.iter().map(|h| h.kind).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        let mut at: Vec<&str> = hits.iter().map(|h| h.path.as_str()).collect();
+        let mut at: Vec<&str> = hits.iter().map(|h| h.path.as_str()).take(10).collect();
         at.dedup();
-        let (kinds, at) = (kinds.join(", "), at.join(", "));
+        let mut at = at.join(", ");
+        if at.len() > 500 {
+            let cut = (0..=500)
+                .rev()
+                .find(|i| at.is_char_boundary(*i))
+                .unwrap_or(0);
+            at.truncate(cut);
+            at.push('…');
+        }
+        let distinct = hits.len() + more_hits;
+        if distinct > 10 {
+            at.push_str(&format!(" and {} more", distinct - 10));
+        }
+        let kinds = kinds.join(", ");
         match dest.pii {
             PiiAction::Block => {
                 return Decision {

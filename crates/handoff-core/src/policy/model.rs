@@ -212,6 +212,40 @@ pub const GDPR_COUNTRIES: &[&str] = &[
     "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI", "NO", "GB", "CH",
 ];
 
+/// ISO 3166-1 alpha-2: the officially assigned codes (249), sorted.
+pub const COUNTRIES: &[&str] = &[
+    "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX", "AZ",
+    "BA", "BB", "BD", "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ", "BR", "BS",
+    "BT", "BV", "BW", "BY", "BZ", "CA", "CC", "CD", "CF", "CG", "CH", "CI", "CK", "CL", "CM", "CN",
+    "CO", "CR", "CU", "CV", "CW", "CX", "CY", "CZ", "DE", "DJ", "DK", "DM", "DO", "DZ", "EC", "EE",
+    "EG", "EH", "ER", "ES", "ET", "FI", "FJ", "FK", "FM", "FO", "FR", "GA", "GB", "GD", "GE", "GF",
+    "GG", "GH", "GI", "GL", "GM", "GN", "GP", "GQ", "GR", "GS", "GT", "GU", "GW", "GY", "HK", "HM",
+    "HN", "HR", "HT", "HU", "ID", "IE", "IL", "IM", "IN", "IO", "IQ", "IR", "IS", "IT", "JE", "JM",
+    "JO", "JP", "KE", "KG", "KH", "KI", "KM", "KN", "KP", "KR", "KW", "KY", "KZ", "LA", "LB", "LC",
+    "LI", "LK", "LR", "LS", "LT", "LU", "LV", "LY", "MA", "MC", "MD", "ME", "MF", "MG", "MH", "MK",
+    "ML", "MM", "MN", "MO", "MP", "MQ", "MR", "MS", "MT", "MU", "MV", "MW", "MX", "MY", "MZ", "NA",
+    "NC", "NE", "NF", "NG", "NI", "NL", "NO", "NP", "NR", "NU", "NZ", "OM", "PA", "PE", "PF", "PG",
+    "PH", "PK", "PL", "PM", "PN", "PR", "PS", "PT", "PW", "PY", "QA", "RE", "RO", "RS", "RU", "RW",
+    "SA", "SB", "SC", "SD", "SE", "SG", "SH", "SI", "SJ", "SK", "SL", "SM", "SN", "SO", "SR", "SS",
+    "ST", "SV", "SX", "SY", "SZ", "TC", "TD", "TF", "TG", "TH", "TJ", "TK", "TL", "TM", "TN", "TO",
+    "TR", "TT", "TV", "TW", "TZ", "UA", "UG", "UM", "US", "UY", "UZ", "VA", "VC", "VE", "VG", "VI",
+    "VN", "VU", "WF", "WS", "YE", "YT", "ZA", "ZM", "ZW",
+];
+
+/// The ISO 3166-1 alpha-2 code for a country code as events carry it: upper-cased, with the
+/// two common non-ISO aliases mapped (`UK` → `GB`, `EL` → `GR`, as the EU writes Greece).
+/// `None` for anything that is not an assigned code (`EU`, `XX`, `T1`…): such a subject's
+/// region is unknown, and treated as protected.
+pub fn country_code(raw: &str) -> Option<&'static str> {
+    let upper = raw.trim().to_ascii_uppercase();
+    let code = match upper.as_str() {
+        "UK" => "GB",
+        "EL" => "GR",
+        other => other,
+    };
+    COUNTRIES.binary_search(&code).ok().map(|i| COUNTRIES[i])
+}
+
 pub fn in_gdpr_area(country: &str) -> bool {
     // Two-letter codes packed into a u16 and found by binary search: this runs for every
     // decision, and comparing strings one by one showed in profiles.
@@ -341,7 +375,7 @@ fn valid_id(id: &str) -> bool {
 }
 
 fn valid_country(c: &str) -> bool {
-    c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase())
+    COUNTRIES.binary_search(&c).is_ok()
 }
 
 pub(crate) fn read_policy(v: Option<&Value>, problems: &mut Vec<Problem>) -> PolicySettings {
@@ -602,7 +636,11 @@ fn read_transform(t: TransformToml, path: &str, problems: &mut Vec<Problem>) -> 
             normalize,
             country_code: t.country_code.clone(),
         },
-        "hmac" => Transform::Hmac { field, normalize },
+        "hmac" => Transform::Hmac {
+            field,
+            normalize,
+            country_code: t.country_code.clone(),
+        },
         "truncate_ip" => Transform::TruncateIp { field },
         "generalise" | "generalize" => {
             let to = match (t.to.as_deref(), t.length) {
@@ -658,7 +696,7 @@ fn read_transform(t: TransformToml, path: &str, problems: &mut Vec<Problem>) -> 
     if t.normalize.is_some() && !matches!(op, "hash" | "hmac") {
         unexpected(problems, "normalize");
     }
-    if t.country_code.is_some() && op != "hash" {
+    if t.country_code.is_some() && !matches!(op, "hash" | "hmac") {
         unexpected(problems, "country_code");
     }
     if let Some(cc) = &t.country_code
@@ -812,8 +850,45 @@ pub(crate) fn read_destinations(
                 format!("{f} is not a TCF v2.2 special feature (1-2)"),
             );
         }
-        if t.legal_basis == LegalBasis::LegitimateInterest && consent.tcf_purposes.contains(&1) {
-            add("consent.tcf_purposes", "config.destination.consent.tcf_purposes", "TCF purpose 1 (store/access information on a device) needs consent, not legitimate interest".into());
+        if t.legal_basis == LegalBasis::LegitimateInterest
+            && let Some(p) = consent
+                .tcf_purposes
+                .iter()
+                .find(|p| super::TCF_CONSENT_ONLY_PURPOSES.contains(p))
+        {
+            add(
+                "consent.tcf_purposes",
+                "config.destination.consent.tcf_purposes",
+                format!(
+                    "TCF v2.2 allows purpose {p} only with consent, not legitimate interest (purposes 1 and 3-6)"
+                ),
+            );
+        }
+        // Consent settings a basis never reads would look enforced while they are not.
+        let consent_unused = match t.legal_basis {
+            LegalBasis::Consent => false,
+            LegalBasis::LegitimateInterest => !consent.categories.is_empty(),
+            LegalBasis::Contract | LegalBasis::LegalObligation => {
+                !consent.categories.is_empty() || consent.tcf_vendor_id.is_some()
+            }
+        };
+        if consent_unused {
+            add(
+                "consent",
+                "config.destination.consent.unused",
+                format!(
+                    "legal_basis = {:?} does not rest on consent, so these consent settings would never be checked; \
+                     remove them or use legal_basis = \"consent\"",
+                    t.legal_basis.as_str()
+                ),
+            );
+        }
+        if t.sale_or_sharing == Some(false) && t.purposes.contains(&Purpose::Advertising) {
+            add(
+                "sale_or_sharing",
+                "config.destination.sale_or_sharing.advertising",
+                "an advertising destination is a sale or sharing: GPC and opt-outs must apply to it".into(),
+            );
         }
         let mut event_types = Vec::new();
         for (j, et) in t.event_types.iter().enumerate() {

@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 use super::model::{Destination, ENVELOPE_KEYS, PiiAction};
 use super::paths::{self, FieldPath, Segment};
 use super::pii;
-use super::transform::{Transform, hmac_hex, scalar_text, sha256_hex, truncate_ip};
+use super::transform::{Transform, hmac_hex, is_sha256_hex, scalar_text, sha256_hex, truncate_ip};
 use super::{PiiHit, PreparedEvent, Reason};
 
 /// A destination's allowlist and transforms as one trie.
@@ -121,23 +121,44 @@ impl serde::Serialize for PathList {
     }
 }
 
+/// Most distinct PII hits (path and kind) kept per decision; more are counted, not listed.
+pub const MAX_PII_HITS: usize = 100;
+/// Deepest payload a `move` may produce; deeper moves are refused (the value is dropped).
+const MAX_MOVE_DEPTH: usize = 100;
+
 /// What the walk produced.
 pub(super) struct Written {
     pub json: String,
     pub dropped: PathList,
     pub reasons: Vec<Reason>,
     pub hits: Vec<PiiHit>,
+    /// Hits beyond [`MAX_PII_HITS`].
+    pub more_hits: usize,
+}
+
+/// One step of the path being walked: an object key, or "every element of an array".
+#[derive(Clone, Copy)]
+enum Seg<'a> {
+    Key(&'a str),
+    Elem,
 }
 
 struct Walk<'a> {
     dest: &'a Destination,
     event: &'a PreparedEvent,
     out: Vec<u8>,
-    /// The concrete path of the node being written (`a.b[].c`).
+    /// The path being walked, as segments (for matching) and as text for people (`a.b[].c`,
+    /// with a key that itself contains PII written `[redacted:email]`).
+    segs: Vec<Seg<'a>>,
     path: String,
+    /// `path`'s length before each segment was added.
+    marks: Vec<usize>,
     dropped: PathList,
+    /// Dropped array paths already listed, once there are many (elements share paths).
+    dropped_seen: Option<std::collections::HashSet<String>>,
     reasons: Vec<Reason>,
     hits: Vec<PiiHit>,
+    more_hits: usize,
     findings: Vec<pii::Finding>,
 }
 
@@ -154,19 +175,31 @@ enum Scan {
     Now,
 }
 
+/// What to do with a key or value in which PII was found.
+enum PiiVerdict {
+    /// Nothing found, or expected here, or the action is alert: write it as it is.
+    Keep,
+    /// Write the redacted form.
+    Redact,
+}
+
 /// Writes `dest`'s payload for `event`.
 pub(super) fn write(event: &PreparedEvent, dest: &Destination) -> Written {
     let mut w = Walk {
         dest,
         event,
         out: Vec::with_capacity(512),
+        segs: Vec::with_capacity(8),
         path: String::with_capacity(128),
+        marks: Vec::with_capacity(8),
         dropped: PathList {
             text: String::with_capacity(256),
             ends: Vec::with_capacity(16),
         },
+        dropped_seen: None,
         reasons: Vec::new(),
         hits: Vec::new(),
+        more_hits: 0,
         findings: Vec::new(),
     };
     let root = &dest.compiled.root;
@@ -178,24 +211,31 @@ pub(super) fn write(event: &PreparedEvent, dest: &Destination) -> Written {
             if !first {
                 w.out.push(b',');
             }
-            write_key(&mut w.out, key);
-            if ENVELOPE_KEYS.contains(&key.as_str()) {
-                write_value(&mut w.out, value);
-                first = false;
-                continue;
-            }
-            w.path.clear();
-            w.path.push_str(key);
-            let nodes = children(&[root], key);
-            let keep = nodes.iter().any(|n| n.keep);
-            if !keep && nodes.is_empty() {
-                w.drop_here();
-                w.out.truncate(mark);
-            } else if w.value(value, &nodes, keep) {
+            w.enter_key(key);
+            let written = if ENVELOPE_KEYS.contains(&key.as_str()) {
+                write_key(&mut w.out, key);
+                match value {
+                    // `messageId` comes from the client: scanned like any other string.
+                    Value::String(s) => w.string(s, Scan::Indexed),
+                    other => write_value(&mut w.out, other),
+                }
+                true
+            } else {
+                let nodes = children(&[root], key);
+                let keep = nodes.iter().any(|n| n.keep);
+                if !keep && nodes.is_empty() {
+                    w.drop_here();
+                    false
+                } else {
+                    w.member(key, value, &nodes, keep)
+                }
+            };
+            if written {
                 first = false;
             } else {
                 w.out.truncate(mark);
             }
+            w.leave();
         }
     }
     w.out.push(b'}');
@@ -208,6 +248,7 @@ pub(super) fn write(event: &PreparedEvent, dest: &Destination) -> Written {
         dropped: w.dropped,
         reasons: w.reasons,
         hits: w.hits,
+        more_hits: w.more_hits,
     }
 }
 
@@ -258,15 +299,140 @@ fn write_value(out: &mut Vec<u8>, v: &Value) {
     serde_json::to_writer(&mut *out, v).expect("writing to a Vec cannot fail");
 }
 
-impl Walk<'_> {
+/// Numbers this long may be a card or phone number written as a JSON number.
+const NUMBER_SCAN_DIGITS: usize = 9;
+
+impl<'a> Walk<'a> {
+    fn enter_key(&mut self, key: &'a str) {
+        self.segs.push(Seg::Key(key));
+        self.marks.push(self.path.len());
+        if !self.path.is_empty() {
+            self.path.push('.');
+        }
+        let event = self.event;
+        let findings = event.pii_in(key);
+        if findings.is_empty() {
+            self.path.push_str(key);
+        } else {
+            // The path is shown to people and recorded: it must not carry the PII itself.
+            self.path.push_str(&pii::redact(key, findings));
+        }
+    }
+
+    fn enter_elem(&mut self) {
+        self.segs.push(Seg::Elem);
+        self.marks.push(self.path.len());
+        self.path.push_str("[]");
+    }
+
+    fn leave(&mut self) {
+        self.segs.pop();
+        if let Some(mark) = self.marks.pop() {
+            self.path.truncate(mark);
+        }
+    }
+
     fn drop_here(&mut self) {
-        if !self.path.contains("[]") || !self.dropped.contains(&self.path) {
+        if !self.segs.iter().any(|s| matches!(s, Seg::Elem)) {
+            self.dropped.push(&self.path);
+            return;
+        }
+        // Elements of an array share their paths: list each once.
+        let listed = match &mut self.dropped_seen {
+            Some(seen) => !seen.insert(self.path.clone()),
+            None if self.dropped.len() < 64 => self.dropped.contains(&self.path),
+            None => {
+                let mut seen: std::collections::HashSet<String> =
+                    self.dropped.iter().map(str::to_owned).collect();
+                let listed = !seen.insert(self.path.clone());
+                self.dropped_seen = Some(seen);
+                listed
+            }
+        };
+        if !listed {
             self.dropped.push(&self.path);
         }
     }
 
+    /// Is the current path one of the destination's `pii_expected` fields? Exact matches only:
+    /// same number of keys, `*` standing for one key, array elements skipped.
+    fn expected(&self) -> bool {
+        self.dest.pii_expected.iter().any(|e| {
+            let mut keys = self.segs.iter().filter_map(|s| match s {
+                Seg::Key(k) => Some(*k),
+                Seg::Elem => None,
+            });
+            e.segments().iter().all(|seg| match (seg, keys.next()) {
+                (_, None) => false,
+                (Segment::Any, Some(_)) => true,
+                (Segment::Key(k), Some(key)) => k == key,
+            }) && keys.next().is_none()
+        })
+    }
+
+    /// Records `findings` (in `text`, at the current path) and says what to write.
+    fn judge(&mut self, text: &str, findings: &[pii::Finding]) -> PiiVerdict {
+        if findings.is_empty() {
+            return PiiVerdict::Keep;
+        }
+        // On a field meant to carry PII, a value that is exactly one identifier is fine;
+        // anything more (a second identifier, text around it) is scanned as anywhere else.
+        if findings.len() == 1 && self.expected() {
+            let f = findings[0];
+            let t = text.as_bytes();
+            let trimmed_start = t
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(t.len());
+            let trimmed_end = t
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())
+                .map_or(0, |i| i + 1);
+            if f.start <= trimmed_start && f.end >= trimmed_end {
+                return PiiVerdict::Keep;
+            }
+        }
+        let mut kinds: SmallVec<[&'static str; 4]> =
+            findings.iter().map(|f| f.kind.code()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        for kind in kinds {
+            if self.hits.len() < MAX_PII_HITS {
+                self.hits.push(PiiHit {
+                    path: self.path.clone(),
+                    kind,
+                });
+            } else {
+                self.more_hits += 1;
+            }
+        }
+        match self.dest.pii {
+            PiiAction::Redact => PiiVerdict::Redact,
+            // Block: the decision is a block; nothing written matters. Alert: sent as it is.
+            PiiAction::Block | PiiAction::Alert => PiiVerdict::Keep,
+        }
+    }
+
+    /// Writes `"key": value` (the caller wrote any comma); false if nothing of it stays.
+    fn member(&mut self, key: &'a str, value: &'a Value, nodes: &[&Node], keep: bool) -> bool {
+        let event = self.event;
+        if keep && let PiiVerdict::Redact = self.judge(key, event.pii_in(key)) {
+            // A key cannot be redacted in place (two could collide): the member goes.
+            self.drop_here();
+            return false;
+        }
+        let mark = self.out.len();
+        write_key(&mut self.out, key);
+        if self.value(value, nodes, keep) {
+            true
+        } else {
+            self.out.truncate(mark);
+            false
+        }
+    }
+
     /// Writes `v` at the current path; false (and nothing written) when nothing of it stays.
-    fn value(&mut self, v: &Value, nodes: &[&Node], keep: bool) -> bool {
+    fn value(&mut self, v: &'a Value, nodes: &[&Node], keep: bool) -> bool {
         if nodes.iter().any(|n| !n.transforms.is_empty()) {
             let mut transforms: SmallVec<[u16; 4]> = SmallVec::new();
             for n in nodes {
@@ -283,10 +449,8 @@ impl Walk<'_> {
                 let start = self.out.len();
                 self.out.push(b'{');
                 let mut first = true;
-                let len = self.path.len();
                 for (key, child) in map {
-                    self.path.push('.');
-                    self.path.push_str(key);
+                    self.enter_key(key);
                     let next = children(nodes, key);
                     let child_keep = keep || next.iter().any(|n| n.keep);
                     if child_keep || !next.is_empty() {
@@ -294,8 +458,7 @@ impl Walk<'_> {
                         if !first {
                             self.out.push(b',');
                         }
-                        write_key(&mut self.out, key);
-                        if self.value(child, &next, child_keep) {
+                        if self.member(key, child, &next, child_keep) {
                             first = false;
                         } else {
                             self.out.truncate(mark);
@@ -303,7 +466,7 @@ impl Walk<'_> {
                     } else {
                         self.drop_here();
                     }
-                    self.path.truncate(len);
+                    self.leave();
                 }
                 self.out.push(b'}');
                 if first && !keep {
@@ -317,8 +480,7 @@ impl Walk<'_> {
                 let start = self.out.len();
                 self.out.push(b'[');
                 let mut first = true;
-                let len = self.path.len();
-                self.path.push_str("[]");
+                self.enter_elem();
                 for item in items {
                     let mark = self.out.len();
                     if !first {
@@ -330,7 +492,7 @@ impl Walk<'_> {
                         self.out.truncate(mark);
                     }
                 }
-                self.path.truncate(len);
+                self.leave();
                 self.out.push(b']');
                 if first && !keep {
                     self.out.truncate(start);
@@ -347,6 +509,22 @@ impl Walk<'_> {
                 self.string(s, Scan::Indexed);
                 true
             }
+            // Only numbers of 9+ digits can be a card or phone number; the rest are written as
+            // they are, without formatting them twice.
+            Value::Number(n) if n.as_f64().is_some_and(|f| f.abs() >= 1e8) => {
+                let text = n.to_string();
+                if text.bytes().filter(u8::is_ascii_digit).count() >= NUMBER_SCAN_DIGITS {
+                    let mut findings = Vec::new();
+                    pii::scan(&text, &mut findings);
+                    if let PiiVerdict::Redact = self.judge(&text, &findings) {
+                        // A number cannot be partly redacted: it becomes the redaction text.
+                        write_str(&mut self.out, &pii::redact(&text, &findings));
+                        return true;
+                    }
+                }
+                self.out.extend_from_slice(text.as_bytes());
+                true
+            }
             other => {
                 write_value(&mut self.out, other);
                 true
@@ -354,7 +532,7 @@ impl Walk<'_> {
         }
     }
 
-    /// Writes a string, with its PII handled unless it is an expected identifier.
+    /// Writes a string, with its PII judged.
     fn string(&mut self, s: &str, scan: Scan) {
         let event = self.event;
         let mut scratch = std::mem::take(&mut self.findings);
@@ -367,32 +545,21 @@ impl Walk<'_> {
                 &scratch
             }
         };
-        let expected = || {
-            self.dest
-                .pii_expected
-                .iter()
-                .any(|e| e.covers_concrete(&self.path))
-        };
-        if findings.is_empty() || expected() {
-            write_str(&mut self.out, s);
-        } else {
-            for f in findings {
-                self.hits.push(PiiHit {
-                    path: self.path.clone(),
-                    kind: f.kind.code(),
-                });
-            }
-            if self.dest.pii == PiiAction::Redact {
-                write_str(&mut self.out, &pii::redact(s, findings));
-            } else {
-                write_str(&mut self.out, s);
-            }
+        match self.judge(s, findings) {
+            PiiVerdict::Keep => write_str(&mut self.out, s),
+            PiiVerdict::Redact => write_str(&mut self.out, &pii::redact(s, findings)),
         }
         self.findings = scratch;
     }
 
     /// Applies the transforms that end at this node, in order, then writes what is left.
     fn transformed(&mut self, v: &Value, transforms: &[u16], keep: bool) -> bool {
+        if !keep {
+            // Transforms apply to allowed data only (validation makes every transformed field
+            // allowed; this keeps it so if that ever changes).
+            self.drop_here();
+            return false;
+        }
         let mut text: Option<String> = None;
         let original = scalar_text(v);
         let mut opaque = false;
@@ -413,17 +580,28 @@ impl Walk<'_> {
                     normalize,
                     country_code,
                     ..
-                } => normalize
-                    .apply(current, country_code.as_deref())
-                    .map(|n| sha256_hex(&n)),
-                Transform::Hmac { normalize, .. } => {
-                    let key = self
-                        .dest
-                        .pseudonymisation_key
-                        .as_ref()
-                        .map_or(&[][..], |k| &k.0);
-                    normalize.apply(current, None).map(|n| hmac_hex(key, &n))
+                } => {
+                    // A client that hashed on the device sent a digest: keep it, do not
+                    // normalise it into something else.
+                    if is_sha256_hex(current.trim()) {
+                        Some(current.trim().to_ascii_lowercase())
+                    } else {
+                        normalize
+                            .apply(current, country_code.as_deref())
+                            .map(|n| sha256_hex(&n))
+                    }
                 }
+                Transform::Hmac {
+                    normalize,
+                    country_code,
+                    ..
+                } => match &self.dest.pseudonymisation_key {
+                    Some(key) => normalize
+                        .apply(current, country_code.as_deref())
+                        .map(|n| hmac_hex(&key.0, &n)),
+                    // Validation requires a key; without one nothing is sent, never a weak HMAC.
+                    None => None,
+                },
                 Transform::TruncateIp { .. } => truncate_ip(current),
                 Transform::Generalise { to, .. } => to.apply(current),
                 Transform::Move { .. } | Transform::Drop { .. } => unreachable!("handled above"),
@@ -442,13 +620,9 @@ impl Walk<'_> {
                 true
             }
             // A null met the transforms: nothing to transform, and null says nothing.
-            None if keep => {
+            None => {
                 self.out.extend_from_slice(b"null");
                 true
-            }
-            None => {
-                self.drop_here();
-                false
             }
         }
     }
@@ -467,6 +641,14 @@ impl Walk<'_> {
     }
 }
 
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// Applies `move`s to the written payload, in order.
 fn apply_moves(
     json: String,
@@ -474,20 +656,28 @@ fn apply_moves(
     dropped: &mut PathList,
     reasons: &mut Vec<Reason>,
 ) -> String {
-    let mut v: Value = serde_json::from_str(&json).expect("the walk wrote valid JSON");
+    let Ok(mut v) = serde_json::from_str::<Value>(&json) else {
+        // Only a payload nested past serde's limit fails here; the walk copied it from an
+        // event that ingest accepted, so this does not happen; refuse the moves if it does.
+        reasons.push(Reason::new(
+            "transform.invalid_value",
+            "the payload is too deeply nested to move fields in; moves were not applied",
+        ));
+        return json;
+    };
     for &i in &dest.compiled.moves {
         let Transform::Move { field, to } = &dest.transforms[i] else {
             continue;
         };
-        if let Some(moved) = paths::take(&mut v, field)
-            && paths::put(&mut v, to, moved).is_err()
-        {
+        let Some(moved) = paths::take(&mut v, field) else {
+            continue;
+        };
+        let too_deep = to.segments().len() + depth(&moved) > MAX_MOVE_DEPTH;
+        if too_deep || paths::put(&mut v, to, moved).is_err() {
             dropped.push(field.as_str());
             reasons.push(Reason::new(
                 "transform.invalid_value",
-                format!(
-                    "{field} could not be moved to {to}: something else is in the way; dropped"
-                ),
+                format!("{field} could not be moved to {to} (something else is in the way, or it would nest too deep); dropped"),
             ));
         }
     }

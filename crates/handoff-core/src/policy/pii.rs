@@ -64,8 +64,14 @@ pub fn scan(s: &str, out: &mut Vec<Finding>) {
     while i < b.len() {
         let c = b[i];
         let boundary = i == 0 || !is_word(b[i - 1]);
-        if c == b'@' {
-            if let Some((start, end)) = email_at(b, i) {
+        // `@`, or `%40` as it appears in URLs (`?email=jane%40example.com`).
+        let at_len = match c {
+            b'@' => 1,
+            b'%' if b.get(i + 1..i + 3) == Some(b"40") => 3,
+            _ => 0,
+        };
+        if at_len > 0 {
+            if let Some((start, end)) = email_at(b, i, at_len) {
                 // An e-mail wins over a number found inside its local part.
                 while out.len() > first && out.last().is_some_and(|f| f.end > start) {
                     out.pop();
@@ -82,14 +88,7 @@ pub fn scan(s: &str, out: &mut Vec<Finding>) {
             && (c.is_ascii_digit()
                 || ((c == b'+' || c == b'(') && b.get(i + 1).is_some_and(u8::is_ascii_digit)))
         {
-            let (end, kind) = number_at(b, i);
-            if let Some(kind) = kind {
-                out.push(Finding {
-                    kind,
-                    start: i,
-                    end,
-                });
-            }
+            let end = number_at(b, i, out);
             i = end.max(i + 1);
             continue;
         } else if boundary
@@ -108,7 +107,7 @@ pub fn scan(s: &str, out: &mut Vec<Finding>) {
     }
 }
 
-fn email_at(b: &[u8], at: usize) -> Option<(usize, usize)> {
+fn email_at(b: &[u8], at: usize, at_len: usize) -> Option<(usize, usize)> {
     let mut start = at;
     while start > 0 && at - start < 64 && is_local(b[start - 1]) {
         start -= 1;
@@ -119,26 +118,42 @@ fn email_at(b: &[u8], at: usize) -> Option<(usize, usize)> {
     if start == at {
         return None;
     }
-    let mut end = at + 1;
+    let domain_start = at + at_len;
+    let mut end = domain_start;
     while end < b.len() && end - at < 255 && is_domain(b[end]) {
         end += 1;
     }
-    while end > at + 1 && matches!(b[end - 1], b'.' | b'-') {
+    while end > domain_start && matches!(b[end - 1], b'.' | b'-') {
         end -= 1;
     }
-    let domain = &b[at + 1..end];
+    let domain = &b[domain_start..end];
     let dot = domain.iter().rposition(|&c| c == b'.')?;
-    let tld = &domain[dot + 1..];
-    (dot > 0 && tld.len() >= 2 && tld.iter().all(u8::is_ascii_alphabetic)).then_some((start, end))
+    // The top-level domain is letters; `a@example.com-1` is `a@example.com` and a suffix.
+    let tld = domain[dot + 1..]
+        .iter()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .count();
+    (dot > 0 && tld >= 2).then_some((start, domain_start + dot + 1 + tld))
 }
 
-/// Reads a run of digits with single separators from `start`; returns where it ends and what it
-/// is, if anything.
-fn number_at(b: &[u8], start: usize) -> (usize, Option<PiiKind>) {
+/// Longest digit run looked at; longer runs are not one number of any kind we know.
+const MAX_RUN_DIGITS: usize = 64;
+/// Most digit groups (separated by spaces, dashes, dots, brackets) tracked in one run.
+const MAX_GROUPS: usize = 16;
+
+/// Reads a run of digits with single separators from `start`, appends what it finds to `out`,
+/// and returns where the run ends. The whole run is tried first (a card, an SSN, a phone
+/// number); failing that, windows of whole digit groups, so that a card number followed by an
+/// expiry date or preceded by a reference number is still found.
+fn number_at(b: &[u8], start: usize, out: &mut Vec<Finding>) -> usize {
     let plus = b[start] == b'+';
-    let mut digits = [0u8; 19];
+    let mut digits = [0u8; MAX_RUN_DIGITS];
     let mut n = 0usize;
-    let mut seps = [0u8; 19];
+    // For each digit, the separator that follows it (0 for none).
+    let mut seps = [0u8; MAX_RUN_DIGITS];
+    // Groups: (byte start, byte end, first digit index, digit count).
+    let mut groups = [(0usize, 0usize, 0usize, 0usize); MAX_GROUPS];
+    let mut g = 0usize;
     let mut i = start + usize::from(plus);
     let mut end = i;
     let mut run_sep = 0;
@@ -146,7 +161,7 @@ fn number_at(b: &[u8], start: usize) -> (usize, Option<PiiKind>) {
     while i < b.len() {
         let c = b[i];
         if c.is_ascii_digit() {
-            if n == digits.len() {
+            if n == MAX_RUN_DIGITS {
                 too_long = true;
                 while i < b.len() && (b[i].is_ascii_digit() || matches!(b[i], b' ' | b'-' | b'.')) {
                     i += 1;
@@ -154,12 +169,22 @@ fn number_at(b: &[u8], start: usize) -> (usize, Option<PiiKind>) {
                 end = i;
                 break;
             }
+            if n == 0 || run_sep > 0 {
+                if g < MAX_GROUPS {
+                    groups[g] = (i, i + 1, n, 0);
+                }
+                g += 1;
+            }
+            if g <= MAX_GROUPS {
+                groups[g - 1].1 = i + 1;
+                groups[g - 1].3 += 1;
+            }
             digits[n] = c - b'0';
             n += 1;
             run_sep = 0;
             end = i + 1;
         } else if matches!(c, b' ' | b'-' | b'.' | b'(' | b')') && run_sep < 2 {
-            if n > 0 && n <= seps.len() {
+            if n > 0 {
                 seps[n - 1] = c;
             }
             run_sep += 1;
@@ -169,10 +194,10 @@ fn number_at(b: &[u8], start: usize) -> (usize, Option<PiiKind>) {
         i += 1;
     }
     if too_long || b.get(end).is_some_and(|&c| is_word(c)) {
-        return (end, None);
+        return end;
     }
     let d = &digits[..n];
-    let kind = if (13..=19).contains(&n) && luhn(d) {
+    let whole = if (13..=19).contains(&n) && luhn(d) {
         Some(PiiKind::Card)
     } else if n == 9 && seps[2] == seps[4] && matches!(seps[2], b'-' | b' ') && valid_ssn(d) {
         Some(PiiKind::Ssn)
@@ -181,13 +206,53 @@ fn number_at(b: &[u8], start: usize) -> (usize, Option<PiiKind>) {
     } else {
         None
     };
-    (end, kind)
+    if let Some(kind) = whole {
+        out.push(Finding { kind, start, end });
+        return end;
+    }
+    // Windows of whole groups, left to right, longest first.
+    let groups = &groups[..g.min(MAX_GROUPS)];
+    let mut first = 0;
+    while first < groups.len() {
+        let mut found = None;
+        for last in (first..groups.len()).rev() {
+            let (from, to) = (groups[first].2, groups[last].2 + groups[last].3);
+            let window = &digits[from..to];
+            let ssn_shape = last == first + 2
+                && (groups[first].3, groups[first + 1].3, groups[last].3) == (3, 2, 4)
+                && seps[from + 2] == seps[from + 4]
+                && matches!(seps[from + 2], b'-' | b' ');
+            let kind = if (13..=19).contains(&window.len()) && luhn(window) {
+                Some(PiiKind::Card)
+            } else if ssn_shape && valid_ssn(window) {
+                Some(PiiKind::Ssn)
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                found = Some((kind, last));
+                break;
+            }
+        }
+        match found {
+            Some((kind, last)) => {
+                out.push(Finding {
+                    kind,
+                    start: groups[first].0,
+                    end: groups[last].1,
+                });
+                first = last + 1;
+            }
+            None => first += 1,
+        }
+    }
+    end
 }
 
 /// A North American number written the way people write them: `(415) 555-0132`,
 /// `415-555-0132`, `415.555.0132`, `1 415 555 0132`. Ten bare digits are not matched: ids look
 /// like that too.
-fn nanp(d: &[u8], seps: &[u8; 19], paren: bool) -> bool {
+fn nanp(d: &[u8], seps: &[u8; MAX_RUN_DIGITS], paren: bool) -> bool {
     let (d, offset) = match d.len() {
         10 => (d, 0),
         11 if d[0] == 1 => (&d[1..], 1),
@@ -343,6 +408,41 @@ mod tests {
         assert_eq!(
             kinds("or 415.555.0132"),
             vec![(PiiKind::Phone, "415.555.0132")]
+        );
+        assert_eq!(
+            kinds("id jane.doe@example.com-1"),
+            vec![(PiiKind::Email, "jane.doe@example.com")]
+        );
+        assert_eq!(
+            kinds("https://shop.example/c?email=jane%40example.com&x=1"),
+            vec![(PiiKind::Email, "jane%40example.com")]
+        );
+    }
+
+    #[test]
+    fn numbers_inside_longer_runs_are_found_by_their_groups() {
+        assert_eq!(
+            kinds("4111 1111 1111 1111 12/27"),
+            vec![(PiiKind::Card, "4111 1111 1111 1111")]
+        );
+        assert_eq!(
+            kinds("4111 1111 1111 1111 123"),
+            vec![(PiiKind::Card, "4111 1111 1111 1111")]
+        );
+        assert_eq!(
+            kinds("ref 12 4111111111111111"),
+            vec![(PiiKind::Card, "4111111111111111")]
+        );
+        assert_eq!(
+            kinds("card 4242-4242-4242-4242 ssn 078-05-1120"),
+            vec![
+                (PiiKind::Card, "4242-4242-4242-4242"),
+                (PiiKind::Ssn, "078-05-1120")
+            ]
+        );
+        assert_eq!(
+            kinds("12 078-05-1120 9"),
+            vec![(PiiKind::Ssn, "078-05-1120")]
         );
     }
 

@@ -313,9 +313,10 @@ fn stored_preferences_apply_when_the_event_has_none() {
     let mut e = order();
     unset(&mut e, "context.consent");
     let identify = json!({"traits": {"consent": {"categoryPreferences": {"advertising": true}}}});
-    let prefs = StoredPreferences::from_identify(&identify)
+    let update = crate::consent::PreferenceUpdate::from_identify(&identify)
         .unwrap()
         .unwrap();
+    let prefs = StoredPreferences::default().apply(&update);
     let subject = SubjectState {
         suppressed: false,
         preferences: Some(prefs.clone()),
@@ -787,9 +788,25 @@ proptest! {
     /// unreadable categories too, every consent-based destination blocks.
     #[test]
     fn malformed_consent_never_consents(
-        tc in "[A-Za-z0-9_.-]{1,60}",
+        garbage in "[A-Za-z0-9_.-]{1,60}",
+        cut in 0usize..200,
+        flip in 0usize..200,
+        which in 0u8..3,
         cats in json_tree().prop_filter("unreadable", |v| crate::consent::Categories::from_json(v).is_err()),
     ) {
+        // Garbage, or a string that granted everything, truncated or with one character changed:
+        // most of those still get far into the decoder before they fail.
+        let valid = tc_string(&[1, 7, 8, 9], &[755], &[]);
+        let tc = match which {
+            0 => garbage,
+            1 => valid[..cut.min(valid.len())].to_owned(),
+            _ => {
+                let mut b = valid.into_bytes();
+                let i = flip % b.len();
+                b[i] = if b[i] == b'A' { b'_' } else { b'A' };
+                String::from_utf8(b).unwrap()
+            }
+        };
         prop_assume!(crate::consent::tcf::decode(&tc).is_err());
         let c = example();
         let granted = json!({"Advertising": true, "Analytics": true});
@@ -815,4 +832,212 @@ proptest! {
         let b = transform::Normalize::Email.apply(&format!("{local}@example.com"), None).unwrap();
         prop_assert_eq!(transform::sha256_hex(&a), transform::sha256_hex(&b));
     }
+}
+
+// ---- findings of the security review ----
+
+fn crm_with(event_extra: Value) -> Decision {
+    let c = example();
+    let mut e = order();
+    for (k, v) in event_extra.as_object().unwrap() {
+        set(&mut e, k, v.clone());
+    }
+    run(&c, e, SubjectState::default(), "crm-webhook")
+}
+
+#[test]
+fn pii_in_keys_numbers_and_message_ids_is_caught() {
+    let c = example();
+    let mut e = order();
+    e["properties"]["jane@example.com"] = json!(true);
+    set(&mut e, "properties.card", json!(4111111111111111u64));
+    set(&mut e, "messageId", json!("jane.doe@example.com-1"));
+    // ga4 allows properties.* and redacts.
+    let d = run(&c, e, SubjectState::default(), "ga4");
+    let text = d.payload().unwrap().as_str().to_owned();
+    assert!(
+        !text.contains("jane@example.com") && !text.contains("jane.doe@example.com"),
+        "{text}"
+    );
+    assert!(!text.contains("4111111111111111"), "{text}");
+    let p = d.payload().unwrap().to_value();
+    assert_eq!(p["properties"]["card"], "[redacted:card]");
+    assert_eq!(p["messageId"], "[redacted:email]-1");
+    // The dropped key is listed without the address in it.
+    assert!(
+        d.dropped.contains("properties.[redacted:email]"),
+        "{:?}",
+        d.dropped
+    );
+    assert!(
+        d.pii
+            .iter()
+            .any(|h| h.path == "properties.card" && h.kind == "card")
+    );
+}
+
+#[test]
+fn expected_pii_fields_take_one_identifier_and_nothing_else() {
+    // crm-webhook expects context.traits.email: one address is fine...
+    let d = crm_with(json!({"context.traits.email": "jane@example.org"}));
+    assert!(d.pii.is_empty());
+    // ...but an address with an SSN beside it is scanned like any other field.
+    let d = crm_with(json!({"context.traits.email": "jane@example.org, SSN 078-05-1120"}));
+    let p = d.payload().unwrap().to_value();
+    assert_eq!(
+        p["context"]["traits"]["email"],
+        "[redacted:email], SSN [redacted:ssn]"
+    );
+    // And an object under an expected path is not exempt as a whole.
+    let c = example();
+    let mut e = order();
+    set(&mut e, "type", json!("identify"));
+    set(
+        &mut e,
+        "traits",
+        json!({"email": "a@b.co", "address": {"line1": "card 4111 1111 1111 1111"}}),
+    );
+    let d = run(&c, e, SubjectState::default(), "stripe");
+    assert_eq!(
+        code(&d),
+        "pii.found",
+        "stripe blocks: traits.* covers traits.address, not what is inside it"
+    );
+}
+
+#[test]
+fn categories_that_differ_only_in_case_cannot_grant_a_refusal() {
+    let c = example();
+    let mut e = order();
+    set(
+        &mut e,
+        "context.consent.categoryPreferences",
+        json!({"Advertising": false, "advertising": true}),
+    );
+    assert_eq!(
+        code(&run(&c, e, SubjectState::default(), "meta-capi")),
+        "consent.denied"
+    );
+}
+
+#[test]
+fn unrecognised_regions_are_treated_as_protected() {
+    let c = example();
+    let mut crm = dest(&c, "crm-webhook").clone();
+    crm.vendor.transfer_mechanism = model::TransferMechanism::None;
+    for region in ["UK", "EL", "XX", "EU", "de"] {
+        let mut e = order();
+        set(&mut e, "context.location.country", json!(region));
+        let prepared = PreparedEvent::new(e, &c.policy);
+        let consent = ConsentContext::from_event(
+            prepared.value(),
+            &c.policy.consent_fields,
+            SubjectState::default(),
+        );
+        assert_eq!(
+            code(&decide(&prepared, &consent, &crm, TODAY)),
+            "residency.no_transfer_mechanism",
+            "{region}"
+        );
+    }
+}
+
+#[test]
+fn legitimate_interest_and_tcf_rules() {
+    let li = r#"
+[[destinations]]
+id = "li-tcf"
+vendor = "helpdesk"
+connector = "webhook"
+purposes = ["analytics"]
+legal_basis = "legitimate_interest"
+consent = { tcf_vendor_id = 10, tcf_purposes = [7] }
+event_types = ["track"]
+allow = ["event"]
+"#;
+    let c = with(li).unwrap();
+    let mut e = order();
+    // Vendor 10 has legitimate interest in the helper's strings, and purpose 7 is LI-disclosed.
+    set(
+        &mut e,
+        "context.consent.tcf",
+        json!(tc_string(&[], &[], &[])),
+    );
+    assert!(run(&c, e.clone(), SubjectState::default(), "li-tcf").is_send());
+    set(&mut e, "context.consent.tcf", json!("garbage"));
+    assert_eq!(
+        code(&run(&c, e, SubjectState::default(), "li-tcf")),
+        "tcf.malformed"
+    );
+
+    // TCF v2.2: purposes 3-6 may not rest on legitimate interest.
+    let bad = with(&li.replace("tcf_purposes = [7]", "tcf_purposes = [4]")).unwrap_err();
+    assert!(
+        bad.iter()
+            .any(|(_, code)| *code == "config.destination.consent.tcf_purposes"),
+        "{bad:?}"
+    );
+
+    // A consent destination is not switched to legitimate interest by a publisher restriction.
+    let c = example();
+    let mut e = order();
+    set(
+        &mut e,
+        "context.consent.tcf",
+        json!(tc_string(&[1, 7, 8, 9], &[755], &[(7, 2, 755)])),
+    );
+    assert_eq!(
+        code(&run(&c, e, SubjectState::default(), "ga4")),
+        "tcf.publisher_restricted"
+    );
+}
+
+#[test]
+fn consent_settings_a_basis_never_reads_are_refused() {
+    let contract = r#"
+[[destinations]]
+id = "x"
+vendor = "helpdesk"
+connector = "webhook"
+purposes = ["support"]
+legal_basis = "contract"
+consent = { categories = ["advertising"] }
+event_types = ["track"]
+allow = ["event"]
+"#;
+    let errors = with(contract).unwrap_err();
+    assert_eq!(
+        errors,
+        vec![(
+            "destinations[4].consent".into(),
+            "config.destination.consent.unused"
+        )]
+    );
+    let ads = contract
+        .replace(
+            "consent = { categories = [\"advertising\"] }",
+            "sale_or_sharing = false",
+        )
+        .replace("purposes = [\"support\"]", "purposes = [\"advertising\"]");
+    let errors = with(&ads).unwrap_err();
+    assert_eq!(
+        errors,
+        vec![(
+            "destinations[4].sale_or_sharing".into(),
+            "config.destination.sale_or_sharing.advertising"
+        )]
+    );
+}
+
+#[test]
+fn values_hashed_on_the_device_are_kept() {
+    let c = example();
+    let mut e = order();
+    let digest = "62A14E44F765419D10FEA99367361A727C12365E2520F32218D505ED9AA0F62F";
+    set(&mut e, "context.traits.email", json!(digest));
+    let d = run(&c, e, SubjectState::default(), "meta-capi");
+    assert_eq!(
+        d.payload().unwrap().to_value()["context"]["traits"]["email"],
+        digest.to_ascii_lowercase()
+    );
 }

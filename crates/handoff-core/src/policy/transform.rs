@@ -110,10 +110,15 @@ impl Normalize {
                 let international = t.starts_with('+') || t.starts_with("00");
                 let digits: String = t.chars().filter(|c| c.is_ascii_digit()).collect();
                 let digits = digits.trim_start_matches('0');
-                let full = if international {
-                    digits.to_owned()
-                } else {
-                    format!("{}{digits}", country_code.unwrap_or(""))
+                // Without a + or 00 prefix the number is national: it needs the configured
+                // calling code, and without one it cannot be matched, so it is not sent. A
+                // national-looking number that already starts with the code at full length
+                // (`1 650 555 1212` with code 1) is taken as international.
+                let full = match country_code {
+                    _ if international => digits.to_owned(),
+                    Some(cc) if digits.starts_with(cc) && digits.len() >= 11 => digits.to_owned(),
+                    Some(cc) => format!("{cc}{digits}"),
+                    None => return None,
                 };
                 // E.164: at most 15 digits; fewer than 7 cannot be a reachable number.
                 if !(7..=15).contains(&full.len()) {
@@ -286,6 +291,7 @@ pub enum Transform {
     Hmac {
         field: FieldPath,
         normalize: Normalize,
+        country_code: Option<String>,
     },
     TruncateIp {
         field: FieldPath,
@@ -393,6 +399,16 @@ mod tests {
         assert_eq!(Normalize::Zip.apply("M1 1AE", None).unwrap(), "m11ae");
         assert_eq!(Normalize::Gender.apply("Female", None).unwrap(), "f");
         assert_eq!(Normalize::Gender.apply("x", None), None);
+        // A national number needs the calling code; one that already carries it is not doubled.
+        assert_eq!(Normalize::Phone.apply("(650)555-1212", None), None);
+        assert_eq!(
+            Normalize::Phone.apply("1 650 555 1212", Some("1")).unwrap(),
+            "16505551212"
+        );
+        assert_eq!(
+            Normalize::Phone.apply("0044 20 7946 0958", None).unwrap(),
+            "442079460958"
+        );
         assert_eq!(Normalize::Email.apply("not-an-email", None), None);
     }
 
