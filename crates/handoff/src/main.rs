@@ -244,7 +244,28 @@ fn load_config(
 ) -> Result<std::result::Result<Config, handoff_core::config::ConfigErrors>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(Config::from_toml(&text, &|name| std::env::var(name).ok()))
+    let config = match Config::from_toml(&text, &|name| std::env::var(name).ok()) {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
+    // The files a destination's TLS settings name must load now, not at the first delivery.
+    let mut problems = Vec::new();
+    for (i, d) in config.destinations.iter().enumerate() {
+        if let Err(e) =
+            handoff_connectors::http::client(&d.tls, handoff_connectors::http::DEFAULT_TIMEOUT)
+        {
+            problems.push(handoff_core::config::ConfigProblem {
+                key: format!("destinations[{i}].tls"),
+                code: e.code(),
+                message: e.to_string(),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(Ok(config))
+    } else {
+        Ok(Err(handoff_core::config::ConfigErrors(problems)))
+    }
 }
 
 fn consent_decode(strings: Vec<String>) -> Result<ExitCode> {

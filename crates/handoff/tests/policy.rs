@@ -319,3 +319,43 @@ async fn sec_gpc_on_an_ingest_request_is_recorded_with_the_event() {
     assert_eq!(event("gpc-true")["context"]["gpc"], true);
     assert_eq!(event("gpc-false").get("context"), None);
 }
+
+#[test]
+fn check_loads_each_destinations_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = std::fs::read_to_string(EXAMPLE).unwrap();
+    text = text.replace(
+        "endpoint = \"https://crm.example.com/hooks/handoff\"",
+        "endpoint = \"https://crm.example.com/hooks/handoff\"\ntls_ca_file = \"/nonexistent/ca.pem\"\ntls_client_cert_file = \"/nonexistent/cert.pem\"",
+    );
+    let path = dir.path().join("handoff.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .envs(ENV.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("config.destination.tls.client_cert"),
+        "{stderr}"
+    );
+
+    let text = text.replace("tls_client_cert_file = \"/nonexistent/cert.pem\"", "");
+    std::fs::write(&path, &text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .envs(ENV.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("destinations[3].tls: cannot read the CA file /nonexistent/ca.pem")
+            && stderr.contains("[connector.tls.ca]"),
+        "{stderr}"
+    );
+}

@@ -162,6 +162,18 @@ pub struct ConsentRequirement {
     pub tcf_special_features: Vec<u8>,
 }
 
+/// TLS for calls to a destination. Certificates are always verified: against the public
+/// roots (Mozilla's list, built in), plus `ca_file` when a private vendor or a test uses its own
+/// CA. A client certificate (mTLS) is presented when both of its files are given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboundTls {
+    /// PEM file of CA certificates to trust besides the public roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain (leaf first) and private key presented to the vendor.
+    pub client_cert_file: Option<std::path::PathBuf>,
+    pub client_key_file: Option<std::path::PathBuf>,
+}
+
 /// A pseudonymisation key; never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretKey(pub Vec<u8>);
@@ -202,6 +214,8 @@ pub struct Destination {
     pub max_assessment_age_days: u32,
     /// Overrides the vendor's base URL (tests, proxies, private vendors).
     pub endpoint: Option<String>,
+    /// How calls to this destination verify the vendor and present themselves.
+    pub tls: OutboundTls,
     /// Connector settings (pixel id, API secret reference, …), checked by the connector.
     pub settings: toml::Table,
 }
@@ -340,6 +354,9 @@ struct DestinationToml {
     allowed_regions: Option<Vec<String>>,
     pseudonymisation_key: Option<String>,
     endpoint: Option<String>,
+    tls_ca_file: Option<String>,
+    tls_client_cert_file: Option<String>,
+    tls_client_key_file: Option<String>,
     #[serde(default)]
     settings: toml::Table,
 }
@@ -1044,6 +1061,19 @@ pub(crate) fn read_destinations(
                 format!("{ep:?} is not an http(s) URL"),
             ));
         }
+        if t.tls_client_cert_file.is_some() != t.tls_client_key_file.is_some() {
+            problems.push((
+                format!("{path}.tls_client_cert_file"),
+                "config.destination.tls.client_cert",
+                "a client certificate needs both tls_client_cert_file and tls_client_key_file"
+                    .into(),
+            ));
+        }
+        let tls = OutboundTls {
+            ca_file: t.tls_ca_file.map(Into::into),
+            client_cert_file: t.tls_client_cert_file.map(Into::into),
+            client_key_file: t.tls_client_key_file.map(Into::into),
+        };
         let (Some(vendor), true) = (vendor, problems.len() == before) else {
             continue;
         };
@@ -1076,6 +1106,7 @@ pub(crate) fn read_destinations(
             pseudonymisation_key,
             max_assessment_age_days: settings.max_assessment_age_days,
             endpoint: t.endpoint,
+            tls,
             settings: t.settings,
         });
     }

@@ -232,6 +232,9 @@ pub fn stored_ids(data_dir: &Path) -> std::collections::HashSet<String> {
 }
 
 pub fn client() -> reqwest::Client {
+    // reqwest is built with TLS support for the connectors, which leaves the crypto provider
+    // to the application: the tests use the gateway's own (ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
