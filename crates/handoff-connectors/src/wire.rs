@@ -1,0 +1,169 @@
+//! What every connector shares: the items it maps, the request it builds, how a response is
+//! classified, and the stable delivery id vendors deduplicate on.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// One decided payload on its way to a vendor.
+#[derive(Debug, Clone)]
+pub struct Item<'a> {
+    /// The event's `messageId`.
+    pub message_id: &'a str,
+    /// The payload the policy decided (a minimised, transformed Segment message).
+    pub payload: &'a Value,
+}
+
+/// An HTTP request, built without I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireRequest {
+    pub method: &'static str,
+    pub url: String,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl WireRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a vendor's answer means for the items sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classification {
+    Delivered,
+    /// Try again later (429, 5xx, timeouts, connection errors), after `after` if the vendor said.
+    Retry {
+        after: Option<Duration>,
+        why: String,
+    },
+    /// The vendor will never take these items (other 4xx): dead-letter them with `why`.
+    Permanent {
+        why: String,
+    },
+    /// The credentials are refused (401, 403): pause the destination and alert.
+    Credentials {
+        why: String,
+    },
+}
+
+/// Most bytes of a vendor's error body kept in a dead-letter reason.
+pub const ERROR_EXCERPT_BYTES: usize = 300;
+
+/// The usual HTTP classes; connectors refine them where their vendor differs.
+pub fn classify_status(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    secrets: &[&str],
+) -> Classification {
+    let why = || format!("HTTP {status}: {}", excerpt(body, secrets));
+    match status {
+        200..=299 => Classification::Delivered,
+        401 | 403 => Classification::Credentials { why: why() },
+        408 | 425 | 429 | 500..=599 => Classification::Retry {
+            after: retry_after,
+            why: why(),
+        },
+        _ => Classification::Permanent { why: why() },
+    }
+}
+
+/// The start of a response body, printable, with every secret the connector holds replaced by
+/// `[secret]` (vendors sometimes echo the request).
+pub fn excerpt(body: &[u8], secrets: &[&str]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut s: String = text.chars().filter(|c| !c.is_control()).collect();
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        s = s.replace(secret, "[secret]");
+    }
+    if s.len() > ERROR_EXCERPT_BYTES {
+        let cut = (0..=ERROR_EXCERPT_BYTES)
+            .rev()
+            .find(|i| s.is_char_boundary(*i))
+            .unwrap_or(0);
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// The id a delivery carries to the vendor (Meta `event_id`, Stripe `Idempotency-Key`,
+/// `webhook-id`): the same for every retry of the same event to the same destination, and
+/// different across destinations, so two vendors cannot join on it.
+pub fn delivery_id(destination: &str, message_id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(destination.as_bytes());
+    h.update([0]);
+    h.update(message_id.as_bytes());
+    let digest = h.finalize();
+    let mut s = String::with_capacity(36);
+    s.push_str("hd_");
+    for b in &digest[..16] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// A path in a JSON value.
+pub fn at<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
+    path.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+/// A string at `path`, if it is one.
+pub fn str_at<'v>(v: &'v Value, path: &str) -> Option<&'v str> {
+    at(v, path).and_then(Value::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_and_excerpts() {
+        assert_eq!(
+            classify_status(204, None, b"", &[]),
+            Classification::Delivered
+        );
+        assert!(
+            matches!(classify_status(429, Some(Duration::from_secs(3)), b"slow down", &[]),
+            Classification::Retry { after: Some(d), .. } if d == Duration::from_secs(3))
+        );
+        assert!(matches!(
+            classify_status(503, None, b"", &[]),
+            Classification::Retry { .. }
+        ));
+        assert!(matches!(
+            classify_status(401, None, b"", &[]),
+            Classification::Credentials { .. }
+        ));
+        let Classification::Permanent { why } = classify_status(
+            400,
+            None,
+            b"bad token sk_live_abc123 here\n",
+            &["sk_live_abc123"],
+        ) else {
+            panic!()
+        };
+        assert_eq!(why, "HTTP 400: bad token [secret] here");
+        assert_eq!(
+            excerpt(&[b'x'; 1000], &[]).chars().count(),
+            ERROR_EXCERPT_BYTES + 1
+        );
+    }
+
+    #[test]
+    fn delivery_ids_are_stable_and_differ_per_destination() {
+        let a = delivery_id("meta-capi", "m-1");
+        assert_eq!(a, delivery_id("meta-capi", "m-1"));
+        assert_ne!(a, delivery_id("ga4", "m-1"));
+        assert_ne!(a, delivery_id("meta-capi", "m-2"));
+        assert_eq!(a.len(), 35);
+    }
+}
