@@ -10,6 +10,7 @@
 //! The delivery engine (queues, retries, breaker, dead letters) that sends these requests is
 //! the next piece; deletion calls for erasure requests come with data-subject requests.
 
+pub mod connector;
 pub mod ga4;
 pub mod http;
 pub mod meta_capi;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use crate::ids::SourceId;
-use crate::policy::model::{self, Destination, PolicySettings, Vendor};
+use crate::policy::model::{self, DeliverySettings, Destination, PolicySettings, Vendor};
 
 /// Where the gateway listens when neither the config nor `--listen` says otherwise: loopback only,
 /// so a first run never exposes an unauthenticated port to the network by accident.
@@ -48,6 +48,8 @@ pub struct Config {
     pub vendors: Vec<Vendor>,
     /// `[[destinations]]`: where events may go, and under which policy.
     pub destinations: Vec<Destination>,
+    /// `[delivery]`: retries, dead-lettering, circuit breaker, timeouts.
+    pub delivery: DeliverySettings,
 }
 
 /// The built-in authorization server.
@@ -272,6 +274,7 @@ impl Config {
             policy: PolicySettings::default(),
             vendors: Vec::new(),
             destinations: Vec::new(),
+            delivery: DeliverySettings::default(),
         }
     }
 
@@ -312,6 +315,7 @@ impl Config {
                 "policy",
                 "vendors",
                 "destinations",
+                "delivery",
             ],
         );
 
@@ -562,6 +566,7 @@ impl Config {
         let mut found = Vec::new();
         config.policy = model::read_policy(root.get("policy"), &mut found);
         config.vendors = model::read_vendors(root.get("vendors"), &mut found);
+        config.delivery = model::read_delivery(root.get("delivery"), &mut found);
         config.destinations = model::read_destinations(
             root.get("destinations"),
             &config.vendors,

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use handoff_store::Journal;
 
 pub mod auth_http;
+pub mod delivery;
 pub mod error;
 pub mod ingest;
 pub mod keys;

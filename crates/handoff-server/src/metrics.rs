@@ -42,8 +42,44 @@ pub struct ConsumerLabel {
     pub consumer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabel {
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlockedLabel {
+    pub destination: String,
+    pub reason: Cow<'static, str>,
+}
+
+/// Per-destination delivery figures.
+pub struct DeliveryMetrics {
+    pub delivered: Family<DestinationLabel, Counter>,
+    pub retried: Family<DestinationLabel, Counter>,
+    pub dead_lettered: Family<DestinationLabel, Counter>,
+    pub credential_failures: Family<DestinationLabel, Counter>,
+    pub queue_depth: Family<DestinationLabel, Gauge>,
+    pub oldest_age_seconds: Family<DestinationLabel, Gauge>,
+    /// 0 closed, 1 half-open, 2 open.
+    pub breaker_state: Family<DestinationLabel, Gauge>,
+    /// 0 active, 1 paused, 2 killed.
+    pub state: Family<DestinationLabel, Gauge>,
+    pub latency_seconds: Family<DestinationLabel, Histogram>,
+    pub blocked: Family<BlockedLabel, Counter>,
+}
+
+impl DeliveryMetrics {
+    pub fn label(destination: &str) -> DestinationLabel {
+        DestinationLabel {
+            destination: destination.to_owned(),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub delivery: DeliveryMetrics,
     accepted: Family<SourceLabel, Counter>,
     duplicates: Family<SourceLabel, Counter>,
     sources: HashMap<SourceId, SourceCounters>,
@@ -135,6 +171,71 @@ impl Metrics {
             "Events not yet acknowledged by each consumer",
             consumer_lag.clone(),
         );
+        let delivery = DeliveryMetrics {
+            delivered: Family::default(),
+            retried: Family::default(),
+            dead_lettered: Family::default(),
+            credential_failures: Family::default(),
+            queue_depth: Family::default(),
+            oldest_age_seconds: Family::default(),
+            breaker_state: Family::default(),
+            state: Family::default(),
+            // 1 ms to ~33 s.
+            latency_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+            blocked: Family::default(),
+        };
+        registry.register(
+            "delivery_delivered",
+            "Items delivered to a destination",
+            delivery.delivered.clone(),
+        );
+        registry.register(
+            "delivery_retried",
+            "Items scheduled for another attempt",
+            delivery.retried.clone(),
+        );
+        registry.register(
+            "delivery_dead_lettered",
+            "Items moved to the dead-letter queue",
+            delivery.dead_lettered.clone(),
+        );
+        registry.register(
+            "delivery_credential_failures",
+            "Calls refused for credentials (401/403): the destination is paused and needs an operator",
+            delivery.credential_failures.clone(),
+        );
+        registry.register(
+            "delivery_queue_depth",
+            "Items waiting in a destination's queue",
+            delivery.queue_depth.clone(),
+        );
+        registry.register(
+            "delivery_oldest_item_age_seconds",
+            "Age of the oldest item waiting in a destination's queue",
+            delivery.oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "delivery_breaker_state",
+            "Circuit breaker of a destination: 0 closed, 1 half-open, 2 open",
+            delivery.breaker_state.clone(),
+        );
+        registry.register(
+            "delivery_destination_state",
+            "0 active, 1 paused (an operator, or refused credentials), 2 killed",
+            delivery.state.clone(),
+        );
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from queueing an item to the vendor accepting it",
+            delivery.latency_seconds.clone(),
+        );
+        registry.register(
+            "policy_blocked",
+            "Decisions not to send, by destination and reason code",
+            delivery.blocked.clone(),
+        );
         let sources = sources
             .into_iter()
             .map(|id| {
@@ -150,6 +251,7 @@ impl Metrics {
             .collect();
         Self {
             registry,
+            delivery,
             accepted,
             duplicates,
             sources,

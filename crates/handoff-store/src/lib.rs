@@ -12,6 +12,7 @@ use handoff_core::SourceId;
 use tokio::sync::watch;
 
 mod dedup;
+pub mod outbox;
 pub mod sqlite;
 pub mod state;
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod ops;
 mod plan;
 
 use anyhow::{Context, Result};
@@ -73,6 +74,12 @@ enum Command {
     /// Decode consent strings.
     #[command(subcommand)]
     Consent(ConsentCommand),
+    /// The kill switch: status, pause, resume or kill a destination (works while serving).
+    #[command(subcommand)]
+    Destinations(ops::DestinationsCommand),
+    /// The dead-letter queue: list, replay or discard (works while serving).
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(ops::DeadLettersCommand),
     /// Look inside the journal (read-only; safe while the server runs).
     #[command(subcommand)]
     Journal(JournalCommand),
@@ -226,6 +233,8 @@ fn main() -> ExitCode {
         }) => dump(&data_dir, after, quarantine),
         Command::Journal(JournalCommand::Verify { data_dir }) => verify(&data_dir),
         Command::Clients(cmd) => clients(cmd),
+        Command::Destinations(cmd) => ops::destinations(cmd),
+        Command::DeadLetters(cmd) => ops::dead_letters(cmd),
         Command::Consent(ConsentCommand::Decode { strings }) => consent_decode(strings),
         Command::Keys(KeysCommand::RotateSigning { state }) => rotate_signing(&state),
         Command::Keys(KeysCommand::RotateMaster { state }) => rotate_master(&state),
@@ -251,6 +260,13 @@ fn load_config(
     // The files a destination's TLS settings name must load now, not at the first delivery.
     let mut problems = Vec::new();
     for (i, d) in config.destinations.iter().enumerate() {
+        if let Err(e) = handoff_connectors::connector::for_destination(d) {
+            problems.push(handoff_core::config::ConfigProblem {
+                key: format!("destinations[{i}].settings"),
+                code: e.code,
+                message: e.message,
+            });
+        }
         if let Err(e) =
             handoff_connectors::http::client(&d.tls, handoff_connectors::http::DEFAULT_TIMEOUT)
         {
@@ -400,6 +416,20 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         }
     }
 
+    // Delivery: every destination's connector and client are built now, so that unusable
+    // settings stop the start with the reason instead of failing at the first event.
+    let policy = handoff_server::policy_http::PolicyConfig {
+        settings: config.policy.clone(),
+        vendors: config.vendors.clone(),
+        destinations: config.destinations.clone(),
+    };
+    let outbox = Arc::new(handoff_store::outbox::OutboxStore::open(data_dir)?);
+    let delivery = Arc::new(handoff_server::delivery::Delivery::new(
+        outbox,
+        &policy,
+        config.delivery.clone(),
+    )?);
+
     // Signal handlers go in before we say we are listening: a SIGTERM that arrives right after
     // must still mean a graceful shutdown, not the default instant death.
     let shutdown = shutdown_signal()?;
@@ -464,17 +494,18 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     tracing::info!(%addr, sources = keys.sources().count(), "listening");
 
     let journal: Arc<dyn Journal> = Arc::new(journal);
-    let policy = handoff_server::policy_http::PolicyConfig {
-        settings: config.policy.clone(),
-        vendors: config.vendors.clone(),
-        destinations: config.destinations.clone(),
-    };
     tracing::info!(
         vendors = policy.vendors.len(),
         destinations = policy.destinations.len(),
         "policy loaded"
     );
-    let state = AppState::new(journal, keys, Arc::new(auth), policy);
+    let state = AppState::new(journal.clone(), keys, Arc::new(auth), policy);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tasks = delivery.start(journal, state.clone(), stop_rx);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     handoff_server::serve(
         listener,
         state,
@@ -483,6 +514,17 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         config.server.tls.clone(),
     )
     .await?;
+    // Workers finish the call in flight, within a bound: an unrecorded delivery is sent again
+    // on the next start, and the vendor deduplicates it on its delivery id.
+    for task in tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

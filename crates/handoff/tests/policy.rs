@@ -21,6 +21,13 @@ const ENV: &[(&str, &str)] = &[
         "HANDOFF_GA4_PSEUDONYMISATION_KEY",
         "ga4-key-0123456789abcdef0123456789abcdef",
     ),
+    ("HANDOFF_META_ACCESS_TOKEN", "EAAexampletoken"),
+    ("HANDOFF_GA4_API_SECRET", "ga4-api-secret"),
+    ("HANDOFF_STRIPE_API_KEY", "sk_test_example"),
+    (
+        "HANDOFF_CRM_WEBHOOK_SECRET",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ),
 ];
 
 /// Runs `handoff plan` on the example config as of a fixed day, with `event` on stdin.

@@ -288,6 +288,122 @@ struct PolicyToml {
     region_field: Option<String>,
 }
 
+/// `[delivery]`: how queued payloads are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliverySettings {
+    /// First retry delay; each failure doubles it (full jitter), up to `retry_max`.
+    pub retry_base: std::time::Duration,
+    pub retry_max: std::time::Duration,
+    /// An item not delivered this long after it was queued goes to the dead-letter queue.
+    pub max_age: std::time::Duration,
+    /// Consecutive failures that open a destination's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before one probe request (half-open).
+    pub breaker_cooldown: std::time::Duration,
+    /// How long one call to a vendor may take.
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        use std::time::Duration;
+        DeliverySettings {
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            max_age: Duration::from_secs(24 * 3600),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryToml {
+    retry_base_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    max_age_secs: Option<u64>,
+    breaker_failures: Option<u32>,
+    breaker_cooldown_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+}
+
+pub(crate) fn read_delivery(v: Option<&Value>, problems: &mut Vec<Problem>) -> DeliverySettings {
+    use std::time::Duration;
+    let mut d = DeliverySettings::default();
+    let Some(v) = v else { return d };
+    let t: DeliveryToml = match v.clone().try_into() {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push((
+                "delivery".into(),
+                "config.delivery.invalid",
+                serde_message(&e),
+            ));
+            return d;
+        }
+    };
+    let mut positive =
+        |key: &str, value: Option<u64>, slot: &mut Duration, unit: fn(u64) -> Duration| match value
+        {
+            Some(0) => problems.push((
+                format!("delivery.{key}"),
+                "config.delivery.invalid",
+                "must be more than 0".into(),
+            )),
+            Some(n) => *slot = unit(n),
+            None => {}
+        };
+    positive(
+        "retry_base_ms",
+        t.retry_base_ms,
+        &mut d.retry_base,
+        Duration::from_millis,
+    );
+    positive(
+        "retry_max_ms",
+        t.retry_max_ms,
+        &mut d.retry_max,
+        Duration::from_millis,
+    );
+    positive(
+        "max_age_secs",
+        t.max_age_secs,
+        &mut d.max_age,
+        Duration::from_secs,
+    );
+    positive(
+        "breaker_cooldown_ms",
+        t.breaker_cooldown_ms,
+        &mut d.breaker_cooldown,
+        Duration::from_millis,
+    );
+    positive(
+        "request_timeout_ms",
+        t.request_timeout_ms,
+        &mut d.request_timeout,
+        Duration::from_millis,
+    );
+    match t.breaker_failures {
+        Some(0) => problems.push((
+            "delivery.breaker_failures".into(),
+            "config.delivery.invalid",
+            "must be at least 1".into(),
+        )),
+        Some(n) => d.breaker_failures = n,
+        None => {}
+    }
+    if d.retry_max < d.retry_base {
+        problems.push((
+            "delivery.retry_max_ms".into(),
+            "config.delivery.invalid",
+            "must not be less than retry_base_ms".into(),
+        ));
+    }
+    d
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VendorToml {

@@ -21,6 +21,10 @@ fn env(name: &str) -> Option<String> {
         "HANDOFF_WEB_WRITE_KEY" => "0123456789abcdef0123".into(),
         "HANDOFF_BACKEND_WRITE_KEY" => "fedcba98765432100123".into(),
         "HANDOFF_GA4_PSEUDONYMISATION_KEY" => "ga4-key-0123456789abcdef0123456789abcdef".into(),
+        "HANDOFF_META_ACCESS_TOKEN" => "EAAexampletoken".into(),
+        "HANDOFF_GA4_API_SECRET" => "ga4-api-secret".into(),
+        "HANDOFF_STRIPE_API_KEY" => "sk_test_example".into(),
+        "HANDOFF_CRM_WEBHOOK_SECRET" => "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
         _ => return None,
     })
 }

@@ -1,0 +1,690 @@
+//! Delivery: the router that decides each journal event for every destination and queues what
+//! may leave, and one worker per destination that sends its queue to the vendor.
+//!
+//! Isolation: each destination has its own queue, worker, HTTP client and circuit breaker, so a
+//! slow or dead vendor only ever delays itself. Ingest never waits on any of it.
+//!
+//! Guarantees: the router commits its decisions and its journal position together (see
+//! [`OutboxStore::route`]); a worker removes an item only after the vendor accepted it, so a
+//! crash at any point means, at worst, one more attempt — which the vendor deduplicates on the
+//! item's delivery id. Every item is delivered, dead-lettered with a reason, or kept while its
+//! destination is paused; nothing is dropped silently.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use handoff_connectors::connector::Connector;
+use handoff_connectors::wire::{Classification, Item};
+use handoff_core::consent::{ConsentContext, SubjectState};
+use handoff_core::policy::model::{DeliverySettings, Destination};
+use handoff_core::policy::{Outcome, PreparedEvent, decide};
+use handoff_store::outbox::{DestinationState, NewItem, OutboxItem, OutboxStore};
+use handoff_store::{Journal, StoreError};
+use serde_json::Value;
+use tokio::sync::{Notify, watch};
+
+use crate::metrics::{BlockedLabel, DeliveryMetrics};
+use crate::policy_http::PolicyConfig;
+
+/// Events the router decides per transaction.
+const ROUTE_BATCH: usize = 500;
+/// How often destination states (set by `handoff destinations …` from another process) are
+/// re-read: a pause or kill takes effect within this.
+const STATE_POLL: Duration = Duration::from_millis(250);
+/// Reason recorded when a killed destination is not decided for.
+pub const KILLED_REASON: &str = "destination.killed";
+
+/// One destination at run time.
+pub struct Lane {
+    pub destination: Destination,
+    connector: Box<dyn Connector>,
+    client: reqwest::Client,
+    state: AtomicU8,
+    wake: Notify,
+}
+
+impl Lane {
+    pub fn state(&self) -> DestinationState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => DestinationState::Active,
+            1 => DestinationState::Paused,
+            _ => DestinationState::Killed,
+        }
+    }
+
+    fn set_state(&self, s: DestinationState) {
+        let v = match s {
+            DestinationState::Active => 0,
+            DestinationState::Paused => 1,
+            DestinationState::Killed => 2,
+        };
+        if self.state.swap(v, Ordering::Relaxed) != v {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Everything delivery needs, shared by the router and the workers.
+pub struct Delivery {
+    pub store: Arc<OutboxStore>,
+    pub lanes: Vec<Arc<Lane>>,
+    pub settings: DeliverySettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("destination {0}: {1}")]
+    Connector(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Delivery {
+    /// Builds every destination's connector and HTTP client (failing on unusable settings).
+    pub fn new(
+        store: Arc<OutboxStore>,
+        policy: &PolicyConfig,
+        settings: DeliverySettings,
+    ) -> Result<Self, DeliveryError> {
+        let mut lanes = Vec::new();
+        for d in &policy.destinations {
+            let connector = handoff_connectors::connector::for_destination(d)
+                .map_err(|e| DeliveryError::Connector(d.id.clone(), e.to_string()))?;
+            let client = handoff_connectors::http::client(&d.tls, settings.request_timeout)
+                .map_err(|e| DeliveryError::Connector(d.id.clone(), e.to_string()))?;
+            let (state, _) = store.state(&d.id)?;
+            let lane = Lane {
+                destination: d.clone(),
+                connector,
+                client,
+                state: AtomicU8::new(0),
+                wake: Notify::new(),
+            };
+            lane.set_state(state);
+            lanes.push(Arc::new(lane));
+        }
+        Ok(Delivery {
+            store,
+            lanes,
+            settings,
+        })
+    }
+
+    /// Starts the router, the state poller and one worker per destination; they stop when
+    /// `stop` turns true.
+    pub fn start(
+        self: &Arc<Self>,
+        journal: Arc<dyn Journal>,
+        app: Arc<crate::AppState>,
+        stop: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if self.lanes.is_empty() {
+            return tasks;
+        }
+        tasks.push(tokio::spawn(router(
+            self.clone(),
+            journal,
+            app.clone(),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(poll_states(
+            self.clone(),
+            app.clone(),
+            stop.clone(),
+        )));
+        for lane in &self.lanes {
+            tasks.push(tokio::spawn(worker(
+                self.clone(),
+                lane.clone(),
+                app.clone(),
+                stop.clone(),
+            )));
+        }
+        tasks
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| StoreError::Closed)?
+}
+
+/// Sleeps `d`, or less if `stop` turns true or `wake` fires.
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>, wake: Option<&Notify>) {
+    let woken = async {
+        match wake {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.changed() => {}
+        _ = woken => {}
+    }
+}
+
+async fn router(
+    delivery: Arc<Delivery>,
+    journal: Arc<dyn Journal>,
+    app: Arc<crate::AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut head = journal.subscribe();
+    let store = delivery.store.clone();
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        let position = {
+            let store = store.clone();
+            blocking(move || store.router_position()).await
+        };
+        let position = match position {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "router cannot read its position; retrying");
+                pause(Duration::from_secs(1), &mut stop, None).await;
+                continue;
+            }
+        };
+        let events = match journal.read(position, ROUTE_BATCH).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "router cannot read the journal; retrying");
+                pause(Duration::from_secs(1), &mut stop, None).await;
+                continue;
+            }
+        };
+        if events.is_empty() {
+            tokio::select! {
+                _ = head.changed() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        let upto = events.last().map_or(position, |e| e.seq);
+        let lanes = delivery.lanes.clone();
+        let settings = app.policy.settings.clone();
+        let today = time::OffsetDateTime::now_utc().date();
+        // Deciding is pure CPU work: off the async threads.
+        let decided = tokio::task::spawn_blocking(move || {
+            let mut items = Vec::new();
+            let mut blocked: Vec<(String, &'static str)> = Vec::new();
+            for e in &events {
+                let value: Value = match serde_json::from_str(&e.payload) {
+                    Ok(v) => v,
+                    Err(_) => {
+                        // The journal only holds what ingest wrote; record rather than guess.
+                        for lane in &lanes {
+                            blocked.push((lane.destination.id.clone(), "journal.unreadable"));
+                        }
+                        continue;
+                    }
+                };
+                let prepared = PreparedEvent::new(value, &settings);
+                // Stored preferences and suppression come with subjects; none are stored yet.
+                let consent = ConsentContext::from_event(
+                    prepared.value(),
+                    &settings.consent_fields,
+                    SubjectState::default(),
+                );
+                for lane in &lanes {
+                    if lane.state() == DestinationState::Killed {
+                        blocked.push((lane.destination.id.clone(), KILLED_REASON));
+                        continue;
+                    }
+                    let d = decide(&prepared, &consent, &lane.destination, today);
+                    match d.outcome {
+                        Outcome::Send(payload) => items.push(NewItem {
+                            destination: lane.destination.id.clone(),
+                            seq: e.seq,
+                            message_id: e.message_id.clone(),
+                            payload: payload.0,
+                        }),
+                        Outcome::Block => {
+                            blocked.push((lane.destination.id.clone(), d.reasons[0].code))
+                        }
+                    }
+                }
+            }
+            (items, blocked)
+        })
+        .await;
+        let Ok((items, blocked)) = decided else {
+            tracing::error!("router's decision task failed; retrying");
+            pause(Duration::from_secs(1), &mut stop, None).await;
+            continue;
+        };
+        let committed = {
+            let store = store.clone();
+            let (items, blocked) = (items.clone(), blocked.clone());
+            blocking(move || store.route(upto, &items, &blocked)).await
+        };
+        match committed {
+            Ok(()) => {
+                failures = 0;
+                for (destination, reason) in &blocked {
+                    app.metrics
+                        .delivery
+                        .blocked
+                        .get_or_create(&BlockedLabel {
+                            destination: destination.clone(),
+                            reason: (*reason).into(),
+                        })
+                        .inc();
+                }
+                for lane in &delivery.lanes {
+                    if items.iter().any(|i| i.destination == lane.destination.id) {
+                        lane.wake.notify_one();
+                    }
+                }
+                // For the consumer-lag metric; the position that counts is in the outbox.
+                let _ = journal.ack("router", upto).await;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::error!(error = %e, failures, "router cannot commit its decisions; retrying");
+                pause(
+                    Duration::from_millis(200 * u64::from(failures.min(25))),
+                    &mut stop,
+                    None,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+async fn poll_states(
+    delivery: Arc<Delivery>,
+    app: Arc<crate::AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        for lane in &delivery.lanes {
+            let store = delivery.store.clone();
+            let id = lane.destination.id.clone();
+            let stats_id = id.clone();
+            let store2 = delivery.store.clone();
+            if let Ok((state, _)) = blocking(move || store.state(&id)).await {
+                lane.set_state(state);
+            }
+            let label = DeliveryMetrics::label(&lane.destination.id);
+            app.metrics
+                .delivery
+                .state
+                .get_or_create(&label)
+                .set(lane.state() as i64);
+            if let Ok(stats) = blocking(move || store2.stats(&stats_id)).await {
+                app.metrics
+                    .delivery
+                    .queue_depth
+                    .get_or_create(&label)
+                    .set(stats.depth as i64);
+                let age = stats
+                    .oldest_created_at_ms
+                    .map_or(0, |t| (handoff_store::sqlite::now_ms() - t).max(0) / 1000);
+                app.metrics
+                    .delivery
+                    .oldest_age_seconds
+                    .get_or_create(&label)
+                    .set(age);
+            }
+        }
+        pause(STATE_POLL, &mut stop, None).await;
+    }
+}
+
+/// Exponential backoff with full jitter: a random delay up to `base * 2^attempts`, capped.
+pub fn backoff(settings: &DeliverySettings, attempts: u32) -> Duration {
+    let cap = settings
+        .retry_base
+        .saturating_mul(1u32 << attempts.min(20))
+        .min(settings.retry_max);
+    let ms = cap.as_millis().max(1) as u64;
+    Duration::from_millis(rand::random_range(0..=ms))
+}
+
+/// Parses `Retry-After`: seconds, or an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let fmt = time::format_description::parse_borrowed::<2>(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT",
+    )
+    .ok()?;
+    let at = time::PrimitiveDateTime::parse(v, &fmt).ok()?.assume_utc();
+    let wait = at - time::OffsetDateTime::now_utc();
+    Some(Duration::from_secs(wait.whole_seconds().max(0) as u64))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Breaker {
+    Closed,
+    Open { until: Instant },
+    HalfOpen,
+}
+
+async fn worker(
+    delivery: Arc<Delivery>,
+    lane: Arc<Lane>,
+    app: Arc<crate::AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let id = lane.destination.id.clone();
+    let label = DeliveryMetrics::label(&id);
+    let settings = delivery.settings.clone();
+    let store = delivery.store.clone();
+    let mut breaker = Breaker::Closed;
+    let mut failures = 0u32;
+    while !*stop.borrow() {
+        if lane.state() != DestinationState::Active {
+            pause(STATE_POLL, &mut stop, Some(&lane.wake)).await;
+            continue;
+        }
+        if let Breaker::Open { until } = breaker {
+            let now = Instant::now();
+            if now < until {
+                app.metrics
+                    .delivery
+                    .breaker_state
+                    .get_or_create(&label)
+                    .set(2);
+                pause(until - now, &mut stop, None).await;
+                continue;
+            }
+            breaker = Breaker::HalfOpen;
+            app.metrics
+                .delivery
+                .breaker_state
+                .get_or_create(&label)
+                .set(1);
+        }
+        let limit = if breaker == Breaker::HalfOpen {
+            1
+        } else {
+            lane.connector.max_batch()
+        };
+        let head = {
+            let (store, id) = (store.clone(), id.clone());
+            blocking(move || store.head(&id, limit)).await
+        };
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(destination = %id, error = %e, "cannot read the queue; retrying");
+                pause(Duration::from_secs(1), &mut stop, None).await;
+                continue;
+            }
+        };
+        let Some(first) = head.first() else {
+            pause(Duration::from_secs(1), &mut stop, Some(&lane.wake)).await;
+            continue;
+        };
+        let now_ms = handoff_store::sqlite::now_ms();
+        if first.next_at_ms > now_ms {
+            // Strict order per destination: the head waits for its retry time, and so does the
+            // rest (the vendor is failing for all of them anyway).
+            let wait = Duration::from_millis((first.next_at_ms - now_ms) as u64);
+            pause(
+                wait.min(Duration::from_secs(1)),
+                &mut stop,
+                Some(&lane.wake),
+            )
+            .await;
+            continue;
+        }
+        // Items past the maximum age are dead-lettered with their last error.
+        let max_age_ms = settings.max_age.as_millis() as i64;
+        let expired: Vec<&OutboxItem> = head
+            .iter()
+            .filter(|i| now_ms - i.created_at_ms > max_age_ms)
+            .collect();
+        if !expired.is_empty() {
+            let ids: Vec<i64> = expired.iter().map(|i| i.id).collect();
+            let reason = format!(
+                "not delivered within {} s after {} attempt(s); last error: {}",
+                settings.max_age.as_secs(),
+                expired[0].attempts,
+                expired[0].last_error.as_deref().unwrap_or("none")
+            );
+            let n = ids.len() as u64;
+            let store = store.clone();
+            if blocking(move || store.dead_letter(&ids, &reason))
+                .await
+                .is_ok()
+            {
+                app.metrics
+                    .delivery
+                    .dead_lettered
+                    .get_or_create(&label)
+                    .inc_by(n);
+            }
+            continue;
+        }
+        // A batch: consecutive due items sharing the first one's batch key.
+        let parsed: Vec<(i64, &OutboxItem, Option<Value>)> = head
+            .iter()
+            .map(|i| (i.id, i, serde_json::from_str(&i.payload).ok()))
+            .collect();
+        if parsed[0].2.is_none() {
+            let ids = vec![parsed[0].0];
+            let store = store.clone();
+            let _ =
+                blocking(move || store.dead_letter(&ids, "the queued payload is not JSON")).await;
+            app.metrics
+                .delivery
+                .dead_lettered
+                .get_or_create(&label)
+                .inc();
+            continue;
+        }
+        let key = {
+            let p = parsed[0].2.as_ref().expect("checked above");
+            lane.connector.batch_key(&Item {
+                message_id: &parsed[0].1.message_id,
+                payload: p,
+            })
+        };
+        let mut batch: Vec<(&OutboxItem, &Value)> = Vec::new();
+        for (_, item, payload) in &parsed {
+            let Some(p) = payload else { break };
+            if item.next_at_ms > now_ms
+                || lane.connector.batch_key(&Item {
+                    message_id: &item.message_id,
+                    payload: p,
+                }) != key
+            {
+                break;
+            }
+            batch.push((item, p));
+        }
+        let items: Vec<Item<'_>> = batch
+            .iter()
+            .map(|(i, p)| Item {
+                message_id: &i.message_id,
+                payload: p,
+            })
+            .collect();
+        let ids: Vec<i64> = batch.iter().map(|(i, _)| i.id).collect();
+        let request = match lane
+            .connector
+            .request(&items, time::OffsetDateTime::now_utc())
+        {
+            Ok(r) => r,
+            Err(why) => {
+                let n = ids.len() as u64;
+                let store = store.clone();
+                let _ = blocking(move || store.dead_letter(&ids, &why)).await;
+                app.metrics
+                    .delivery
+                    .dead_lettered
+                    .get_or_create(&label)
+                    .inc_by(n);
+                continue;
+            }
+        };
+        let oldest = batch
+            .iter()
+            .map(|(i, _)| i.created_at_ms)
+            .min()
+            .unwrap_or(now_ms);
+        let attempts = batch.iter().map(|(i, _)| i.attempts).max().unwrap_or(0);
+        drop(items);
+        let method =
+            reqwest::Method::from_bytes(request.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+        let mut call = lane.client.request(method, &request.url).body(request.body);
+        for (k, v) in &request.headers {
+            call = call.header(k.as_str(), v.as_str());
+        }
+        let class = match call.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let after = retry_after(resp.headers());
+                // Enough of the body to classify and quote; a vendor's error pages can be big.
+                let body = resp.bytes().await.unwrap_or_default();
+                let body = &body[..body.len().min(64 * 1024)];
+                lane.connector.classify(status, after, body)
+            }
+            Err(e) => Classification::Retry {
+                after: None,
+                why: if e.is_timeout() {
+                    "timed out".to_owned()
+                } else if e.is_connect() {
+                    "cannot connect".to_owned()
+                } else {
+                    "the connection failed".to_owned()
+                },
+            },
+        };
+        let n = ids.len() as u64;
+        let outcome = match class {
+            Classification::Delivered => {
+                failures = 0;
+                breaker = Breaker::Closed;
+                app.metrics
+                    .delivery
+                    .breaker_state
+                    .get_or_create(&label)
+                    .set(0);
+                let latency = (handoff_store::sqlite::now_ms() - oldest).max(0) as f64 / 1000.0;
+                let store = store.clone();
+                let r = blocking(move || store.delivered(&ids)).await;
+                if r.is_ok() {
+                    app.metrics
+                        .delivery
+                        .delivered
+                        .get_or_create(&label)
+                        .inc_by(n);
+                    app.metrics
+                        .delivery
+                        .latency_seconds
+                        .get_or_create(&label)
+                        .observe(latency);
+                }
+                r
+            }
+            Classification::Retry { after, why } => {
+                failures += 1;
+                if breaker == Breaker::HalfOpen || failures >= settings.breaker_failures {
+                    breaker = Breaker::Open {
+                        until: Instant::now() + settings.breaker_cooldown,
+                    };
+                    tracing::warn!(destination = %id, failures, reason = %why, "circuit breaker open");
+                }
+                let wait = backoff(&settings, attempts).max(after.unwrap_or_default());
+                let next = handoff_store::sqlite::now_ms() + wait.as_millis() as i64;
+                app.metrics.delivery.retried.get_or_create(&label).inc_by(n);
+                let store = store.clone();
+                blocking(move || store.retry(&ids, next, &why)).await
+            }
+            Classification::Permanent { why } => {
+                failures = 0;
+                tracing::warn!(destination = %id, items = n, reason = %why, "dead-lettered");
+                app.metrics
+                    .delivery
+                    .dead_lettered
+                    .get_or_create(&label)
+                    .inc_by(n);
+                let store = store.clone();
+                blocking(move || store.dead_letter(&ids, &why)).await
+            }
+            Classification::Credentials { why } => {
+                // Burning the queue on a bad key helps nobody: stop and call an operator.
+                tracing::error!(destination = %id, reason = %why, "credentials refused: destination paused; fix them and run `handoff destinations resume`");
+                app.metrics
+                    .delivery
+                    .credential_failures
+                    .get_or_create(&label)
+                    .inc();
+                lane.set_state(DestinationState::Paused);
+                let store = store.clone();
+                let id = id.clone();
+                blocking(move || {
+                    store.set_state(
+                        &id,
+                        DestinationState::Paused,
+                        &format!("credentials refused: {why}"),
+                    )
+                })
+                .await
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(destination = %id, error = %e, "cannot record a delivery outcome; the items will be sent again");
+            pause(Duration::from_secs(1), &mut stop, None).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_full_jitter_and_a_cap() {
+        let s = DeliverySettings {
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(2),
+            ..DeliverySettings::default()
+        };
+        for attempts in 0..30 {
+            let cap = (100u64 << attempts.min(20)).min(2000);
+            for _ in 0..20 {
+                assert!(backoff(&s, attempts).as_millis() as u64 <= cap);
+            }
+        }
+        let spread: std::collections::HashSet<u128> =
+            (0..50).map(|_| backoff(&s, 4).as_millis()).collect();
+        assert!(spread.len() > 10, "jittered");
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(
+            retry_after(&h),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        h.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+}

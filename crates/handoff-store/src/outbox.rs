@@ -1,0 +1,558 @@
+//! The outbox: decided payloads waiting for their destination, dead letters, and each
+//! destination's state (active, paused, killed), in `outbox.db` beside the journal.
+//!
+//! The router's position in the journal lives here too, and [`OutboxStore::route`] writes a
+//! batch of decisions and the new position in one transaction: after a crash the router
+//! resumes exactly where its last committed batch ended, so no event is decided twice or
+//! skipped. Deliveries are FIFO per destination (the row id orders them).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::sqlite::now_ms;
+use crate::{Seq, StoreError};
+
+pub const OUTBOX_FILE: &str = "outbox.db";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS outbox (
+    id            INTEGER PRIMARY KEY,
+    destination   TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    message_id    TEXT    NOT NULL,
+    payload       TEXT    NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_at_ms    INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_by_destination ON outbox (destination, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id            INTEGER PRIMARY KEY,
+    destination   TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    message_id    TEXT    NOT NULL,
+    payload       TEXT    NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    failed_at_ms  INTEGER NOT NULL,
+    attempts      INTEGER NOT NULL,
+    reason        TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, id);
+CREATE TABLE IF NOT EXISTS router (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    seq      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blocked (
+    destination TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    count       INTEGER NOT NULL,
+    PRIMARY KEY (destination, reason)
+);
+CREATE TABLE IF NOT EXISTS destination_state (
+    destination   TEXT PRIMARY KEY,
+    state         TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+";
+
+/// A decided payload to store.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub destination: String,
+    pub seq: Seq,
+    pub message_id: String,
+    pub payload: String,
+}
+
+/// A payload in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub destination: String,
+    pub seq: Seq,
+    pub message_id: String,
+    pub payload: String,
+    pub created_at_ms: i64,
+    pub attempts: u32,
+    pub next_at_ms: i64,
+    pub last_error: Option<String>,
+}
+
+/// A payload that will not be delivered without an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub destination: String,
+    pub seq: Seq,
+    pub message_id: String,
+    pub payload: String,
+    pub created_at_ms: i64,
+    pub failed_at_ms: i64,
+    pub attempts: u32,
+    pub reason: String,
+}
+
+/// Whether a destination delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationState {
+    Active,
+    /// Keeps its queue, sends nothing (an operator, or refused credentials).
+    Paused,
+    /// Sends nothing, and no new decisions are made for it.
+    Killed,
+}
+
+impl DestinationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationState::Active => "active",
+            DestinationState::Paused => "paused",
+            DestinationState::Killed => "killed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => DestinationState::Active,
+            "paused" => DestinationState::Paused,
+            "killed" => DestinationState::Killed,
+            _ => return None,
+        })
+    }
+}
+
+/// Queue figures of one destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub depth: u64,
+    pub oldest_created_at_ms: Option<i64>,
+    pub dead_letters: u64,
+}
+
+pub struct OutboxStore {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl OutboxStore {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join(OUTBOX_FILE);
+        let conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+        // An item handed over is durable like an accepted event.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(OutboxStore {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last journal position the router committed.
+    pub fn router_position(&self) -> Result<Seq, StoreError> {
+        let seq: Option<i64> = self
+            .conn()
+            .query_row("SELECT seq FROM router WHERE id = 1", [], |r| r.get(0))
+            .optional()?;
+        Ok(seq.unwrap_or(0) as Seq)
+    }
+
+    /// Stores a batch of decisions and moves the router to `upto`, in one transaction.
+    pub fn route(
+        &self,
+        upto: Seq,
+        items: &[NewItem],
+        blocked: &[(String, &'static str)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let now = now_ms();
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO outbox (destination, seq, message_id, payload, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for i in items {
+                insert.execute(params![
+                    i.destination,
+                    i.seq as i64,
+                    i.message_id,
+                    i.payload,
+                    now
+                ])?;
+            }
+            let mut count = tx.prepare_cached(
+                "INSERT INTO blocked (destination, reason, count) VALUES (?1, ?2, 1)
+                 ON CONFLICT (destination, reason) DO UPDATE SET count = count + 1",
+            )?;
+            for (destination, reason) in blocked {
+                count.execute(params![destination, reason])?;
+            }
+            tx.execute(
+                "INSERT INTO router (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                [upto as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The first `limit` items of a destination's queue, in order.
+    pub fn head(&self, destination: &str, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, destination, seq, message_id, payload, created_at_ms, attempts, next_at_ms, last_error
+             FROM outbox WHERE destination = ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![destination, limit as i64], |r| {
+                Ok(OutboxItem {
+                    id: r.get(0)?,
+                    destination: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as Seq,
+                    message_id: r.get(3)?,
+                    payload: r.get(4)?,
+                    created_at_ms: r.get(5)?,
+                    attempts: r.get::<_, i64>(6)? as u32,
+                    next_at_ms: r.get(7)?,
+                    last_error: r.get(8)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Removes delivered items.
+    pub fn delivered(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            for id in ids {
+                del.execute([id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Schedules items for another attempt.
+    pub fn retry(&self, ids: &[i64], next_at_ms: i64, error: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut up = tx.prepare_cached(
+                "UPDATE outbox SET attempts = attempts + 1, next_at_ms = ?2, last_error = ?3 WHERE id = ?1",
+            )?;
+            for id in ids {
+                up.execute(params![id, next_at_ms, error])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Moves items to the dead-letter queue with `reason`.
+    pub fn dead_letter(&self, ids: &[i64], reason: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut mv = tx.prepare_cached(
+                "INSERT INTO dead_letters (destination, seq, message_id, payload, created_at_ms, failed_at_ms, attempts, reason)
+                 SELECT destination, seq, message_id, payload, created_at_ms, ?2, attempts + 1, ?3 FROM outbox WHERE id = ?1",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            let now = now_ms();
+            for id in ids {
+                mv.execute(params![id, now, reason])?;
+                del.execute([id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Dead letters, oldest first, optionally of one destination, after `after_id`.
+    pub fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, destination, seq, message_id, payload, created_at_ms, failed_at_ms, attempts, reason
+             FROM dead_letters WHERE (?1 IS NULL OR destination = ?1) AND id > ?2 ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(params![destination, after_id, limit as i64], |r| {
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    destination: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as Seq,
+                    message_id: r.get(3)?,
+                    payload: r.get(4)?,
+                    created_at_ms: r.get(5)?,
+                    failed_at_ms: r.get(6)?,
+                    attempts: r.get::<_, i64>(7)? as u32,
+                    reason: r.get(8)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Puts dead letters of `destination` (all, or those in `ids`) back at the end of its
+    /// queue, attempts reset. Returns how many.
+    pub fn replay(&self, destination: &str, ids: Option<&[i64]>) -> Result<usize, StoreError> {
+        self.take_dead(destination, ids, true)
+    }
+
+    /// Deletes dead letters of `destination` (all, or those in `ids`). Returns how many.
+    pub fn discard(&self, destination: &str, ids: Option<&[i64]>) -> Result<usize, StoreError> {
+        self.take_dead(destination, ids, false)
+    }
+
+    fn take_dead(
+        &self,
+        destination: &str,
+        ids: Option<&[i64]>,
+        requeue: bool,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let chosen: Vec<i64> = match ids {
+            Some(ids) => ids.to_vec(),
+            None => {
+                let mut stmt =
+                    tx.prepare("SELECT id FROM dead_letters WHERE destination = ?1 ORDER BY id")?;
+                let ids = stmt.query_map([destination], |r| r.get(0))?;
+                ids.collect::<Result<Vec<i64>, _>>()?
+            }
+        };
+        let mut n = 0;
+        {
+            let mut requeue_stmt = tx.prepare_cached(
+                "INSERT INTO outbox (destination, seq, message_id, payload, created_at_ms)
+                 SELECT destination, seq, message_id, payload, ?2 FROM dead_letters WHERE id = ?1 AND destination = ?3",
+            )?;
+            let mut del =
+                tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1 AND destination = ?2")?;
+            let now = now_ms();
+            for id in &chosen {
+                if requeue {
+                    requeue_stmt.execute(params![id, now, destination])?;
+                }
+                n += del.execute(params![id, destination])?;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Queue figures per destination.
+    pub fn stats(&self, destination: &str) -> Result<QueueStats, StoreError> {
+        let conn = self.conn();
+        let (depth, oldest): (i64, Option<i64>) = conn.query_row(
+            "SELECT count(*), min(created_at_ms) FROM outbox WHERE destination = ?1",
+            [destination],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let dead: i64 = conn.query_row(
+            "SELECT count(*) FROM dead_letters WHERE destination = ?1",
+            [destination],
+            |r| r.get(0),
+        )?;
+        Ok(QueueStats {
+            depth: depth as u64,
+            oldest_created_at_ms: oldest,
+            dead_letters: dead as u64,
+        })
+    }
+
+    /// Every destination the outbox knows of (queued items, dead letters or a state).
+    pub fn destinations(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT destination FROM outbox UNION SELECT destination FROM dead_letters
+             UNION SELECT destination FROM destination_state ORDER BY 1",
+        )?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Decisions not to send, per destination and reason.
+    pub fn blocked(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT destination, reason, count FROM blocked ORDER BY 1, 2")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// A destination's state and the reason it was set (active when never set).
+    pub fn state(&self, destination: &str) -> Result<(DestinationState, String), StoreError> {
+        let row: Option<(String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT state, reason FROM destination_state WHERE destination = ?1",
+                [destination],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            Some((s, reason)) => (
+                DestinationState::parse(&s).unwrap_or(DestinationState::Paused),
+                reason,
+            ),
+            None => (DestinationState::Active, String::new()),
+        })
+    }
+
+    pub fn set_state(
+        &self,
+        destination: &str,
+        state: DestinationState,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO destination_state (destination, state, reason, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (destination) DO UPDATE SET state = excluded.state, reason = excluded.reason,
+               updated_at_ms = excluded.updated_at_ms",
+            params![destination, state.as_str(), reason, now_ms()],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(dest: &str, seq: Seq) -> NewItem {
+        NewItem {
+            destination: dest.into(),
+            seq,
+            message_id: format!("m-{seq}"),
+            payload: format!("{{\"seq\":{seq}}}"),
+        }
+    }
+
+    #[test]
+    fn route_is_atomic_and_queues_are_fifo_per_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        assert_eq!(store.router_position().unwrap(), 0);
+        store
+            .route(
+                3,
+                &[item("a", 1), item("b", 1), item("a", 2), item("a", 3)],
+                &[("b".into(), "consent.missing")],
+            )
+            .unwrap();
+        assert_eq!(store.router_position().unwrap(), 3);
+        let head = store.head("a", 10).unwrap();
+        assert_eq!(head.iter().map(|i| i.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            store.blocked().unwrap(),
+            vec![("b".into(), "consent.missing".into(), 1)]
+        );
+
+        // A failing insert rolls back the batch and the position.
+        drop(store);
+        let conn = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        conn.execute_batch("CREATE TRIGGER no_c BEFORE INSERT ON outbox WHEN NEW.destination = 'c' BEGIN SELECT RAISE(ABORT, 'refused'); END;").unwrap();
+        drop(conn);
+        let store = OutboxStore::open(dir.path()).unwrap();
+        assert!(store.route(5, &[item("a", 4), item("c", 5)], &[]).is_err());
+        assert_eq!(store.router_position().unwrap(), 3);
+        assert_eq!(store.head("a", 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn retries_dead_letters_replay_and_discard() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        store
+            .route(3, &[item("a", 1), item("a", 2), item("a", 3)], &[])
+            .unwrap();
+        let ids: Vec<i64> = store.head("a", 10).unwrap().iter().map(|i| i.id).collect();
+        store.retry(&ids[..1], 12_345, "HTTP 503").unwrap();
+        let first = &store.head("a", 1).unwrap()[0];
+        assert_eq!(
+            (
+                first.attempts,
+                first.next_at_ms,
+                first.last_error.as_deref()
+            ),
+            (1, 12_345, Some("HTTP 503"))
+        );
+        store.delivered(&ids[2..]).unwrap();
+        store
+            .dead_letter(&ids[1..2], "HTTP 400: bad event")
+            .unwrap();
+        assert_eq!(store.head("a", 10).unwrap().len(), 1);
+        let dead = store.dead_letters(Some("a"), 0, 10).unwrap();
+        assert_eq!(
+            (dead.len(), dead[0].reason.as_str(), dead[0].seq),
+            (1, "HTTP 400: bad event", 2)
+        );
+        assert_eq!(store.stats("a").unwrap().dead_letters, 1);
+        assert_eq!(store.replay("a", None).unwrap(), 1);
+        assert_eq!(
+            store
+                .head("a", 10)
+                .unwrap()
+                .iter()
+                .map(|i| i.seq)
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+        store
+            .dead_letter(&[store.head("a", 10).unwrap()[1].id], "again")
+            .unwrap();
+        assert_eq!(
+            store.discard("b", None).unwrap(),
+            0,
+            "other destinations are not touched"
+        );
+        assert_eq!(store.discard("a", None).unwrap(), 1);
+        assert!(store.dead_letters(None, 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn destination_states_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        assert_eq!(store.state("a").unwrap().0, DestinationState::Active);
+        store
+            .set_state("a", DestinationState::Paused, "credentials refused")
+            .unwrap();
+        drop(store);
+        let store = OutboxStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.state("a").unwrap(),
+            (DestinationState::Paused, "credentials refused".into())
+        );
+    }
+}

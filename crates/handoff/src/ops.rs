@@ -1,0 +1,191 @@
+//! `handoff destinations …` and `handoff dead-letters …`: the kill switch and the dead-letter
+//! queue, from the command line. They work on the data directory while the gateway runs (it
+//! re-reads destination states every 250 ms), and every change is written to the audit log.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use serde_json::json;
+
+use handoff_store::outbox::{DestinationState, OutboxStore};
+use handoff_store::sqlite::now_ms;
+use handoff_store::state::StateStore;
+
+#[derive(clap::Args)]
+pub struct DataDir {
+    #[arg(long, default_value = handoff_core::config::DEFAULT_DATA_DIR, env = "HANDOFF_DATA_DIR")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum DestinationsCommand {
+    /// Queue depth, dead letters and state of every destination with any.
+    Status {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Stop sending to a destination; its queue is kept and keeps filling.
+    Pause {
+        id: String,
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Send again (after a pause, a kill, or refused credentials that are now fixed).
+    Resume {
+        id: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Stop sending and stop deciding: new events are not queued for this destination.
+    Kill {
+        id: String,
+        #[arg(long, default_value = "killed by an operator")]
+        reason: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DeadLettersCommand {
+    /// Dead letters as JSON lines, oldest first.
+    List {
+        #[arg(long)]
+        destination: Option<String>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Put dead letters back at the end of their destination's queue.
+    Replay {
+        #[arg(long)]
+        destination: String,
+        /// Only these (ids from `list`); all of the destination's without.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Delete dead letters for good.
+    Discard {
+        #[arg(long)]
+        destination: String,
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+fn audit(dir: &Path, action: &str, detail: serde_json::Value) -> Result<()> {
+    let state = StateStore::open(dir).context("cannot open the state to audit the change")?;
+    state.audit(now_ms(), "cli", action, &detail.to_string())?;
+    Ok(())
+}
+
+pub fn destinations(cmd: DestinationsCommand) -> Result<ExitCode> {
+    match cmd {
+        DestinationsCommand::Status { dir } => {
+            let store = OutboxStore::open(&dir.data_dir)?;
+            let mut out = std::io::stdout().lock();
+            for d in store.destinations()? {
+                let stats = store.stats(&d)?;
+                let (state, reason) = store.state(&d)?;
+                let age = stats
+                    .oldest_created_at_ms
+                    .map(|t| (now_ms() - t).max(0) / 1000);
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"destination": d, "state": state.as_str(), "reason": reason,
+                           "queued": stats.depth, "oldest_age_secs": age, "dead_letters": stats.dead_letters})
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DestinationsCommand::Pause { id, reason, dir } => {
+            set(&dir.data_dir, &id, DestinationState::Paused, &reason)
+        }
+        DestinationsCommand::Resume { id, dir } => set(
+            &dir.data_dir,
+            &id,
+            DestinationState::Active,
+            "resumed by an operator",
+        ),
+        DestinationsCommand::Kill { id, reason, dir } => {
+            set(&dir.data_dir, &id, DestinationState::Killed, &reason)
+        }
+    }
+}
+
+fn set(dir: &Path, id: &str, state: DestinationState, reason: &str) -> Result<ExitCode> {
+    let store = OutboxStore::open(dir)?;
+    store.set_state(id, state, reason)?;
+    audit(
+        dir,
+        &format!("destination.{}", state.as_str()),
+        json!({"destination": id, "reason": reason}),
+    )?;
+    println!("{id}: {}", state.as_str());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn dead_letters(cmd: DeadLettersCommand) -> Result<ExitCode> {
+    match cmd {
+        DeadLettersCommand::List { destination, dir } => {
+            let store = OutboxStore::open(&dir.data_dir)?;
+            let mut out = std::io::stdout().lock();
+            let mut after = 0;
+            loop {
+                let page = store.dead_letters(destination.as_deref(), after, 500)?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                for d in &page {
+                    let payload: serde_json::Value =
+                        serde_json::from_str(&d.payload).unwrap_or(serde_json::Value::Null);
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"id": d.id, "destination": d.destination, "seq": d.seq, "messageId": d.message_id,
+                               "attempts": d.attempts, "failed_at_ms": d.failed_at_ms, "reason": d.reason, "payload": payload})
+                    )?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLettersCommand::Replay {
+            destination,
+            ids,
+            dir,
+        } => {
+            let store = OutboxStore::open(&dir.data_dir)?;
+            let n = store.replay(&destination, (!ids.is_empty()).then_some(ids.as_slice()))?;
+            audit(
+                &dir.data_dir,
+                "dead_letters.replay",
+                json!({"destination": destination, "ids": ids, "count": n}),
+            )?;
+            println!("{n} dead letter(s) of {destination} queued again");
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLettersCommand::Discard {
+            destination,
+            ids,
+            dir,
+        } => {
+            let store = OutboxStore::open(&dir.data_dir)?;
+            let n = store.discard(&destination, (!ids.is_empty()).then_some(ids.as_slice()))?;
+            audit(
+                &dir.data_dir,
+                "dead_letters.discard",
+                json!({"destination": destination, "ids": ids, "count": n}),
+            )?;
+            println!("{n} dead letter(s) of {destination} discarded");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

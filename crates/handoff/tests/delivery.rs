@@ -1,0 +1,401 @@
+//! Delivery against fake vendors on loopback: signed webhooks delivered once, one dead vendor
+//! never holding back another, permanent errors dead-lettered, refused credentials pausing the
+//! destination, the kill switch, and a restart in the middle of an outage.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::{BIN, Gateway, client};
+use handoff_connectors::webhook::{Secret, sign};
+use serde_json::{Value, json};
+
+const KEY: &str = "delivery-test-key-0123456789";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// How a fake vendor answers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Ok,
+    Fail500,
+    TooMany,
+    BadRequest,
+    Unauthorized,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// webhook-id of every request answered 2xx, in order.
+    delivered: Vec<String>,
+    /// Every request, whatever the answer.
+    requests: usize,
+    bodies: Vec<Value>,
+}
+
+struct Vendor {
+    url: String,
+    mode: Arc<Mutex<Mode>>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Vendor {
+    async fn start() -> Vendor {
+        let mode = Arc::new(Mutex::new(Mode::Ok));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .with_state((mode.clone(), seen.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Vendor { url, mode, seen }
+    }
+
+    fn set(&self, m: Mode) {
+        *self.mode.lock().unwrap() = m;
+    }
+
+    fn delivered(&self) -> Vec<String> {
+        self.seen.lock().unwrap().delivered.clone()
+    }
+
+    fn requests(&self) -> usize {
+        self.seen.lock().unwrap().requests
+    }
+}
+
+type VendorState = (Arc<Mutex<Mode>>, Arc<Mutex<Seen>>);
+
+async fn hook(
+    State((mode, seen)): State<VendorState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, HeaderMap, String) {
+    let mode = *mode.lock().unwrap();
+    let mut seen = seen.lock().unwrap();
+    seen.requests += 1;
+    let mut out = HeaderMap::new();
+    match mode {
+        Mode::Ok => {
+            // Verify like a receiver would: the signature over id, timestamp and body.
+            let h = |n: &str| headers.get(n).unwrap().to_str().unwrap().to_owned();
+            let (id, ts, sig) = (
+                h("webhook-id"),
+                h("webhook-timestamp"),
+                h("webhook-signature"),
+            );
+            let expected = sign(
+                &Secret::parse(SECRET).unwrap(),
+                &id,
+                ts.parse().unwrap(),
+                &body,
+            );
+            if sig != expected {
+                return (StatusCode::UNAUTHORIZED, out, "bad signature".into());
+            }
+            seen.delivered.push(id);
+            seen.bodies.push(serde_json::from_slice(&body).unwrap());
+            (StatusCode::NO_CONTENT, out, String::new())
+        }
+        Mode::Fail500 => (StatusCode::INTERNAL_SERVER_ERROR, out, "down".into()),
+        Mode::TooMany => {
+            out.insert("retry-after", "1".parse().unwrap());
+            (StatusCode::TOO_MANY_REQUESTS, out, "slow down".into())
+        }
+        Mode::BadRequest => (
+            StatusCode::BAD_REQUEST,
+            out,
+            r#"{"error":"field x is not allowed"}"#.into(),
+        ),
+        Mode::Unauthorized => (StatusCode::UNAUTHORIZED, out, "bad key".into()),
+    }
+}
+
+fn config(a: &Vendor, b: &Vendor) -> String {
+    format!(
+        r#"
+[[sources]]
+id = "web"
+write_key = "{KEY}"
+
+[delivery]
+retry_base_ms = 20
+retry_max_ms = 200
+breaker_failures = 3
+breaker_cooldown_ms = 200
+request_timeout_ms = 2000
+
+[[vendors]]
+id = "acme"
+legal_name = "Acme Inc."
+country = "IE"
+dpa_signed = 2025-01-01
+last_assessment = {today}
+risk_tier = "low"
+transfer_mechanism = "adequacy"
+
+[[destinations]]
+id = "hook-a"
+vendor = "acme"
+connector = "webhook"
+purposes = ["support"]
+legal_basis = "legitimate_interest"
+event_types = ["track"]
+allow = ["event", "userId", "properties.*"]
+endpoint = "{a}"
+settings = {{ secret = "{SECRET}" }}
+
+[[destinations]]
+id = "hook-b"
+vendor = "acme"
+connector = "webhook"
+purposes = ["support"]
+legal_basis = "legitimate_interest"
+event_types = ["track"]
+allow = ["event", "userId"]
+endpoint = "{b}"
+settings = {{ secret = "{SECRET}" }}
+"#,
+        today = time::OffsetDateTime::now_utc().date(),
+        a = a.url,
+        b = b.url,
+    )
+}
+
+fn start(dir: &std::path::Path, cfg: &str) -> Gateway {
+    let path = dir.join("handoff.toml");
+    std::fs::write(&path, cfg).unwrap();
+    Gateway::start(
+        &dir.join("data"),
+        &["--config", path.to_str().unwrap()],
+        &[],
+    )
+}
+
+async fn send(gw: &Gateway, from: usize, n: usize) {
+    let batch: Vec<Value> = (from..from + n)
+        .map(|i| json!({"type": "track", "event": "Ticket Opened", "userId": format!("u{i}"), "messageId": format!("m-{i}"), "properties": {"n": i}}))
+        .collect();
+    let resp = client()
+        .post(format!("{}/v1/batch", gw.url))
+        .basic_auth(KEY, Some(""))
+        .json(&json!({ "batch": batch }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Waits until `f` holds, for at most `secs`.
+async fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn cli(data: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn distinct(ids: &[String]) -> usize {
+    ids.iter().collect::<HashSet<_>>().len()
+}
+
+#[tokio::test]
+async fn signed_webhooks_are_delivered_once_each_with_only_the_allowed_fields() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(dir.path(), &config(&a, &b));
+    send(&gw, 0, 20).await;
+    until(20, "20 deliveries to each vendor", || {
+        a.delivered().len() >= 20 && b.delivered().len() >= 20
+    })
+    .await;
+    assert_eq!(distinct(&a.delivered()), 20);
+    assert_eq!(a.delivered().len(), 20, "nothing delivered twice");
+    let bodies = b.seen.lock().unwrap().bodies.clone();
+    let data = &bodies[0]["data"];
+    assert_eq!(bodies[0]["type"], "event.track");
+    assert!(
+        data.get("properties").is_none(),
+        "hook-b does not allow properties: {data}"
+    );
+    assert!(data["userId"].as_str().unwrap().starts_with('u'));
+    // The two destinations get different ids for the same event.
+    let ids_a: HashSet<String> = a.delivered().into_iter().collect();
+    assert!(b.delivered().iter().all(|id| !ids_a.contains(id)));
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"handoff_delivery_delivered_total{destination="hook-a"} 20"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_vendor_never_holds_back_another_and_recovers_without_loss() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    a.set(Mode::Fail500);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(dir.path(), &config(&a, &b));
+    send(&gw, 0, 30).await;
+    // B gets everything while A keeps failing.
+    until(20, "B delivered", || b.delivered().len() >= 30).await;
+    assert!(a.delivered().is_empty());
+    until(20, "A retried", || a.requests() >= 3).await;
+    // Ingest keeps answering during the outage.
+    send(&gw, 30, 10).await;
+    until(20, "B delivered the rest", || b.delivered().len() >= 40).await;
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"handoff_delivery_retried_total{destination="hook-a"}"#),
+        "{metrics}"
+    );
+    a.set(Mode::Ok);
+    until(30, "A caught up", || a.delivered().len() >= 40).await;
+    assert_eq!(distinct(&a.delivered()), 40);
+    assert_eq!(a.delivered().len(), 40, "each event once");
+    assert_eq!(distinct(&b.delivered()), 40);
+}
+
+#[tokio::test]
+async fn rate_limits_are_honoured_permanent_errors_dead_lettered_and_401_pauses() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let gw = start(dir.path(), &config(&a, &b));
+
+    // 429 with Retry-After: 1 → the next attempt waits about a second.
+    a.set(Mode::TooMany);
+    send(&gw, 0, 1).await;
+    until(10, "a first attempt", || a.requests() >= 1).await;
+    let first = Instant::now();
+    a.set(Mode::Ok);
+    until(10, "delivered after the wait", || a.delivered().len() == 1).await;
+    assert!(
+        first.elapsed() >= Duration::from_millis(700),
+        "Retry-After was honoured"
+    );
+
+    // A permanent error: dead-lettered with the vendor's reason, the rest flows.
+    a.set(Mode::BadRequest);
+    send(&gw, 1, 1).await;
+    until(10, "dead letter", || {
+        cli(&data, &["dead-letters", "list"]).contains("m-1")
+    })
+    .await;
+    let listed = cli(&data, &["dead-letters", "list", "--destination", "hook-a"]);
+    let dead: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        dead["reason"],
+        r#"HTTP 400: {"error":"field x is not allowed"}"#
+    );
+    assert_eq!(dead["payload"]["userId"], "u1");
+    // Replayed once the vendor takes it.
+    a.set(Mode::Ok);
+    cli(
+        &data,
+        &["dead-letters", "replay", "--destination", "hook-a"],
+    );
+    until(10, "replayed delivery", || a.delivered().len() == 2).await;
+    assert!(cli(&data, &["dead-letters", "list"]).is_empty());
+
+    // Refused credentials: paused, alert in metrics, queue kept.
+    a.set(Mode::Unauthorized);
+    send(&gw, 2, 3).await;
+    until(10, "paused", || {
+        cli(&data, &["destinations", "status"]).contains(r#""state":"paused""#)
+    })
+    .await;
+    let requests = a.requests();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.requests(), requests, "no more calls while paused");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"handoff_delivery_credential_failures_total{destination="hook-a"} 1"#),
+        "{metrics}"
+    );
+    a.set(Mode::Ok);
+    cli(&data, &["destinations", "resume", "hook-a"]);
+    until(10, "delivered after resume", || a.delivered().len() == 5).await;
+}
+
+#[tokio::test]
+async fn the_kill_switch_stops_traffic_within_a_second() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let gw = start(dir.path(), &config(&a, &b));
+    send(&gw, 0, 1).await;
+    until(10, "first delivery", || a.delivered().len() == 1).await;
+
+    cli(&data, &["destinations", "pause", "hook-a"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = a.requests();
+    send(&gw, 1, 5).await;
+    until(10, "b still delivers", || b.delivered().len() == 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.requests(), before, "paused: nothing sent");
+    let status = cli(&data, &["destinations", "status"]);
+    assert!(
+        status.contains(r#""destination":"hook-a""#) && status.contains(r#""queued":5"#),
+        "{status}"
+    );
+
+    // Killed: not even decided for; resumed: the kept queue goes out.
+    cli(&data, &["destinations", "kill", "hook-a"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send(&gw, 6, 2).await;
+    until(10, "b gets the new ones", || b.delivered().len() == 8).await;
+    cli(&data, &["destinations", "resume", "hook-a"]);
+    until(10, "a's queue drained", || a.delivered().len() == 6).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        a.delivered().len(),
+        6,
+        "events routed while killed are not queued"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_in_the_middle_of_an_outage_loses_nothing() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    a.set(Mode::Fail500);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&a, &b);
+    let gw = start(dir.path(), &cfg);
+    send(&gw, 0, 25).await;
+    until(20, "A failing", || a.requests() >= 2).await;
+    gw.signal("KILL");
+    let _ = gw.wait();
+    let gw = start(dir.path(), &cfg);
+    a.set(Mode::Ok);
+    until(30, "A caught up after the restart", || {
+        a.delivered().len() >= 25
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(distinct(&a.delivered()), 25);
+    assert_eq!(a.delivered().len(), 25);
+    drop(gw);
+}
