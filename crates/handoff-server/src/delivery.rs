@@ -111,6 +111,21 @@ impl Delivery {
         })
     }
 
+    /// Applies a state change made through the admin API at once (the poller would within
+    /// 250 ms).
+    pub fn apply_state(&self, destination: &str, state: DestinationState) {
+        if let Some(lane) = self.lanes.iter().find(|l| l.destination.id == destination) {
+            lane.set_state(state);
+        }
+    }
+
+    /// Tells a destination's worker that its queue changed.
+    pub fn wake(&self, destination: &str) {
+        if let Some(lane) = self.lanes.iter().find(|l| l.destination.id == destination) {
+            lane.wake.notify_one();
+        }
+    }
+
     /// Starts the router, the state poller and one worker per destination; they stop when
     /// `stop` turns true.
     pub fn start(

@@ -16,6 +16,7 @@ use handoff_store::Journal;
 
 pub mod auth_http;
 pub mod delivery;
+pub mod delivery_http;
 pub mod error;
 pub mod ingest;
 pub mod keys;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Vendors, destinations and policy settings from the configuration.
     pub policy: policy_http::PolicyConfig,
+    /// The delivery engine, once started (the admin API's kill switch and dead letters).
+    pub delivery: std::sync::OnceLock<Arc<delivery::Delivery>>,
     /// False once shutdown has begun: `/readyz` then tells load balancers to stop sending.
     pub ready: AtomicBool,
 }
@@ -55,6 +58,7 @@ impl AppState {
         Arc::new(Self {
             auth,
             policy,
+            delivery: std::sync::OnceLock::new(),
             limits: limits::Limits::default(),
             metrics: Metrics::new(sources.sources()),
             journal,
@@ -70,6 +74,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(ingest::routes())
         .merge(auth_http::routes())
         .merge(policy_http::routes())
+        .merge(delivery_http::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

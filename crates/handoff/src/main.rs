@@ -502,6 +502,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     let state = AppState::new(journal.clone(), keys, Arc::new(auth), policy);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tasks = delivery.start(journal, state.clone(), stop_rx);
+    let _ = state.delivery.set(delivery.clone());
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);

@@ -161,31 +161,37 @@ pub fn dead_letters(cmd: DeadLettersCommand) -> Result<ExitCode> {
             destination,
             ids,
             dir,
-        } => {
-            let store = OutboxStore::open(&dir.data_dir)?;
-            let n = store.replay(&destination, (!ids.is_empty()).then_some(ids.as_slice()))?;
-            audit(
-                &dir.data_dir,
-                "dead_letters.replay",
-                json!({"destination": destination, "ids": ids, "count": n}),
-            )?;
-            println!("{n} dead letter(s) of {destination} queued again");
-            Ok(ExitCode::SUCCESS)
-        }
+        } => take(&dir.data_dir, &destination, &ids, true),
         DeadLettersCommand::Discard {
             destination,
             ids,
             dir,
-        } => {
-            let store = OutboxStore::open(&dir.data_dir)?;
-            let n = store.discard(&destination, (!ids.is_empty()).then_some(ids.as_slice()))?;
-            audit(
-                &dir.data_dir,
-                "dead_letters.discard",
-                json!({"destination": destination, "ids": ids, "count": n}),
-            )?;
-            println!("{n} dead letter(s) of {destination} discarded");
-            Ok(ExitCode::SUCCESS)
-        }
+        } => take(&dir.data_dir, &destination, &ids, false),
     }
+}
+
+/// Replays (`requeue`) or discards dead letters of `destination`: those in `ids`, or all.
+fn take(dir: &Path, destination: &str, ids: &[i64], requeue: bool) -> Result<ExitCode> {
+    let store = OutboxStore::open(dir)?;
+    let chosen = (!ids.is_empty()).then_some(ids);
+    let (n, action, done) = if requeue {
+        (
+            store.replay(destination, chosen)?,
+            "dead_letters.replay",
+            "queued again",
+        )
+    } else {
+        (
+            store.discard(destination, chosen)?,
+            "dead_letters.discard",
+            "discarded",
+        )
+    };
+    audit(
+        dir,
+        action,
+        json!({"destination": destination, "ids": ids, "count": n}),
+    )?;
+    println!("{n} dead letter(s) of {destination} {done}");
+    Ok(ExitCode::SUCCESS)
 }

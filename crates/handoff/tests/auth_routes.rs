@@ -293,6 +293,20 @@ async fn every_protected_route_refuses_every_bad_token() {
         },
         Route {
             method: "GET",
+            path: "/admin/v1/delivery".into(),
+            body: None,
+            scope: "admin:read",
+            ok: StatusCode::OK,
+        },
+        Route {
+            method: "GET",
+            path: "/admin/v1/dead-letters".into(),
+            body: None,
+            scope: "admin:read",
+            ok: StatusCode::OK,
+        },
+        Route {
+            method: "GET",
             path: "/metrics".into(),
             body: None,
             scope: "metrics:read",

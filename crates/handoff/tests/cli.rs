@@ -27,24 +27,7 @@ fn check(config: &str, env: &[(&str, &str)]) -> (bool, String, String) {
 #[test]
 fn check_accepts_the_example_config() {
     let example = include_str!("../../../handoff.example.toml");
-    let (ok, stdout, stderr) = check(
-        example,
-        &[
-            ("HANDOFF_WEB_WRITE_KEY", "0123456789abcdef0123"),
-            ("HANDOFF_BACKEND_WRITE_KEY", "fedcba98765432100123"),
-            (
-                "HANDOFF_GA4_PSEUDONYMISATION_KEY",
-                "ga4-key-0123456789abcdef0123456789abcdef",
-            ),
-            ("HANDOFF_META_ACCESS_TOKEN", "EAAexampletoken"),
-            ("HANDOFF_GA4_API_SECRET", "ga4-api-secret"),
-            ("HANDOFF_STRIPE_API_KEY", "sk_test_example"),
-            (
-                "HANDOFF_CRM_WEBHOOK_SECRET",
-                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-            ),
-        ],
-    );
+    let (ok, stdout, stderr) = check(example, common::EXAMPLE_ENV);
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("OK (2 sources, 4 vendors, 4 destinations"),

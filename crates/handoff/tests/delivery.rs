@@ -29,6 +29,8 @@ enum Mode {
     TooMany,
     BadRequest,
     Unauthorized,
+    /// Answers only after 5 s (longer than the gateway's request timeout).
+    Hang,
 }
 
 #[derive(Default)]
@@ -80,6 +82,11 @@ async fn hook(
     body: Bytes,
 ) -> (StatusCode, HeaderMap, String) {
     let mode = *mode.lock().unwrap();
+    if mode == Mode::Hang {
+        seen.lock().unwrap().requests += 1;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        return (StatusCode::NO_CONTENT, HeaderMap::new(), String::new());
+    }
     let mut seen = seen.lock().unwrap();
     seen.requests += 1;
     let mut out = HeaderMap::new();
@@ -116,6 +123,7 @@ async fn hook(
             r#"{"error":"field x is not allowed"}"#.into(),
         ),
         Mode::Unauthorized => (StatusCode::UNAUTHORIZED, out, "bad key".into()),
+        Mode::Hang => unreachable!("answered above"),
     }
 }
 
@@ -398,4 +406,157 @@ async fn a_restart_in_the_middle_of_an_outage_loses_nothing() {
     assert_eq!(distinct(&a.delivered()), 25);
     assert_eq!(a.delivered().len(), 25);
     drop(gw);
+}
+
+#[tokio::test]
+async fn hanging_and_unreachable_vendors_are_retried_until_they_answer() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    // B is "down": nothing listens on its port until later.
+    let parked = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_port = parked.local_addr().unwrap().port();
+    drop(parked);
+    let down_url = format!("http://127.0.0.1:{down_port}/hook");
+    let cfg = config(&a, &b).replace(&b.url, &down_url);
+    a.set(Mode::Hang);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(dir.path(), &cfg);
+    send(&gw, 0, 3).await;
+    until(10, "A called and hanging", || a.requests() >= 1).await;
+    // The call times out (request_timeout_ms = 2000) and is retried; then A answers.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    a.set(Mode::Ok);
+    until(20, "A delivered after the hang", || {
+        a.delivered().len() >= 3
+    })
+    .await;
+    assert_eq!(distinct(&a.delivered()), 3);
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(r#"handoff_delivery_retried_total{destination="hook-b"}"#),
+        "connection refused is retried: {metrics}"
+    );
+
+    // B comes up on its port: everything queued meanwhile arrives.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", down_port))
+        .await
+        .unwrap();
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state((b.mode.clone(), b.seen.clone()));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    until(30, "B delivered after coming up", || {
+        b.delivered().len() >= 3
+    })
+    .await;
+    assert_eq!(distinct(&b.delivered()), 3);
+}
+
+#[tokio::test]
+async fn the_admin_api_drives_the_kill_switch_and_the_dead_letters() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let gw = start(dir.path(), &config(&a, &b));
+    let creds = common::create_client(&data, &["--name", "ops", "--role", "admin"]).unwrap();
+    let token = common::fetch_token(&gw.url, &creds, None).await;
+    let post = |path: &str, body: Value| {
+        client()
+            .post(format!("{}{path}", gw.url))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+
+    let resp = post(
+        "/admin/v1/destinations/hook-a/pause",
+        json!({"reason": "vendor incident"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    send(&gw, 0, 2).await;
+    until(10, "b delivered", || b.delivered().len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.requests(), 0, "paused at once");
+    let status: Value = client()
+        .get(format!("{}/admin/v1/delivery", gw.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hook_a = status["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["destination"] == "hook-a")
+        .unwrap();
+    assert_eq!(
+        (hook_a["state"].as_str(), hook_a["queued"].as_u64()),
+        (Some("paused"), Some(2))
+    );
+    assert_eq!(hook_a["reason"], "vendor incident");
+
+    // Resume into a vendor that refuses the events: dead letters, then replayed by the API.
+    a.set(Mode::BadRequest);
+    let resp = post("/admin/v1/destinations/hook-a/resume", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    until(10, "dead-lettered", || a.requests() >= 2).await;
+    let listed: Value = client()
+        .get(format!(
+            "{}/admin/v1/dead-letters?destination=hook-a",
+            gw.url
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["dead_letters"].as_array().unwrap().len(), 2);
+    a.set(Mode::Ok);
+    let replayed: Value = post(
+        "/admin/v1/dead-letters/replay",
+        json!({"destination": "hook-a"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(replayed["count"], 2);
+    until(10, "replayed", || a.delivered().len() == 2).await;
+
+    let unknown = post("/admin/v1/destinations/nope/kill", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    // Every change is in the audit log with the client that made it.
+    let audit: Value = client()
+        .get(format!("{}/admin/v1/audit", gw.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for action in [
+        "destination.paused",
+        "destination.active",
+        "dead_letters.replay",
+    ] {
+        assert!(actions.contains(&action), "{action} in {actions:?}");
+    }
 }

@@ -14,21 +14,7 @@ const SAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../examples/order-completed.json"
 );
-const ENV: &[(&str, &str)] = &[
-    ("HANDOFF_WEB_WRITE_KEY", "0123456789abcdef0123"),
-    ("HANDOFF_BACKEND_WRITE_KEY", "fedcba98765432100123"),
-    (
-        "HANDOFF_GA4_PSEUDONYMISATION_KEY",
-        "ga4-key-0123456789abcdef0123456789abcdef",
-    ),
-    ("HANDOFF_META_ACCESS_TOKEN", "EAAexampletoken"),
-    ("HANDOFF_GA4_API_SECRET", "ga4-api-secret"),
-    ("HANDOFF_STRIPE_API_KEY", "sk_test_example"),
-    (
-        "HANDOFF_CRM_WEBHOOK_SECRET",
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    ),
-];
+const ENV: &[(&str, &str)] = common::EXAMPLE_ENV;
 
 /// Runs `handoff plan` on the example config as of a fixed day, with `event` on stdin.
 fn plan(event: &Value, extra: &[&str]) -> (bool, Value, String) {

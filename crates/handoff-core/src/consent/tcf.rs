@@ -476,6 +476,28 @@ pub(crate) mod tests_support {
             }
             self
         }
+        /// A writer holding every core field before the vendor sections, all zero but the
+        /// version (2) and policy version (4).
+        pub(crate) fn core_fields() -> Writer {
+            let mut w = Writer::default();
+            w.put(6, 2)
+                .put(36, 0)
+                .put(36, 0)
+                .put(12, 0)
+                .put(12, 0)
+                .put(6, 0)
+                .put(12, 0);
+            w.put(12, 0)
+                .put(6, 4)
+                .put(2, 0)
+                .put(12, 0)
+                .put(24, 0)
+                .put(24, 0)
+                .put(1, 0)
+                .put(12, 0);
+            w
+        }
+
         pub(crate) fn finish(&self) -> String {
             let mut bytes = vec![0u8; self.bits.len().div_ceil(8)];
             for (i, bit) in self.bits.iter().enumerate() {
@@ -621,22 +643,7 @@ mod tests {
     #[test]
     fn restriction_entries_are_merged_by_purpose_and_type() {
         // 1,500 entries for one purpose and type, each a full range: one merged set.
-        let mut w = Writer::default();
-        w.put(6, 2)
-            .put(36, 0)
-            .put(36, 0)
-            .put(12, 0)
-            .put(12, 0)
-            .put(6, 0)
-            .put(12, 0);
-        w.put(12, 0)
-            .put(6, 4)
-            .put(2, 0)
-            .put(12, 0)
-            .put(24, 0)
-            .put(24, 0)
-            .put(1, 0)
-            .put(12, 0);
+        let mut w = Writer::core_fields();
         w.put(16, 0).put(1, 0).put(16, 0).put(1, 0);
         w.put(12, 1500);
         for _ in 0..1500 {
@@ -650,22 +657,7 @@ mod tests {
         let tc = decode(&w.finish()).unwrap();
         assert_eq!(tc.publisher_restrictions.len(), 1);
         assert_eq!(tc.publisher_restrictions[0].vendors.len(), 65_535);
-        let mut zero = Writer::default();
-        zero.put(6, 2)
-            .put(36, 0)
-            .put(36, 0)
-            .put(12, 0)
-            .put(12, 0)
-            .put(6, 0)
-            .put(12, 0);
-        zero.put(12, 0)
-            .put(6, 4)
-            .put(2, 0)
-            .put(12, 0)
-            .put(24, 0)
-            .put(24, 0)
-            .put(1, 0)
-            .put(12, 0);
+        let mut zero = Writer::core_fields();
         zero.put(16, 0).put(1, 0).put(16, 0).put(1, 0);
         zero.put(12, 1).put(6, 0).put(2, 0).put(12, 0);
         assert_eq!(decode(&zero.finish()), Err(TcfError::Purpose(0)));
@@ -686,22 +678,7 @@ mod tests {
     #[test]
     fn hostile_wide_ranges_are_cheap() {
         // 2,000 entries each covering 1..=65,535: bounded work, one full set.
-        let mut w = Writer::default();
-        w.put(6, 2)
-            .put(36, 0)
-            .put(36, 0)
-            .put(12, 0)
-            .put(12, 0)
-            .put(6, 0)
-            .put(12, 0);
-        w.put(12, 0)
-            .put(6, 4)
-            .put(2, 0)
-            .put(12, 0)
-            .put(24, 0)
-            .put(24, 0)
-            .put(1, 0)
-            .put(12, 0);
+        let mut w = Writer::core_fields();
         w.put(16, 65_535).put(1, 1).put(12, 2000);
         for _ in 0..2000 {
             w.put(1, 1).put(16, 1).put(16, 65_535);

@@ -9,6 +9,23 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_handoff");
 
+/// The environment `handoff.example.toml` reads its secrets from, with test values.
+pub const EXAMPLE_ENV: &[(&str, &str)] = &[
+    ("HANDOFF_WEB_WRITE_KEY", "0123456789abcdef0123"),
+    ("HANDOFF_BACKEND_WRITE_KEY", "fedcba98765432100123"),
+    (
+        "HANDOFF_GA4_PSEUDONYMISATION_KEY",
+        "ga4-key-0123456789abcdef0123456789abcdef",
+    ),
+    ("HANDOFF_META_ACCESS_TOKEN", "EAAexampletoken"),
+    ("HANDOFF_GA4_API_SECRET", "ga4-api-secret"),
+    ("HANDOFF_STRIPE_API_KEY", "sk_test_example"),
+    (
+        "HANDOFF_CRM_WEBHOOK_SECRET",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ),
+];
+
 pub struct Gateway {
     child: Option<Child>,
     pub url: String,
