@@ -17,6 +17,8 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+
+mod delivery;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -66,6 +68,20 @@ enum Cmd {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// End to end: ingest, policy and delivery to four local vendor sinks (webhook, Meta CAPI,
+    /// GA4, Segment forward), until every event has reached every sink.
+    Delivery {
+        #[arg(long, default_value = "target/release/handoff")]
+        handoff: PathBuf,
+        /// Seconds of ingest load (batches of 100).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Ingest rate in events/s (default: as fast as ingest answers).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
     /// A bare HTTP server that reads each body and answers 200, for comparison.
     Bare {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -80,6 +96,17 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Cmd::Bare { listen } => rt.block_on(bare(listen)),
+        Cmd::Delivery {
+            handoff,
+            seconds,
+            connections,
+            rate,
+        } => rt.block_on(delivery::run(
+            handoff,
+            Duration::from_secs(seconds),
+            connections,
+            rate,
+        )),
         Cmd::Load {
             addr,
             batch_size,
@@ -227,7 +254,7 @@ fn message_id(n: u64) -> String {
 
 fn track_message(id: u64) -> String {
     format!(
-        r#"{{"type":"track","userId":"user-{u}","event":"Order Completed","messageId":"{mid}","properties":{{"order_id":"o-{id}","total":30.5,"currency":"EUR","items":2}},"context":{{"library":{{"name":"handoff-bench","version":"1"}},"ip":"203.0.113.5","userAgent":"Mozilla/5.0"}},"timestamp":"2026-11-25T12:00:00.000Z"}}"#,
+        r#"{{"type":"track","userId":"user-{u}","anonymousId":"anon-{u}","event":"Order Completed","messageId":"{mid}","properties":{{"order_id":"o-{id}","total":30.5,"currency":"EUR","items":2}},"context":{{"library":{{"name":"handoff-bench","version":"1"}},"ip":"203.0.113.5","userAgent":"Mozilla/5.0"}},"timestamp":"2026-11-25T12:00:00.000Z"}}"#,
         u = id % 1000,
         mid = message_id(id)
     )

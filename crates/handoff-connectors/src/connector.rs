@@ -21,6 +21,11 @@ pub trait Connector: Send + Sync {
     fn batch_key(&self, _item: &Item<'_>) -> String {
         String::new()
     }
+    /// True when batch keys follow the subject (so batches are small and many requests may
+    /// be in flight at once).
+    fn batch_key_per_subject(&self) -> bool {
+        false
+    }
     /// The request for `items` (all with one batch key), or why they can never be sent.
     fn request(&self, items: &[Item<'_>], now: OffsetDateTime) -> Result<WireRequest, String>;
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification;
@@ -170,6 +175,9 @@ impl Connector for Ga4 {
     }
     fn batch_key(&self, item: &Item<'_>) -> String {
         Ga4::batch_key(item)
+    }
+    fn batch_key_per_subject(&self) -> bool {
+        true
     }
     fn request(&self, items: &[Item<'_>], _now: OffsetDateTime) -> Result<WireRequest, String> {
         Ga4::request(self, items).map_err(|e| e.to_string())

@@ -10,6 +10,7 @@
 //! item's delivery id. Every item is delivered, dead-lettered with a reason, or kept while its
 //! destination is paused; nothing is dropped silently.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -32,6 +33,8 @@ const ROUTE_BATCH: usize = 500;
 /// How often destination states (set by `handoff destinations …` from another process) are
 /// re-read: a pause or kill takes effect within this.
 const STATE_POLL: Duration = Duration::from_millis(250);
+/// Requests in flight at once to a destination that takes one event per request.
+const PARALLEL: usize = 16;
 /// Reason recorded when a killed destination is not decided for.
 pub const KILLED_REASON: &str = "destination.killed";
 
@@ -426,8 +429,12 @@ async fn worker(
                 .get_or_create(&label)
                 .set(1);
         }
+        // One-event (or per-subject-batch) connectors may send several requests at once.
+        let single = lane.connector.max_batch() == 1 || lane.connector.batch_key_per_subject();
         let limit = if breaker == Breaker::HalfOpen {
             1
+        } else if single {
+            PARALLEL * 4
         } else {
             lane.connector.max_batch()
         };
@@ -448,7 +455,7 @@ async fn worker(
             continue;
         };
         let now_ms = handoff_store::sqlite::now_ms();
-        if first.next_at_ms > now_ms {
+        if !single && first.next_at_ms > now_ms {
             // Strict order per destination: the head waits for its retry time, and so does the
             // rest (the vendor is failing for all of them anyway).
             let wait = Duration::from_millis((first.next_at_ms - now_ms) as u64);
@@ -488,178 +495,246 @@ async fn worker(
             }
             continue;
         }
-        // A batch: consecutive due items sharing the first one's batch key.
-        let parsed: Vec<(i64, &OutboxItem, Option<Value>)> = head
+        // What to send this round. Connectors that take batches get one batch: consecutive due
+        // items sharing the first one's batch key. One-event connectors (webhooks, Stripe) get
+        // up to PARALLEL requests at once, never two for the same subject, and never one that
+        // would overtake an earlier item of its subject still waiting for a retry.
+        let parsed: Vec<(&OutboxItem, Option<Value>)> = head
             .iter()
-            .map(|i| (i.id, i, serde_json::from_str(&i.payload).ok()))
+            .map(|i| (i, serde_json::from_str(&i.payload).ok()))
             .collect();
-        if parsed[0].2.is_none() {
-            let ids = vec![parsed[0].0];
+        let unreadable: Vec<i64> = parsed
+            .iter()
+            .filter(|(_, p)| p.is_none())
+            .map(|(i, _)| i.id)
+            .collect();
+        if !unreadable.is_empty() {
+            let n = unreadable.len() as u64;
             let store = store.clone();
             let _ =
-                blocking(move || store.dead_letter(&ids, "the queued payload is not JSON")).await;
+                blocking(move || store.dead_letter(&unreadable, "the queued payload is not JSON"))
+                    .await;
             app.metrics
                 .delivery
                 .dead_lettered
                 .get_or_create(&label)
-                .inc();
+                .inc_by(n);
             continue;
         }
-        let key = {
-            let p = parsed[0].2.as_ref().expect("checked above");
-            lane.connector.batch_key(&Item {
-                message_id: &parsed[0].1.message_id,
-                payload: p,
-            })
-        };
-        let mut batch: Vec<(&OutboxItem, &Value)> = Vec::new();
-        for (_, item, payload) in &parsed {
-            let Some(p) = payload else { break };
-            if item.next_at_ms > now_ms
-                || lane.connector.batch_key(&Item {
-                    message_id: &item.message_id,
-                    payload: p,
-                }) != key
-            {
-                break;
+        let parallel = single && breaker != Breaker::HalfOpen;
+        let mut groups: Vec<Vec<(&OutboxItem, &Value)>> = Vec::new();
+        if parallel {
+            let mut waiting: HashSet<&str> = HashSet::new();
+            let mut taken: HashSet<&str> = HashSet::new();
+            for (item, payload) in &parsed {
+                let p = payload.as_ref().expect("unreadable items were removed");
+                let subject = ["userId", "anonymousId"]
+                    .iter()
+                    .find_map(|k| p.get(*k).and_then(Value::as_str))
+                    .unwrap_or(&item.message_id);
+                if item.next_at_ms > now_ms || waiting.contains(subject) || taken.contains(subject)
+                {
+                    waiting.insert(subject);
+                    continue;
+                }
+                taken.insert(subject);
+                groups.push(vec![(item, p)]);
+                if groups.len() == PARALLEL {
+                    break;
+                }
             }
-            batch.push((item, p));
-        }
-        let items: Vec<Item<'_>> = batch
-            .iter()
-            .map(|(i, p)| Item {
-                message_id: &i.message_id,
-                payload: p,
-            })
-            .collect();
-        let ids: Vec<i64> = batch.iter().map(|(i, _)| i.id).collect();
-        let request = match lane
-            .connector
-            .request(&items, time::OffsetDateTime::now_utc())
-        {
-            Ok(r) => r,
-            Err(why) => {
-                let n = ids.len() as u64;
-                let store = store.clone();
-                let _ = blocking(move || store.dead_letter(&ids, &why)).await;
-                app.metrics
-                    .delivery
-                    .dead_lettered
-                    .get_or_create(&label)
-                    .inc_by(n);
+            if groups.is_empty() {
+                let next = head.iter().map(|i| i.next_at_ms).min().unwrap_or(now_ms);
+                let wait = Duration::from_millis((next - now_ms).max(10) as u64);
+                pause(
+                    wait.min(Duration::from_secs(1)),
+                    &mut stop,
+                    Some(&lane.wake),
+                )
+                .await;
                 continue;
             }
-        };
-        let oldest = batch
-            .iter()
-            .map(|(i, _)| i.created_at_ms)
-            .min()
-            .unwrap_or(now_ms);
-        let attempts = batch.iter().map(|(i, _)| i.attempts).max().unwrap_or(0);
-        drop(items);
-        let method =
-            reqwest::Method::from_bytes(request.method.as_bytes()).unwrap_or(reqwest::Method::POST);
-        let mut call = lane.client.request(method, &request.url).body(request.body);
-        for (k, v) in &request.headers {
-            call = call.header(k.as_str(), v.as_str());
-        }
-        let class = match call.send().await {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let after = retry_after(resp.headers());
-                // Enough of the body to classify and quote; a vendor's error pages can be big.
-                let body = resp.bytes().await.unwrap_or_default();
-                let body = &body[..body.len().min(64 * 1024)];
-                lane.connector.classify(status, after, body)
+        } else {
+            let first = parsed[0].1.as_ref().expect("unreadable items were removed");
+            let key = lane.connector.batch_key(&Item {
+                message_id: &parsed[0].0.message_id,
+                payload: first,
+            });
+            let mut batch = Vec::new();
+            for (item, payload) in &parsed {
+                let p = payload.as_ref().expect("unreadable items were removed");
+                if item.next_at_ms > now_ms
+                    || lane.connector.batch_key(&Item {
+                        message_id: &item.message_id,
+                        payload: p,
+                    }) != key
+                {
+                    break;
+                }
+                batch.push((*item, p));
             }
-            Err(e) => Classification::Retry {
-                after: None,
-                why: if e.is_timeout() {
-                    "timed out".to_owned()
-                } else if e.is_connect() {
-                    "cannot connect".to_owned()
-                } else {
-                    "the connection failed".to_owned()
-                },
-            },
-        };
-        let n = ids.len() as u64;
-        let outcome = match class {
-            Classification::Delivered => {
-                failures = 0;
-                breaker = Breaker::Closed;
-                app.metrics
-                    .delivery
-                    .breaker_state
-                    .get_or_create(&label)
-                    .set(0);
-                let latency = (handoff_store::sqlite::now_ms() - oldest).max(0) as f64 / 1000.0;
-                let store = store.clone();
-                let r = blocking(move || store.delivered(&ids)).await;
-                if r.is_ok() {
+            groups.push(batch);
+        }
+
+        // Build every request, then send them together.
+        let mut calls = tokio::task::JoinSet::new();
+        let mut mapping_failures: Vec<(Vec<i64>, String)> = Vec::new();
+        for group in &groups {
+            let items: Vec<Item<'_>> = group
+                .iter()
+                .map(|(i, p)| Item {
+                    message_id: &i.message_id,
+                    payload: p,
+                })
+                .collect();
+            let ids: Vec<i64> = group.iter().map(|(i, _)| i.id).collect();
+            let oldest = group
+                .iter()
+                .map(|(i, _)| i.created_at_ms)
+                .min()
+                .unwrap_or(now_ms);
+            let attempts = group.iter().map(|(i, _)| i.attempts).max().unwrap_or(0);
+            match lane
+                .connector
+                .request(&items, time::OffsetDateTime::now_utc())
+            {
+                Ok(request) => {
+                    let lane = lane.clone();
+                    calls.spawn(async move { (ids, oldest, attempts, send(&lane, request).await) });
+                }
+                Err(why) => mapping_failures.push((ids, why)),
+            }
+        }
+        let mut results = Vec::with_capacity(groups.len());
+        for (ids, why) in mapping_failures {
+            results.push((ids, now_ms, 0, Classification::Permanent { why }));
+        }
+        while let Some(r) = calls.join_next().await {
+            if let Ok(r) = r {
+                results.push(r);
+            }
+        }
+        // Delivered items are removed in one transaction.
+        let mut delivered: Vec<i64> = Vec::new();
+        let mut latencies: Vec<f64> = Vec::new();
+        let mut outcome: Result<(), StoreError> = Ok(());
+        for (ids, oldest, attempts, class) in results {
+            let n = ids.len() as u64;
+            let step = match class {
+                Classification::Delivered => {
+                    failures = 0;
+                    breaker = Breaker::Closed;
                     app.metrics
                         .delivery
-                        .delivered
+                        .breaker_state
+                        .get_or_create(&label)
+                        .set(0);
+                    latencies
+                        .push((handoff_store::sqlite::now_ms() - oldest).max(0) as f64 / 1000.0);
+                    delivered.extend(ids);
+                    Ok(())
+                }
+                Classification::Retry { after, why } => {
+                    failures += 1;
+                    if breaker == Breaker::HalfOpen || failures >= settings.breaker_failures {
+                        breaker = Breaker::Open {
+                            until: Instant::now() + settings.breaker_cooldown,
+                        };
+                        tracing::warn!(destination = %id, failures, reason = %why, "circuit breaker open");
+                    }
+                    let wait = backoff(&settings, attempts).max(after.unwrap_or_default());
+                    let next = handoff_store::sqlite::now_ms() + wait.as_millis() as i64;
+                    app.metrics.delivery.retried.get_or_create(&label).inc_by(n);
+                    let store = store.clone();
+                    blocking(move || store.retry(&ids, next, &why)).await
+                }
+                Classification::Permanent { why } => {
+                    tracing::warn!(destination = %id, items = n, reason = %why, "dead-lettered");
+                    app.metrics
+                        .delivery
+                        .dead_lettered
                         .get_or_create(&label)
                         .inc_by(n);
+                    let store = store.clone();
+                    blocking(move || store.dead_letter(&ids, &why)).await
+                }
+                Classification::Credentials { why } => {
+                    // Burning the queue on a bad key helps nobody: stop and call an operator.
+                    tracing::error!(destination = %id, reason = %why, "credentials refused: destination paused; fix them and run `handoff destinations resume`");
                     app.metrics
                         .delivery
-                        .latency_seconds
+                        .credential_failures
                         .get_or_create(&label)
-                        .observe(latency);
+                        .inc();
+                    lane.set_state(DestinationState::Paused);
+                    let store = store.clone();
+                    let id = id.clone();
+                    blocking(move || {
+                        store.set_state(
+                            &id,
+                            DestinationState::Paused,
+                            &format!("credentials refused: {why}"),
+                        )
+                    })
+                    .await
                 }
-                r
+            };
+            if step.is_err() {
+                outcome = step;
             }
-            Classification::Retry { after, why } => {
-                failures += 1;
-                if breaker == Breaker::HalfOpen || failures >= settings.breaker_failures {
-                    breaker = Breaker::Open {
-                        until: Instant::now() + settings.breaker_cooldown,
-                    };
-                    tracing::warn!(destination = %id, failures, reason = %why, "circuit breaker open");
-                }
-                let wait = backoff(&settings, attempts).max(after.unwrap_or_default());
-                let next = handoff_store::sqlite::now_ms() + wait.as_millis() as i64;
-                app.metrics.delivery.retried.get_or_create(&label).inc_by(n);
-                let store = store.clone();
-                blocking(move || store.retry(&ids, next, &why)).await
-            }
-            Classification::Permanent { why } => {
-                failures = 0;
-                tracing::warn!(destination = %id, items = n, reason = %why, "dead-lettered");
+        }
+        if !delivered.is_empty() {
+            let n = delivered.len() as u64;
+            let store = store.clone();
+            let r = blocking(move || store.delivered(&delivered)).await;
+            if r.is_ok() {
                 app.metrics
                     .delivery
-                    .dead_lettered
+                    .delivered
                     .get_or_create(&label)
                     .inc_by(n);
-                let store = store.clone();
-                blocking(move || store.dead_letter(&ids, &why)).await
+                let hist = app.metrics.delivery.latency_seconds.get_or_create(&label);
+                for l in latencies {
+                    hist.observe(l);
+                }
+            } else {
+                outcome = r;
             }
-            Classification::Credentials { why } => {
-                // Burning the queue on a bad key helps nobody: stop and call an operator.
-                tracing::error!(destination = %id, reason = %why, "credentials refused: destination paused; fix them and run `handoff destinations resume`");
-                app.metrics
-                    .delivery
-                    .credential_failures
-                    .get_or_create(&label)
-                    .inc();
-                lane.set_state(DestinationState::Paused);
-                let store = store.clone();
-                let id = id.clone();
-                blocking(move || {
-                    store.set_state(
-                        &id,
-                        DestinationState::Paused,
-                        &format!("credentials refused: {why}"),
-                    )
-                })
-                .await
-            }
-        };
+        }
         if let Err(e) = outcome {
             tracing::error!(destination = %id, error = %e, "cannot record a delivery outcome; the items will be sent again");
             pause(Duration::from_secs(1), &mut stop, None).await;
         }
+    }
+}
+
+/// Sends one request and classifies the answer.
+async fn send(lane: &Lane, request: handoff_connectors::wire::WireRequest) -> Classification {
+    let method =
+        reqwest::Method::from_bytes(request.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    let mut call = lane.client.request(method, &request.url).body(request.body);
+    for (k, v) in &request.headers {
+        call = call.header(k.as_str(), v.as_str());
+    }
+    match call.send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let after = retry_after(resp.headers());
+            // Enough of the body to classify and quote; a vendor's error pages can be big.
+            let body = resp.bytes().await.unwrap_or_default();
+            let body = &body[..body.len().min(64 * 1024)];
+            lane.connector.classify(status, after, body)
+        }
+        Err(e) => Classification::Retry {
+            after: None,
+            why: if e.is_timeout() {
+                "timed out".to_owned()
+            } else if e.is_connect() {
+                "cannot connect".to_owned()
+            } else {
+                "the connection failed".to_owned()
+            },
+        },
     }
 }
 

@@ -146,8 +146,13 @@ impl OutboxStore {
         let conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
-        // An item handed over is durable like an accepted event.
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // NORMAL, not FULL: in WAL mode a commit survives a crash of the process, and what a
+        // power cut could lose is recoverable by design: the events are in the journal
+        // (synchronous = FULL), and the router's position rolls back together with the items
+        // it queued, so they are decided and queued again; a delivery recorded as done but
+        // lost is sent again and deduplicated by the vendor on its delivery id. This saves an
+        // fsync per delivery, which bounded one-event destinations to ~500 deliveries/s.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         Ok(OutboxStore {
             conn: Mutex::new(conn),

@@ -1,0 +1,263 @@
+//! The end-to-end benchmark: events ingested over HTTP, decided for four destinations, and
+//! delivered to local sinks speaking each vendor's protocol. It reports the ingest rate, how
+//! long until every event reached every sink, and the backlog over time.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::{Kind, Proc, WRITE_KEY, load};
+
+const SINKS: [&str; 4] = ["webhook", "meta-capi", "ga4", "segment"];
+
+/// Events received per sink.
+#[derive(Default)]
+struct Counts([AtomicU64; 4]);
+
+/// Serves the four vendor protocols on one port and counts the events each request carries.
+async fn sinks(counts: Arc<Counts>) -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let counts = counts.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let text = std::str::from_utf8(&body).unwrap_or("");
+                        let (i, n) = if path.starts_with("/hook") {
+                            (0, 1)
+                        } else if path.starts_with("/meta") {
+                            (1, text.matches("\"event_id\"").count())
+                        } else if path.starts_with("/ga4") {
+                            (2, text.matches("{\"name\":").count())
+                        } else {
+                            (3, text.matches("\"messageId\"").count())
+                        };
+                        counts.0[i].fetch_add(n as u64, Ordering::Relaxed);
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(url)
+}
+
+fn config(sink: &str) -> String {
+    // The vendor's security assessment must be recent for the destinations to be approved.
+    let today = time::OffsetDateTime::now_utc().date();
+    format!(
+        r#"[[sources]]
+id = "bench"
+write_key = "{WRITE_KEY}"
+
+[[vendors]]
+id = "local"
+legal_name = "Local sinks"
+country = "IE"
+dpa_signed = 2025-01-01
+last_assessment = {today}
+risk_tier = "low"
+transfer_mechanism = "adequacy"
+
+[[destinations]]
+id = "webhook"
+vendor = "local"
+connector = "webhook"
+purposes = ["support"]
+legal_basis = "legitimate_interest"
+event_types = ["track"]
+allow = ["event", "userId", "properties.*"]
+endpoint = "{sink}/hook"
+settings = {{ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" }}
+
+[[destinations]]
+id = "meta-capi"
+vendor = "local"
+connector = "meta_capi"
+purposes = ["advertising"]
+legal_basis = "legitimate_interest"
+event_types = ["track"]
+allow = ["event", "properties.total", "properties.currency", "context.ip", "context.userAgent"]
+endpoint = "{sink}/meta"
+settings = {{ pixel_id = "1", access_token = "bench" }}
+
+[[destinations]]
+id = "ga4"
+vendor = "local"
+connector = "ga4"
+purposes = ["analytics"]
+legal_basis = "legitimate_interest"
+event_types = ["track"]
+allow = ["event", "anonymousId", "properties.*"]
+endpoint = "{sink}/ga4"
+settings = {{ measurement_id = "G-BENCH", api_secret = "bench" }}
+
+[[destinations]]
+id = "segment"
+vendor = "local"
+connector = "segment"
+purposes = ["analytics"]
+legal_basis = "legitimate_interest"
+event_types = ["track"]
+allow = ["event", "userId", "properties.*"]
+endpoint = "{sink}/seg"
+settings = {{ write_key = "bench-forward-key-0123456789" }}
+"#
+    )
+}
+
+pub async fn run(
+    handoff: PathBuf,
+    secs: Duration,
+    connections: usize,
+    rate: Option<f64>,
+) -> Result<()> {
+    let counts = Arc::new(Counts::default());
+    let sink = sinks(counts.clone()).await?;
+    let tmp = std::env::temp_dir().join(format!("handoff-delivery-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let config_path = tmp.join("handoff.toml");
+    std::fs::write(&config_path, config(&sink))?;
+    let mut cmd = Command::new(&handoff);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .arg("--data-dir")
+        .arg(tmp.join("data"))
+        .env("RUST_LOG", "warn");
+    let gw = Proc::start(cmd).with_context(|| format!("starting {}", handoff.display()))?;
+    println!(
+        "Handoff delivery benchmark: {} cores; ingest /v1/batch x100 from {connections} connections for {}s{}; \
+         4 destinations (webhook, Meta CAPI, GA4, Segment forward) on local sinks.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        secs.as_secs(),
+        rate.map_or(String::new(), |r| format!(" at {r:.0} events/s"))
+    );
+
+    let start = Instant::now();
+    let ingest = {
+        let url = gw.url.clone();
+        tokio::spawn(async move {
+            load(
+                &url,
+                Kind::Batch(100),
+                connections,
+                secs,
+                rate.map(|r| r / 100.0),
+            )
+            .await
+        })
+    };
+    println!(
+        "\n{:>6}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+        "t (s)", "webhook", "meta-capi", "ga4", "segment", "slowest"
+    );
+    let mut sent: Option<u64> = None;
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if sent.is_none() && ingest.is_finished() {
+            let phase = ingest.await?.context("ingest load")?;
+            println!(
+                "ingest: {} events in {:.1} s = {:.0} events/s, {} errors",
+                phase.events,
+                phase.elapsed.as_secs_f64(),
+                phase.eps(),
+                phase.errors
+            );
+            sent = Some(phase.events);
+            break;
+        }
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            print_row(start, &counts);
+            last_print = Instant::now();
+        }
+    }
+    let sent = sent.unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let min = counts
+            .0
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        if min >= sent {
+            break;
+        }
+        if Instant::now() > deadline {
+            print_row(start, &counts);
+            bail!("not everything was delivered within 10 minutes");
+        }
+        if last_print.elapsed() >= Duration::from_secs(2) {
+            print_row(start, &counts);
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = start.elapsed();
+    print_row(start, &counts);
+    println!(
+        "\nall {sent} events delivered to all 4 destinations in {:.1} s: {:.0} events/s end to end ({:.0} deliveries/s)",
+        all.as_secs_f64(),
+        sent as f64 / all.as_secs_f64(),
+        4.0 * sent as f64 / all.as_secs_f64()
+    );
+    let (rss, hwm) = gw.rss_kib();
+    println!(
+        "gateway RSS {:.0} MiB (peak {:.0} MiB)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    for (name, c) in SINKS.iter().zip(counts.0.iter()) {
+        let n = c.load(Ordering::Relaxed);
+        if n != sent {
+            println!(
+                "note: {name} received {n} (sent {sent}): retries after a lost answer are deduplicated by the vendor"
+            );
+        }
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
+
+fn print_row(start: Instant, counts: &Counts) {
+    let c: Vec<u64> = counts.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    println!(
+        "{:>6.1}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+        start.elapsed().as_secs_f64(),
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        c.iter().min().unwrap_or(&0)
+    );
+}
