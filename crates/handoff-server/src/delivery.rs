@@ -573,6 +573,18 @@ async fn worker(
                 }
                 batch.push((*item, p));
             }
+            if batch.is_empty() {
+                // The head is waiting for its retry time (a half-open probe of a one-event
+                // connector ends up here too).
+                let wait = Duration::from_millis((parsed[0].0.next_at_ms - now_ms).max(10) as u64);
+                pause(
+                    wait.min(Duration::from_secs(1)),
+                    &mut stop,
+                    Some(&lane.wake),
+                )
+                .await;
+                continue;
+            }
             groups.push(batch);
         }
 
