@@ -45,6 +45,8 @@ pub struct Lane {
     client: reqwest::Client,
     state: AtomicU8,
     wake: Notify,
+    /// The destination's `rate_limit_per_sec`, as requests per second.
+    limiter: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl Lane {
@@ -103,6 +105,10 @@ impl Delivery {
                 client,
                 state: AtomicU8::new(0),
                 wake: Notify::new(),
+                limiter: d
+                    .rate_limit_per_sec
+                    .and_then(std::num::NonZeroU32::new)
+                    .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
             };
             lane.set_state(state);
             lanes.push(Arc::new(lane));
@@ -611,6 +617,9 @@ async fn worker(
                 .request(&items, time::OffsetDateTime::now_utc())
             {
                 Ok(request) => {
+                    if let Some(limiter) = &lane.limiter {
+                        limiter.until_ready().await;
+                    }
                     let lane = lane.clone();
                     calls.spawn(async move { (ids, oldest, attempts, send(&lane, request).await) });
                 }

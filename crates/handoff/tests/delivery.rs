@@ -598,3 +598,26 @@ async fn each_subjects_events_arrive_in_order_while_subjects_go_in_parallel() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_destinations_rate_limit_paces_its_requests() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    let cfg = config(&a, &b).replace(
+        &format!("endpoint = \"{}\"", a.url),
+        &format!("endpoint = \"{}\"\nrate_limit_per_sec = 5", a.url),
+    );
+    assert!(cfg.contains("rate_limit_per_sec = 5"));
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(dir.path(), &cfg);
+    let started = Instant::now();
+    send(&gw, 0, 15).await;
+    until(20, "all 15 delivered", || a.delivered().len() == 15).await;
+    // A burst of 5, then 10 more at 5 per second: at least about 2 s, however fast the machine.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_600),
+        "{:?}",
+        started.elapsed()
+    );
+    // B has no limit and is not slowed by A's.
+    until(5, "b", || b.delivered().len() == 15).await;
+}

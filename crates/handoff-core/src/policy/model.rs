@@ -216,6 +216,8 @@ pub struct Destination {
     pub endpoint: Option<String>,
     /// How calls to this destination verify the vendor and present themselves.
     pub tls: OutboundTls,
+    /// Most requests per second sent to the vendor (bursts up to the same number).
+    pub rate_limit_per_sec: Option<u32>,
     /// Connector settings (pixel id, API secret reference, …), checked by the connector.
     pub settings: toml::Table,
 }
@@ -473,6 +475,7 @@ struct DestinationToml {
     tls_ca_file: Option<String>,
     tls_client_cert_file: Option<String>,
     tls_client_key_file: Option<String>,
+    rate_limit_per_sec: Option<u32>,
     #[serde(default)]
     settings: toml::Table,
 }
@@ -1185,6 +1188,13 @@ pub(crate) fn read_destinations(
                     .into(),
             ));
         }
+        if t.rate_limit_per_sec == Some(0) {
+            problems.push((
+                format!("{path}.rate_limit_per_sec"),
+                "config.destination.rate_limit.invalid",
+                "must be at least 1 request per second (leave it out for no limit)".into(),
+            ));
+        }
         let tls = OutboundTls {
             ca_file: t.tls_ca_file.map(Into::into),
             client_cert_file: t.tls_client_cert_file.map(Into::into),
@@ -1223,6 +1233,7 @@ pub(crate) fn read_destinations(
             max_assessment_age_days: settings.max_assessment_age_days,
             endpoint: t.endpoint,
             tls,
+            rate_limit_per_sec: t.rate_limit_per_sec,
             settings: t.settings,
         });
     }
