@@ -81,6 +81,19 @@ pub enum DeadLettersCommand {
     },
 }
 
+/// The outbox of an existing data directory (a mistyped `--data-dir` is an error, not a new,
+/// empty directory).
+fn outbox(dir: &Path) -> Result<OutboxStore> {
+    let path = dir.join(handoff_store::outbox::OUTBOX_FILE);
+    if !path.exists() {
+        anyhow::bail!(
+            "no outbox at {} (is --data-dir right? it is created when `handoff serve` runs with destinations)",
+            path.display()
+        );
+    }
+    Ok(OutboxStore::open(dir)?)
+}
+
 fn audit(dir: &Path, action: &str, detail: serde_json::Value) -> Result<()> {
     let state = StateStore::open(dir).context("cannot open the state to audit the change")?;
     state.audit(now_ms(), "cli", action, &detail.to_string())?;
@@ -90,7 +103,7 @@ fn audit(dir: &Path, action: &str, detail: serde_json::Value) -> Result<()> {
 pub fn destinations(cmd: DestinationsCommand) -> Result<ExitCode> {
     match cmd {
         DestinationsCommand::Status { dir } => {
-            let store = OutboxStore::open(&dir.data_dir)?;
+            let store = outbox(&dir.data_dir)?;
             let mut out = std::io::stdout().lock();
             for d in store.destinations()? {
                 let stats = store.stats(&d)?;
@@ -123,7 +136,7 @@ pub fn destinations(cmd: DestinationsCommand) -> Result<ExitCode> {
 }
 
 fn set(dir: &Path, id: &str, state: DestinationState, reason: &str) -> Result<ExitCode> {
-    let store = OutboxStore::open(dir)?;
+    let store = outbox(dir)?;
     store.set_state(id, state, reason)?;
     audit(
         dir,
@@ -137,7 +150,7 @@ fn set(dir: &Path, id: &str, state: DestinationState, reason: &str) -> Result<Ex
 pub fn dead_letters(cmd: DeadLettersCommand) -> Result<ExitCode> {
     match cmd {
         DeadLettersCommand::List { destination, dir } => {
-            let store = OutboxStore::open(&dir.data_dir)?;
+            let store = outbox(&dir.data_dir)?;
             let mut out = std::io::stdout().lock();
             let mut after = 0;
             loop {
@@ -172,7 +185,7 @@ pub fn dead_letters(cmd: DeadLettersCommand) -> Result<ExitCode> {
 
 /// Replays (`requeue`) or discards dead letters of `destination`: those in `ids`, or all.
 fn take(dir: &Path, destination: &str, ids: &[i64], requeue: bool) -> Result<ExitCode> {
-    let store = OutboxStore::open(dir)?;
+    let store = outbox(dir)?;
     let chosen = (!ids.is_empty()).then_some(ids);
     let (n, action, done) = if requeue {
         (

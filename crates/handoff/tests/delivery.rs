@@ -621,3 +621,27 @@ async fn a_destinations_rate_limit_paces_its_requests() {
     // B has no limit and is not slowed by A's.
     until(5, "b", || b.delivered().len() == 15).await;
 }
+
+#[test]
+fn operator_commands_refuse_a_data_directory_without_an_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    for args in [
+        &["destinations", "status"][..],
+        &["dead-letters", "list"],
+        &["destinations", "pause", "x"],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&missing)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no outbox at"),
+            "{args:?}"
+        );
+    }
+    assert!(!missing.exists(), "nothing was created");
+}
