@@ -284,13 +284,19 @@ async fn router(
             pause(Duration::from_secs(1), &mut stop, None).await;
             continue;
         };
+        // Which workers get new items, decided before the items move into the commit (the
+        // payloads are not copied for it).
+        let wake: Vec<bool> = delivery
+            .lanes
+            .iter()
+            .map(|lane| items.iter().any(|i| i.destination == lane.destination.id))
+            .collect();
         let committed = {
             let store = store.clone();
-            let (items, blocked) = (items.clone(), blocked.clone());
-            blocking(move || store.route(upto, &items, &blocked)).await
+            blocking(move || store.route(upto, &items, &blocked).map(|()| blocked)).await
         };
         match committed {
-            Ok(()) => {
+            Ok(blocked) => {
                 failures = 0;
                 for (destination, reason) in &blocked {
                     app.metrics
@@ -302,8 +308,8 @@ async fn router(
                         })
                         .inc();
                 }
-                for lane in &delivery.lanes {
-                    if items.iter().any(|i| i.destination == lane.destination.id) {
+                for (lane, wake) in delivery.lanes.iter().zip(wake) {
+                    if wake {
                         lane.wake.notify_one();
                     }
                 }
