@@ -8,7 +8,9 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::wire::{Classification, Item, WireRequest, at, classify_status, delivery_id, str_at};
+use handoff_core::consent::get_path;
+
+use crate::wire::{Classification, Item, WireRequest, classify_status, delivery_id, str_at};
 
 /// Meta takes up to 1,000 events per request.
 pub const MAX_BATCH: usize = 1000;
@@ -216,7 +218,7 @@ impl MetaCapi {
         let class = classify_status(status, retry_after, body, &[&self.access_token]);
         let code = serde_json::from_slice::<Value>(body)
             .ok()
-            .and_then(|v| at(&v, "error.code").and_then(Value::as_i64));
+            .and_then(|v| get_path(&v, "error.code").and_then(Value::as_i64));
         match (class, code) {
             (Classification::Permanent { why }, Some(190)) => Classification::Credentials { why },
             (class, _) => class,

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use handoff_core::consent::get_path;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -111,14 +112,9 @@ pub fn delivery_id(destination: &str, message_id: &str) -> String {
     s
 }
 
-/// A path in a JSON value.
-pub fn at<'v>(v: &'v Value, path: &str) -> Option<&'v Value> {
-    path.split('.').try_fold(v, |v, k| v.get(k))
-}
-
-/// A string at `path`, if it is one.
+/// A string at a dotted `path`, if it is one.
 pub fn str_at<'v>(v: &'v Value, path: &str) -> Option<&'v str> {
-    at(v, path).and_then(Value::as_str)
+    get_path(v, path).and_then(Value::as_str)
 }
 
 #[cfg(test)]
