@@ -1,10 +1,11 @@
-//! Field paths (`context.traits.email`, `properties.*`) and allowlist minimisation.
+//! Field paths (`context.traits.email`, `properties.*`), and `take`/`put` for moves.
 //!
 //! A path is keys joined by `.`; `*` stands for any one key. Arrays are transparent: a path
 //! applies to every element, so `properties.products.sku` keeps the `sku` of each product.
 //! Keeping a node keeps everything under it.
 
 use serde_json::{Map, Value};
+#[cfg(test)]
 use smallvec::SmallVec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -99,12 +100,16 @@ impl std::fmt::Display for FieldPath {
     }
 }
 
-/// An allowlist compiled into a trie, so minimisation is one walk over the event.
+/// An allowlist minimising a `Value` tree: the reference the payload writer
+/// ([`super::payload`], which minimises, transforms and scans in one walk) is property-tested
+/// against. Test-only: decisions use the payload writer.
+#[cfg(test)]
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Allowlist {
     root: Node,
 }
 
+#[cfg(test)]
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Node {
     /// Keep this node and everything under it.
@@ -112,6 +117,7 @@ struct Node {
     children: Vec<(Segment, Node)>,
 }
 
+#[cfg(test)]
 impl Allowlist {
     pub fn new<'a>(paths: impl IntoIterator<Item = &'a FieldPath>) -> Allowlist {
         let mut root = Node::default();
@@ -159,6 +165,7 @@ impl Allowlist {
 }
 
 /// Decides what of `value` (found under `key`) survives, given the trie nodes of its parent.
+#[cfg(test)]
 fn walk(
     parents: &[&Node],
     key: &str,
@@ -189,6 +196,7 @@ fn walk(
     descend(&next, value, path, dropped)
 }
 
+#[cfg(test)]
 fn descend(
     nodes: &[&Node],
     value: &Value,
@@ -227,57 +235,11 @@ fn descend(
     }
 }
 
+#[cfg(test)]
 /// Records a dropped path once: elements of an array share theirs (`products[].price`).
 fn record(dropped: &mut Vec<String>, path: &str) {
     if !path.contains("[]") || !dropped.iter().any(|d| d == path) {
         dropped.push(path.to_owned());
-    }
-}
-
-/// Calls `f` on every value in `root` that `path` matches (through arrays element-wise).
-pub fn for_each_match(root: &mut Value, path: &FieldPath, f: &mut dyn FnMut(&mut Value, &str)) {
-    let mut at = String::new();
-    visit(root, path.segments(), &mut at, f);
-}
-
-fn visit(v: &mut Value, segs: &[Segment], at: &mut String, f: &mut dyn FnMut(&mut Value, &str)) {
-    let Some((first, rest)) = segs.split_first() else {
-        f(v, at);
-        return;
-    };
-    match v {
-        Value::Array(items) => {
-            let len = at.len();
-            at.push_str("[]");
-            for item in items {
-                visit(item, segs, at, f);
-            }
-            at.truncate(len);
-        }
-        Value::Object(map) => {
-            let len = at.len();
-            let mut go = |k: &str, child: &mut Value, at: &mut String| {
-                if !at.is_empty() {
-                    at.push('.');
-                }
-                at.push_str(k);
-                visit(child, rest, at, f);
-                at.truncate(len);
-            };
-            match first {
-                Segment::Key(k) => {
-                    if let Some(child) = map.get_mut(k) {
-                        go(k, child, at);
-                    }
-                }
-                Segment::Any => {
-                    for (k, child) in map.iter_mut() {
-                        go(k, child, at);
-                    }
-                }
-            }
-        }
-        _ => {}
     }
 }
 
@@ -382,20 +344,11 @@ mod tests {
     }
 
     #[test]
-    fn moves_and_visits() {
+    fn moves() {
         let mut v = json!({"a": {"b": 1}, "list": [{"x": 1}, {"x": 2}]});
         let taken = take(&mut v, &FieldPath::parse("a.b").unwrap()).unwrap();
         put(&mut v, &FieldPath::parse("c.d").unwrap(), taken).unwrap();
         assert_eq!(v["c"]["d"], 1);
-        let mut seen = Vec::new();
-        for_each_match(
-            &mut v,
-            &FieldPath::parse("list.x").unwrap(),
-            &mut |val, at| {
-                seen.push(format!("{at}={val}"));
-            },
-        );
-        assert_eq!(seen, vec!["list[].x=1", "list[].x=2"]);
         assert!(put(&mut v, &FieldPath::parse("c.d.e").unwrap(), json!(1)).is_err());
     }
 }
