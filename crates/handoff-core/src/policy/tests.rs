@@ -95,6 +95,19 @@ fn unset(v: &mut Value, path: &str) {
 }
 
 #[test]
+fn country_lists_are_sorted_for_binary_search() {
+    for list in [model::COUNTRIES, model::GDPR_COUNTRIES] {
+        assert!(list.windows(2).all(|w| w[0] < w[1]));
+    }
+    assert!(
+        model::GDPR_COUNTRIES
+            .iter()
+            .all(|c| model::COUNTRIES.contains(c))
+    );
+    assert!(model::in_gdpr_area("DE") && model::in_gdpr_area("GB") && !model::in_gdpr_area("US"));
+}
+
+#[test]
 fn reason_codes_are_unique() {
     let unique: HashSet<_> = REASON_CODES.iter().collect();
     assert_eq!(unique.len(), REASON_CODES.len());
