@@ -6,6 +6,7 @@ use handoff_core::policy::model::{ConnectorKind, Destination};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::erasure::{Erasure, ErasureTarget};
 use crate::ga4::Ga4;
 use crate::meta_capi::MetaCapi;
 use crate::segment::SegmentForward;
@@ -29,6 +30,22 @@ pub trait Connector: Send + Sync {
     /// The request for `items` (all with one batch key), or why they can never be sent.
     fn request(&self, items: &[Item<'_>], now: OffsetDateTime) -> Result<WireRequest, String>;
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification;
+    /// The vendor's own id for the subject in a successful answer (a Stripe customer id), kept
+    /// to update and erase that record later.
+    fn vendor_ref(&self, _body: &[u8]) -> Option<String> {
+        None
+    }
+    /// How this vendor is told to erase a subject.
+    fn erasure(&self, target: &ErasureTarget, now: OffsetDateTime) -> Erasure;
+    /// What the answer to an erasure call means (by default as for deliveries).
+    fn classify_erasure(
+        &self,
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> Classification {
+        self.classify(status, retry_after, body)
+    }
 }
 
 /// Why a destination's connector settings are unusable.
@@ -114,11 +131,24 @@ pub fn for_destination(dest: &Destination) -> Result<Box<dyn Connector>, Setting
             })
         }
         ConnectorKind::Ga4 => {
-            known(dest, &["measurement_id", "api_secret"])?;
+            known(
+                dest,
+                &[
+                    "measurement_id",
+                    "api_secret",
+                    "property_id",
+                    "deletion_access_token",
+                    "deletion_endpoint",
+                ],
+            )?;
             Box::new(Ga4 {
                 base_url: base(dest, crate::ga4::DEFAULT_BASE_URL),
                 measurement_id: setting(dest, "measurement_id")?,
                 api_secret: setting(dest, "api_secret")?,
+                property_id: setting(dest, "property_id").ok(),
+                deletion_token: setting(dest, "deletion_access_token").ok(),
+                deletion_url: setting(dest, "deletion_endpoint")
+                    .unwrap_or_else(|_| crate::ga4::DEFAULT_DELETION_URL.into()),
             })
         }
         ConnectorKind::Stripe => {
@@ -155,6 +185,9 @@ impl Connector for Webhook {
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[])
     }
+    fn erasure(&self, target: &ErasureTarget, now: OffsetDateTime) -> Erasure {
+        Erasure::Calls(vec![self.erasure_request(target, now.unix_timestamp())])
+    }
 }
 
 impl Connector for MetaCapi {
@@ -166,6 +199,16 @@ impl Connector for MetaCapi {
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         MetaCapi::classify(self, status, retry_after, body)
+    }
+    fn erasure(&self, _target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
+        Erasure::Manual(format!(
+            "Meta offers no API to delete events sent through the Conversions API. Ask Meta \
+             through its privacy channels (Business Help Center, data deletion request for \
+             pixel {pixel}) to delete this person's data, then confirm with \
+             `handoff dsr confirm DSR_ID DESTINATION`. Handoff already blocks their new events. \
+             See https://developers.facebook.com/docs/marketing-api/conversions-api",
+            pixel = self.pixel_id
+        ))
     }
 }
 
@@ -185,6 +228,18 @@ impl Connector for Ga4 {
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.api_secret])
     }
+    fn erasure(&self, target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
+        self.erasure_requests(target)
+    }
+    fn classify_erasure(
+        &self,
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> Classification {
+        let secrets: Vec<&str> = self.deletion_token.iter().map(String::as_str).collect();
+        classify_status(status, retry_after, body, &secrets)
+    }
 }
 
 impl Connector for Stripe {
@@ -194,7 +249,10 @@ impl Connector for Stripe {
     fn request(&self, items: &[Item<'_>], _now: OffsetDateTime) -> Result<WireRequest, String> {
         let item = items.first().ok_or("nothing to send")?;
         match item.payload.get("type").and_then(|t| t.as_str()) {
-            Some("identify") => Ok(self.create_customer(item)),
+            Some("identify") => Ok(match item.vendor_ref {
+                Some(customer) => self.update_customer(customer, item),
+                None => self.create_customer(item),
+            }),
             other => Err(format!(
                 "the Stripe connector sends identify calls only, not {}",
                 other.unwrap_or("untyped")
@@ -202,6 +260,29 @@ impl Connector for Stripe {
         }
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
+        classify_status(status, retry_after, body, &[&self.api_key])
+    }
+    fn vendor_ref(&self, body: &[u8]) -> Option<String> {
+        Stripe::customer_id(body)
+    }
+    fn erasure(&self, target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
+        match &target.vendor_ref {
+            Some(customer) => Erasure::Calls(vec![self.delete_customer(customer)]),
+            None => Erasure::NothingHeld(
+                "no Stripe customer was created for this subject through Handoff".into(),
+            ),
+        }
+    }
+    fn classify_erasure(
+        &self,
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> Classification {
+        // Already deleted (by an earlier attempt or by hand) is what we asked for.
+        if status == 404 {
+            return Classification::Delivered;
+        }
         classify_status(status, retry_after, body, &[&self.api_key])
     }
 }
@@ -216,5 +297,15 @@ impl Connector for SegmentForward {
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.write_key])
+    }
+    fn erasure(&self, _target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
+        Erasure::Manual(format!(
+            "The Segment HTTP API at {} has no deletion call. If it is Segment, file a \
+             regulation (POST https://api.segmentapis.com/regulations, regulationType \
+             SUPPRESS_WITH_DELETE, subjectType USER_ID) for this person's user ids; if it is \
+             another Handoff, file the same request there (POST /v1/dsr). Then confirm with \
+             `handoff dsr confirm DSR_ID DESTINATION`.",
+            self.base_url
+        ))
     }
 }

@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::erasure::{Erasure, ErasureTarget};
 use crate::wire::{Item, WireRequest, str_at};
 
 pub const MAX_BATCH: usize = 25;
@@ -47,7 +48,16 @@ pub struct Ga4 {
     pub base_url: String,
     pub measurement_id: String,
     pub api_secret: String,
+    /// The GA4 property (numeric id) for the User Deletion API.
+    pub property_id: Option<String>,
+    /// An OAuth access token with the `analytics.user.deletion` scope.
+    pub deletion_token: Option<String>,
+    pub deletion_url: String,
 }
+
+/// Google Analytics User Deletion API (`userDeletionRequests:upsert`).
+pub const DEFAULT_DELETION_URL: &str =
+    "https://www.googleapis.com/analytics/v3/userDeletion/userDeletionRequests:upsert";
 
 /// A GA4 name: `Order Completed` → `order_completed`.
 pub fn name(raw: &str) -> String {
@@ -77,6 +87,49 @@ fn param_value(v: &Value) -> Option<Value> {
 }
 
 impl Ga4 {
+    /// One User Deletion API request per identifier GA4 can know: `USER_ID` for user ids,
+    /// `CLIENT_ID` for anonymous ids (our GA4 mapping sends `anonymousId` as `client_id`).
+    pub fn erasure_requests(&self, target: &ErasureTarget) -> Erasure {
+        let (Some(property), Some(token)) = (&self.property_id, &self.deletion_token) else {
+            return Erasure::Manual(
+                "This GA4 destination has no settings.property_id and settings.deletion_access_token, \
+                 so Handoff cannot call Google's User Deletion API. Delete the user in Google \
+                 Analytics (Admin → Data deletion requests, or the User Explorer) by user id and \
+                 client id, then confirm with `handoff dsr confirm DSR_ID DESTINATION`."
+                    .into(),
+            );
+        };
+        let ids = target
+            .user_ids
+            .iter()
+            .map(|u| ("USER_ID", u))
+            .chain(target.anonymous_ids.iter().map(|a| ("CLIENT_ID", a)));
+        let calls: Vec<WireRequest> = ids
+            .map(|(kind, id)| WireRequest {
+                method: "POST",
+                url: self.deletion_url.clone(),
+                headers: vec![
+                    ("content-type".into(), "application/json".into()),
+                    ("authorization".into(), format!("Bearer {token}")),
+                ],
+                body: serde_json::to_vec(&json!({
+                    "kind": "analytics#userDeletionRequest",
+                    "id": {"type": kind, "userId": id},
+                    "propertyId": property,
+                }))
+                .expect("a Value always serialises"),
+            })
+            .collect();
+        if calls.is_empty() {
+            Erasure::NothingHeld(
+                "the request names no user id or anonymous id, the only ids GA4 can delete by"
+                    .into(),
+            )
+        } else {
+            Erasure::Calls(calls)
+        }
+    }
+
     /// Items with the same key may share a request.
     pub fn batch_key(item: &Item<'_>) -> String {
         format!(
@@ -189,6 +242,9 @@ mod tests {
 
     fn ga4() -> Ga4 {
         Ga4 {
+            property_id: Some("123456789".into()),
+            deletion_token: Some("ya29.token".into()),
+            deletion_url: DEFAULT_DELETION_URL.into(),
             base_url: DEFAULT_BASE_URL.into(),
             measurement_id: "G-XXXXXXXXXX".into(),
             api_secret: "s3cr3t".into(),
@@ -209,6 +265,7 @@ mod tests {
         let req = ga4()
             .request(&[Item {
                 message_id: "m-1",
+                vendor_ref: None,
                 payload: &payload,
             }])
             .unwrap();
@@ -241,6 +298,7 @@ mod tests {
             "properties": {"note": "y".repeat(300), "ok": true}});
         let e = Ga4::event(&Item {
             message_id: "m",
+            vendor_ref: None,
             payload: &payload,
         });
         assert_eq!(e["params"]["note"].as_str().unwrap().len(), 100);
@@ -250,10 +308,45 @@ mod tests {
             ga4()
                 .request(&[Item {
                     message_id: "m",
+                    vendor_ref: None,
                     payload: &no_client
                 }])
                 .unwrap_err(),
             Ga4Error::NoClientId
         );
+    }
+
+    /// The User Deletion API's documented request: kind, id {type, userId}, propertyId.
+    #[test]
+    fn erasure_asks_the_user_deletion_api_per_identifier() {
+        let target = ErasureTarget {
+            user_ids: vec!["user-42".into()],
+            anonymous_ids: vec!["anon-1".into()],
+            ..ErasureTarget::default()
+        };
+        let Erasure::Calls(calls) = ga4().erasure_requests(&target) else {
+            panic!("calls expected")
+        };
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].url, DEFAULT_DELETION_URL);
+        assert_eq!(calls[0].header("authorization"), Some("Bearer ya29.token"));
+        let body: Value = serde_json::from_slice(&calls[1].body).unwrap();
+        assert_eq!(
+            body,
+            json!({"kind": "analytics#userDeletionRequest",
+                   "id": {"type": "CLIENT_ID", "userId": "anon-1"}, "propertyId": "123456789"})
+        );
+        let manual = Ga4 {
+            deletion_token: None,
+            ..ga4()
+        };
+        assert!(matches!(
+            manual.erasure_requests(&target),
+            Erasure::Manual(_)
+        ));
+        assert!(matches!(
+            ga4().erasure_requests(&ErasureTarget::default()),
+            Erasure::NothingHeld(_)
+        ));
     }
 }

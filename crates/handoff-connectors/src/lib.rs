@@ -7,10 +7,13 @@
 //!   request, tested against the vendor's documented examples: [`webhook`] (Standard
 //!   Webhooks signatures), [`meta_capi`], [`ga4`], [`stripe`], [`segment`].
 //!
-//! The delivery engine (queues, retries, breaker, dead letters) that sends these requests is
-//! the next piece; deletion calls for erasure requests come with data-subject requests.
+//! - [`erasure`]: how each vendor is told to erase a subject (its deletion call, or a manual
+//!   task with instructions where it has none).
+//!
+//! The delivery engine that sends these requests is in `handoff-server`.
 
 pub mod connector;
+pub mod erasure;
 pub mod ga4;
 pub mod http;
 pub mod meta_capi;

@@ -264,6 +264,7 @@ mod tests {
         });
         let req = meta().request(&[Item {
             message_id: "m-1",
+            vendor_ref: None,
             payload: &payload,
         }]);
         assert_eq!(
@@ -304,6 +305,7 @@ mod tests {
             "context": {"traits": {"email": "jane@example.org", "firstName": "Jane"}}});
         let e = meta().event(&Item {
             message_id: "m",
+            vendor_ref: None,
             payload: &payload,
         });
         assert_eq!(e["event_name"], "Lead");
@@ -312,6 +314,7 @@ mod tests {
         assert_eq!(
             meta().event(&Item {
                 message_id: "p",
+                vendor_ref: None,
                 payload: &page
             })["event_name"],
             "PageView"

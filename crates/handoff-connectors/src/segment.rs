@@ -63,6 +63,7 @@ mod tests {
         let req = fwd.request(
             &[Item {
                 message_id: "m-1",
+                vendor_ref: None,
                 payload: &payload,
             }],
             "2026-11-25T10:00:00.000Z",

@@ -1,6 +1,8 @@
-//! Stripe: an `identify` becomes a Customer (`POST /v1/customers`, form-encoded), with the
-//! delivery id as `Idempotency-Key` so a retried create never makes a second customer. The
-//! user id is kept in `metadata[handoff_user_id]` for finding the customer again.
+//! Stripe: the first `identify` of a subject creates a Customer (`POST /v1/customers`,
+//! form-encoded) and Handoff keeps the customer id Stripe answers with; later ones update that
+//! customer (`POST /v1/customers/{id}`); an erasure deletes it (`DELETE /v1/customers/{id}`).
+//! The delivery id is the `Idempotency-Key`, so a retried create never makes a second
+//! customer. The user id is also kept in `metadata[handoff_user_id]`.
 
 use serde_json::Value;
 
@@ -58,11 +60,47 @@ impl Stripe {
     }
 
     pub fn create_customer(&self, item: &Item<'_>) -> WireRequest {
+        self.customer_request(
+            format!("{}/v1/customers", self.base_url.trim_end_matches('/')),
+            item,
+        )
+    }
+
+    pub fn update_customer(&self, customer: &str, item: &Item<'_>) -> WireRequest {
+        self.customer_request(self.customer_url(customer), item)
+    }
+
+    fn customer_url(&self, customer: &str) -> String {
+        // A customer id is ours to trust only as far as the URL path: encode it.
+        let id: String = form_urlencoded::byte_serialize(customer.as_bytes()).collect();
+        format!("{}/v1/customers/{id}", self.base_url.trim_end_matches('/'))
+    }
+
+    /// Stripe's documented delete: `DELETE /v1/customers/{id}` (idempotent by itself, so no
+    /// `Idempotency-Key`, which Stripe ignores on DELETE).
+    pub fn delete_customer(&self, customer: &str) -> WireRequest {
+        WireRequest {
+            method: "DELETE",
+            url: self.customer_url(customer),
+            headers: vec![("authorization".into(), format!("Bearer {}", self.api_key))],
+            body: Vec::new(),
+        }
+    }
+
+    /// The id of the customer a create answered with.
+    pub fn customer_id(body: &[u8]) -> Option<String> {
+        let v: Value = serde_json::from_slice(body).ok()?;
+        let id = v.get("id")?.as_str()?;
+        (v.get("object").and_then(Value::as_str) == Some("customer") && id.starts_with("cus_"))
+            .then(|| id.to_owned())
+    }
+
+    fn customer_request(&self, url: String, item: &Item<'_>) -> WireRequest {
         let body = serde_urlencoded::to_string(Self::customer_fields(item.payload))
             .expect("strings always encode");
         WireRequest {
             method: "POST",
-            url: format!("{}/v1/customers", self.base_url.trim_end_matches('/')),
+            url,
             headers: vec![
                 (
                     "content-type".into(),
@@ -98,6 +136,7 @@ mod tests {
             "address": {"street": "510 Townsend St", "city": "San Francisco", "state": "CA", "postalCode": "98140", "country": "US"}}});
         let req = stripe.create_customer(&Item {
             message_id: "m-1",
+            vendor_ref: None,
             payload: &payload,
         });
         assert_eq!(req.url, "https://api.stripe.com/v1/customers");
@@ -117,5 +156,45 @@ mod tests {
         assert_eq!(get("address[line1]"), Some("510 Townsend St"));
         assert_eq!(get("address[postal_code]"), Some("98140"));
         assert_eq!(get("metadata[handoff_user_id]"), Some("user-42"));
+    }
+
+    #[test]
+    fn later_identifies_update_the_customer_and_erasure_deletes_it() {
+        let stripe = Stripe {
+            destination: "stripe".into(),
+            base_url: "http://127.0.0.1:8420/".into(),
+            api_key: "sk_test_123".into(),
+        };
+        let payload = json!({"type": "identify", "userId": "user-42", "traits": {"name": "Jenny"}});
+        let item = Item {
+            message_id: "m-2",
+            vendor_ref: Some("cus_NffrFeUfNV2Hib"),
+            payload: &payload,
+        };
+        let req = stripe.update_customer("cus_NffrFeUfNV2Hib", &item);
+        assert_eq!(
+            (req.method, req.url.as_str()),
+            (
+                "POST",
+                "http://127.0.0.1:8420/v1/customers/cus_NffrFeUfNV2Hib"
+            )
+        );
+        let del = stripe.delete_customer("cus_../../charges");
+        assert_eq!(del.method, "DELETE");
+        assert_eq!(
+            del.url,
+            "http://127.0.0.1:8420/v1/customers/cus_..%2F..%2Fcharges"
+        );
+        // Stripe's documented create answer.
+        let created = br#"{"id": "cus_NffrFeUfNV2Hib", "object": "customer", "email": "jennyrosen@example.com"}"#;
+        assert_eq!(
+            Stripe::customer_id(created).as_deref(),
+            Some("cus_NffrFeUfNV2Hib")
+        );
+        assert_eq!(
+            Stripe::customer_id(br#"{"id": "ch_1", "object": "charge"}"#),
+            None
+        );
+        assert_eq!(Stripe::customer_id(b"not json"), None);
     }
 }

@@ -8,6 +8,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
+use crate::erasure::ErasureTarget;
 use crate::wire::{Item, WireRequest, delivery_id};
 
 /// Secrets are `whsec_` followed by base64 of the key.
@@ -64,6 +65,41 @@ pub struct Webhook {
 impl Webhook {
     /// The request for one item, signed at `now` (Unix seconds). The body follows the Standard
     /// Webhooks payload shape: `type`, `timestamp`, `data`.
+    /// A signed `subject.erasure` event asking the receiver to erase a subject, with the
+    /// identifiers the request gave; its id is stable per request and destination, so
+    /// retries are deduplicated like deliveries.
+    pub fn erasure_request(&self, target: &ErasureTarget, now: i64) -> WireRequest {
+        let id = delivery_id(&self.destination, &format!("erasure:{}", target.dsr_id));
+        let body = serde_json::to_vec(&json!({
+            "type": "subject.erasure",
+            "timestamp": crate::wire::rfc3339(now),
+            "data": {
+                "dsrId": target.dsr_id,
+                "subjectId": target.subject_id,
+                "userIds": target.user_ids,
+                "anonymousIds": target.anonymous_ids,
+                "emails": target.emails,
+            },
+        }))
+        .expect("a Value always serialises");
+        self.signed(id, now, body)
+    }
+
+    fn signed(&self, id: String, now: i64, body: Vec<u8>) -> WireRequest {
+        let signature = sign(&self.secret, &id, now, &body);
+        WireRequest {
+            method: "POST",
+            url: self.url.clone(),
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("webhook-id".into(), id),
+                ("webhook-timestamp".into(), now.to_string()),
+                ("webhook-signature".into(), signature),
+            ],
+            body,
+        }
+    }
+
     pub fn request(&self, item: &Item<'_>, now: i64) -> WireRequest {
         let id = delivery_id(&self.destination, item.message_id);
         let kind = item
@@ -82,18 +118,7 @@ impl Webhook {
             "data": item.payload,
         }))
         .expect("a Value always serialises");
-        let signature = sign(&self.secret, &id, now, &body);
-        WireRequest {
-            method: "POST",
-            url: self.url.clone(),
-            headers: vec![
-                ("content-type".into(), "application/json".into()),
-                ("webhook-id".into(), id),
-                ("webhook-timestamp".into(), now.to_string()),
-                ("webhook-signature".into(), signature),
-            ],
-            body,
-        }
+        self.signed(id, now, body)
     }
 }
 
@@ -149,6 +174,7 @@ mod tests {
         let payload = json!({"type": "track", "messageId": "m-1", "timestamp": "2026-11-25T10:00:00.000Z", "event": "Order Completed"});
         let item = Item {
             message_id: "m-1",
+            vendor_ref: None,
             payload: &payload,
         };
         let a = hook.request(&item, 1_700_000_000);

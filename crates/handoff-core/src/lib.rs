@@ -8,6 +8,7 @@ pub mod consent;
 pub mod ids;
 pub mod ingest;
 pub mod policy;
+pub mod subject;
 pub mod time_fmt;
 
 pub use ids::{MessageKind, SourceId};

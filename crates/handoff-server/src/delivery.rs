@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use handoff_connectors::connector::Connector;
 use handoff_connectors::wire::{Classification, Item};
-use handoff_core::consent::{ConsentContext, SubjectState};
+use handoff_core::consent::{ConsentContext, PreferenceUpdate, StoredPreferences, SubjectState};
 use handoff_core::policy::model::{DeliverySettings, Destination};
 use handoff_core::policy::{Outcome, PreparedEvent, decide};
-use handoff_store::outbox::{DestinationState, NewItem, OutboxItem, OutboxStore};
+use handoff_core::subject::{SubjectKey, categories_of, field_names, identifiers};
+use handoff_store::ledger::{self, Entry};
+use handoff_store::outbox::{DestinationState, NewItem, OutboxItem, OutboxStore, Routing};
 use handoff_store::{Journal, StoreError};
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
@@ -75,6 +77,10 @@ pub struct Delivery {
     pub store: Arc<OutboxStore>,
     pub lanes: Vec<Arc<Lane>>,
     pub settings: DeliverySettings,
+    /// Identifiers are resolved to subjects under this key.
+    pub subject_key: SubjectKey,
+    /// Where the journal is (erasure purges the events of suppressed subjects).
+    pub data_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +97,8 @@ impl Delivery {
         store: Arc<OutboxStore>,
         policy: &PolicyConfig,
         settings: DeliverySettings,
+        subject_key: SubjectKey,
+        data_dir: &std::path::Path,
     ) -> Result<Self, DeliveryError> {
         let mut lanes = Vec::new();
         for d in &policy.destinations {
@@ -117,6 +125,8 @@ impl Delivery {
             store,
             lanes,
             settings,
+            subject_key,
+            data_dir: data_dir.to_owned(),
         })
     }
 
@@ -126,6 +136,10 @@ impl Delivery {
         if let Some(lane) = self.lanes.iter().find(|l| l.destination.id == destination) {
             lane.set_state(state);
         }
+    }
+
+    pub fn lane(&self, destination: &str) -> Option<&Arc<Lane>> {
+        self.lanes.iter().find(|l| l.destination.id == destination)
     }
 
     /// Tells a destination's worker that its queue changed.
@@ -154,6 +168,11 @@ impl Delivery {
             stop.clone(),
         )));
         tasks.push(tokio::spawn(poll_states(
+            self.clone(),
+            app.clone(),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(erasures(
             self.clone(),
             app.clone(),
             stop.clone(),
@@ -234,70 +253,36 @@ async fn router(
         let upto = events.last().map_or(position, |e| e.seq);
         let lanes = delivery.lanes.clone();
         let settings = app.policy.settings.clone();
+        let key = delivery.subject_key.clone();
         let today = time::OffsetDateTime::now_utc().date();
-        // Deciding is pure CPU work: off the async threads.
-        let decided = tokio::task::spawn_blocking(move || {
-            let mut items = Vec::new();
-            let mut blocked: Vec<(String, &'static str)> = Vec::new();
-            for e in &events {
-                let value: Value = match serde_json::from_str(&e.payload) {
-                    Ok(v) => v,
-                    Err(_) => {
-                        // The journal only holds what ingest wrote; record rather than guess.
-                        for lane in &lanes {
-                            blocked.push((lane.destination.id.clone(), "journal.unreadable"));
-                        }
-                        continue;
-                    }
-                };
-                let prepared = PreparedEvent::new(value, &settings);
-                // Stored preferences and suppression come with subjects; none are stored yet.
-                let consent = ConsentContext::from_event(
-                    prepared.value(),
-                    &settings.consent_fields,
-                    SubjectState::default(),
-                );
-                for lane in &lanes {
-                    if lane.state() == DestinationState::Killed {
-                        blocked.push((lane.destination.id.clone(), KILLED_REASON));
-                        continue;
-                    }
-                    let d = decide(&prepared, &consent, &lane.destination, today);
-                    match d.outcome {
-                        Outcome::Send(payload) => items.push(NewItem {
-                            destination: lane.destination.id.clone(),
-                            seq: e.seq,
-                            message_id: e.message_id.clone(),
-                            payload: payload.0,
-                        }),
-                        Outcome::Block => {
-                            blocked.push((lane.destination.id.clone(), d.reasons[0].code))
-                        }
-                    }
-                }
-            }
-            (items, blocked)
-        })
-        .await;
-        let Ok((items, blocked)) = decided else {
-            tracing::error!("router's decision task failed; retrying");
-            pause(Duration::from_secs(1), &mut stop, None).await;
-            continue;
-        };
-        // Which workers get new items, decided before the items move into the commit (the
-        // payloads are not copied for it).
-        let wake: Vec<bool> = delivery
-            .lanes
-            .iter()
-            .map(|lane| items.iter().any(|i| i.destination == lane.destination.id))
-            .collect();
         let committed = {
             let store = store.clone();
-            blocking(move || store.route(upto, &items, &blocked).map(|()| blocked)).await
+            // Deciding is CPU work and the commit is I/O: off the async threads, in one
+            // transaction with the subjects it resolves and the ledger entries it writes.
+            tokio::task::spawn_blocking(move || {
+                store.route_with(upto, |r| {
+                    route_batch(r, &events, &lanes, &settings, &key, today)
+                })
+            })
+            .await
+            .unwrap_or(Err(StoreError::Closed))
         };
         match committed {
-            Ok(blocked) => {
+            Ok(Routed {
+                blocked,
+                wake,
+                erase,
+            }) => {
                 failures = 0;
+                if !erase.is_empty() {
+                    // Events of suppressed subjects are kept no longer than deciding took.
+                    let dir = delivery.data_dir.clone();
+                    if let Err(e) =
+                        blocking(move || handoff_store::sqlite::erase_events(&dir, &erase)).await
+                    {
+                        tracing::error!(error = %e, "cannot erase the events of suppressed subjects; the next erasure request for them will");
+                    }
+                }
                 for (destination, reason) in &blocked {
                     app.metrics
                         .delivery
@@ -328,6 +313,148 @@ async fn router(
             }
         }
     }
+}
+
+/// What one routing batch decided.
+struct Routed {
+    blocked: Vec<(String, &'static str)>,
+    /// Per lane: it has new items.
+    wake: Vec<bool>,
+    /// Journal events to erase once committed (their subject is suppressed).
+    erase: Vec<handoff_store::Seq>,
+}
+
+fn decision_entry(e: &handoff_store::StoredEvent, subject: &str, d: &Destination) -> Entry {
+    Entry {
+        kind: ledger::kind::DECISION,
+        event_seq: e.seq,
+        message_id: e.message_id.clone(),
+        subject: subject.to_owned(),
+        destination: d.id.clone(),
+        vendor: d.vendor.id.clone(),
+        purposes: d
+            .purposes
+            .iter()
+            .map(|p| p.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        legal_basis: d.legal_basis.as_str().to_owned(),
+        ..Entry::default()
+    }
+}
+
+/// Resolves each event's subject, decides it for every destination, queues what may leave,
+/// and records every decision in the ledger (inside the caller's transaction).
+fn route_batch(
+    r: &mut Routing<'_>,
+    events: &[handoff_store::StoredEvent],
+    lanes: &[Arc<Lane>],
+    settings: &handoff_core::policy::model::PolicySettings,
+    key: &SubjectKey,
+    today: time::Date,
+) -> Result<Routed, StoreError> {
+    let mut out = Routed {
+        blocked: Vec::new(),
+        wake: vec![false; lanes.len()],
+        erase: Vec::new(),
+    };
+    for e in events {
+        let value: Option<Value> = if e.payload == handoff_store::sqlite::ERASED_PAYLOAD {
+            None
+        } else {
+            serde_json::from_str(&e.payload).ok()
+        };
+        let Some(value) = value else {
+            // Erased before it was routed, or unreadable: recorded, never guessed at.
+            let reason = if e.payload == handoff_store::sqlite::ERASED_PAYLOAD {
+                "subject.suppressed"
+            } else {
+                "journal.unreadable"
+            };
+            for lane in lanes {
+                r.block(&lane.destination.id, reason)?;
+                out.blocked.push((lane.destination.id.clone(), reason));
+                let mut entry = decision_entry(e, "", &lane.destination);
+                entry.outcome = "block".into();
+                entry.reasons = reason.into();
+                r.record(entry);
+            }
+            continue;
+        };
+        let hashed: Vec<(&str, String)> = identifiers(&value)
+            .iter()
+            .map(|i| (i.kind.as_str(), key.hash(i)))
+            .collect();
+        let subject = r.subject(&hashed)?;
+        let subject_id = subject.as_ref().map_or("", |s| s.id.as_str()).to_owned();
+        let mut state = SubjectState {
+            suppressed: subject
+                .as_ref()
+                .is_some_and(|s| s.suppressed_at_ms.is_some()),
+            preferences: subject
+                .as_ref()
+                .and_then(|s| s.preferences.as_deref())
+                .and_then(StoredPreferences::from_json),
+        };
+        if state.suppressed {
+            out.erase.push(e.seq);
+        } else if value.get("type").and_then(Value::as_str) == Some("identify")
+            && let Some(Ok(update)) = PreferenceUpdate::from_identify(&value)
+            && !subject_id.is_empty()
+        {
+            let next = state.preferences.clone().unwrap_or_default().apply(&update);
+            r.set_preferences(&subject_id, &next.to_json())?;
+            state.preferences = Some(next);
+        }
+        let prepared = PreparedEvent::new(value, settings);
+        let consent = ConsentContext::from_event(prepared.value(), &settings.consent_fields, state);
+        for (i, lane) in lanes.iter().enumerate() {
+            let d = &lane.destination;
+            let mut entry = decision_entry(e, &subject_id, d);
+            if lane.state() == DestinationState::Killed {
+                r.block(&d.id, KILLED_REASON)?;
+                out.blocked.push((d.id.clone(), KILLED_REASON));
+                entry.outcome = "block".into();
+                entry.reasons = KILLED_REASON.into();
+                r.record(entry);
+                continue;
+            }
+            let decision = decide(&prepared, &consent, d, today);
+            let reasons: Vec<&str> = decision.reasons.iter().map(|r| r.code).collect();
+            entry.reasons = reasons.join(",");
+            match decision.outcome {
+                Outcome::Send(payload) => {
+                    let fields = serde_json::from_str::<Value>(&payload.0)
+                        .map(|v| field_names(&v))
+                        .unwrap_or_default();
+                    entry.categories = categories_of(fields.iter().map(String::as_str)).join(",");
+                    entry.fields = fields.join(",");
+                    entry.outcome = "send".into();
+                    r.queue(&NewItem {
+                        destination: d.id.clone(),
+                        vendor: d.vendor.id.clone(),
+                        seq: e.seq,
+                        message_id: e.message_id.clone(),
+                        subject: subject_id.clone(),
+                        purposes: entry.purposes.clone(),
+                        legal_basis: entry.legal_basis.clone(),
+                        categories: entry.categories.clone(),
+                        fields: entry.fields.clone(),
+                        payload: payload.0,
+                    })?;
+                    out.wake[i] = true;
+                }
+                Outcome::Block => {
+                    let reason = decision.reasons[0].code;
+                    r.block(&d.id, reason)?;
+                    out.blocked.push((d.id.clone(), reason));
+                    entry.outcome = "block".into();
+                }
+            }
+            r.record(entry);
+        }
+    }
+    Ok(out)
 }
 
 async fn poll_states(
@@ -367,6 +494,141 @@ async fn poll_states(
             }
         }
         pause(STATE_POLL, &mut stop, None).await;
+    }
+}
+
+/// How often due vendor erasure calls are looked for.
+const ERASURE_POLL: Duration = Duration::from_secs(1);
+
+/// Sends the vendor calls of erasure requests, with retries, and keeps the DSR metrics.
+async fn erasures(
+    delivery: Arc<Delivery>,
+    app: Arc<crate::AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use handoff_connectors::erasure::{Erasure, ErasureTarget};
+    use handoff_store::dsr;
+    while !*stop.borrow() {
+        let store = delivery.store.clone();
+        let now = handoff_store::sqlite::now_ms();
+        let due = blocking(move || {
+            store.with_conn(|c| {
+                Ok((
+                    dsr::due(c, now, 16)?,
+                    dsr::open_count(c)?,
+                    dsr::overdue(c, now)?,
+                ))
+            })
+        })
+        .await;
+        let due = match due {
+            Ok((due, open, overdue)) => {
+                app.metrics.delivery.dsr_open.set(open as i64);
+                app.metrics.delivery.dsr_overdue.set(overdue as i64);
+                due
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read data-subject requests; retrying");
+                Vec::new()
+            }
+        };
+        for (id, task) in due {
+            let target: Option<ErasureTarget> = task
+                .target
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok());
+            let outcome: Result<(), String> = match (delivery.lane(&task.destination), target) {
+                (None, _) => Err("the destination is no longer configured".into()),
+                (_, None) => Err("the request's target is unreadable".into()),
+                (Some(lane), Some(target)) => {
+                    match lane
+                        .connector
+                        .erasure(&target, time::OffsetDateTime::now_utc())
+                    {
+                        Erasure::Calls(calls) => {
+                            let mut failed = None;
+                            for call in calls {
+                                match send_with(lane, call, true).await.0 {
+                                    Classification::Delivered => {}
+                                    Classification::Retry { why, .. }
+                                    | Classification::Permanent { why }
+                                    | Classification::Credentials { why } => {
+                                        failed = Some(why);
+                                        break;
+                                    }
+                                }
+                            }
+                            failed.map_or(Ok(()), Err)
+                        }
+                        Erasure::NothingHeld(_) => Ok(()),
+                        Erasure::Manual(how) => Err(format!("needs an operator: {how}")),
+                    }
+                }
+            };
+            let store = delivery.store.clone();
+            let now = handoff_store::sqlite::now_ms();
+            let recorded = match outcome {
+                Ok(()) => {
+                    tracing::info!(dsr = %id, destination = %task.destination, "vendor confirmed the erasure");
+                    blocking(move || {
+                        store.transact(|tx| {
+                            let subject: String = tx.query_row(
+                                "SELECT subject FROM dsr WHERE id = ?1",
+                                [&id],
+                                |r| r.get(0),
+                            )?;
+                            dsr::task_done(tx, &id, &task.destination, now)?;
+                            handoff_store::subjects::delete_vendor_ref(
+                                tx,
+                                &task.destination,
+                                &subject,
+                            )?;
+                            Ok((
+                                (),
+                                vec![Entry {
+                                    kind: ledger::kind::DSR,
+                                    subject,
+                                    destination: task.destination.clone(),
+                                    vendor: task.vendor.clone(),
+                                    outcome: "erasure.confirmed".into(),
+                                    detail: format!(
+                                        "request {id}; the vendor accepted the deletion"
+                                    ),
+                                    ..Entry::default()
+                                }],
+                            ))
+                        })
+                    })
+                    .await
+                }
+                Err(why) => {
+                    tracing::warn!(dsr = %id, destination = %task.destination, reason = %why, "erasure call failed; will retry");
+                    app.metrics
+                        .delivery
+                        .dsr_call_failures
+                        .get_or_create(&DeliveryMetrics::label(&task.destination))
+                        .inc();
+                    let wait = backoff(
+                        &DeliverySettings {
+                            retry_base: Duration::from_secs(1),
+                            retry_max: Duration::from_secs(3600),
+                            ..delivery.settings.clone()
+                        },
+                        task.attempts,
+                    )
+                    .max(Duration::from_millis(200));
+                    let next = now + wait.as_millis() as i64;
+                    blocking(move || {
+                        store.with_conn(|c| dsr::task_retry(c, &id, &task.destination, next, &why))
+                    })
+                    .await
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::error!(error = %e, "cannot record an erasure call's outcome; it will be made again");
+            }
+        }
+        pause(ERASURE_POLL, &mut stop, None).await;
     }
 }
 
@@ -540,10 +802,11 @@ async fn worker(
             let mut taken: HashSet<&str> = HashSet::new();
             for (item, payload) in &parsed {
                 let p = payload.as_ref().expect("unreadable items were removed");
-                let subject = ["userId", "anonymousId"]
-                    .iter()
-                    .find_map(|k| p.get(*k).and_then(Value::as_str))
-                    .unwrap_or(&item.message_id);
+                let subject = if item.subject.is_empty() {
+                    item.message_id.as_str()
+                } else {
+                    item.subject.as_str()
+                };
                 if item.next_at_ms > now_ms || waiting.contains(subject) || taken.contains(subject)
                 {
                     waiting.insert(subject);
@@ -570,6 +833,7 @@ async fn worker(
             let first = parsed[0].1.as_ref().expect("unreadable items were removed");
             let key = lane.connector.batch_key(&Item {
                 message_id: &parsed[0].0.message_id,
+                vendor_ref: parsed[0].0.vendor_ref.as_deref(),
                 payload: first,
             });
             let mut batch = Vec::new();
@@ -578,6 +842,7 @@ async fn worker(
                 if item.next_at_ms > now_ms
                     || lane.connector.batch_key(&Item {
                         message_id: &item.message_id,
+                        vendor_ref: item.vendor_ref.as_deref(),
                         payload: p,
                     }) != key
                 {
@@ -608,6 +873,7 @@ async fn worker(
                 .iter()
                 .map(|(i, p)| Item {
                     message_id: &i.message_id,
+                    vendor_ref: i.vendor_ref.as_deref(),
                     payload: p,
                 })
                 .collect();
@@ -634,7 +900,7 @@ async fn worker(
         }
         let mut results = Vec::with_capacity(groups.len());
         for (ids, why) in mapping_failures {
-            results.push((ids, now_ms, 0, Classification::Permanent { why }));
+            results.push((ids, now_ms, 0, (Classification::Permanent { why }, None)));
         }
         while let Some(r) = calls.join_next().await {
             if let Ok(r) = r {
@@ -643,10 +909,14 @@ async fn worker(
         }
         // Delivered items are removed in one transaction.
         let mut delivered: Vec<i64> = Vec::new();
+        let mut refs: Vec<(i64, String)> = Vec::new();
         let mut latencies: Vec<f64> = Vec::new();
         let mut outcome: Result<(), StoreError> = Ok(());
-        for (ids, oldest, attempts, class) in results {
+        for (ids, oldest, attempts, (class, vendor_ref)) in results {
             let n = ids.len() as u64;
+            if let (Some(r), [id]) = (vendor_ref, ids.as_slice()) {
+                refs.push((*id, r));
+            }
             let step = match class {
                 Classification::Delivered => {
                     failures = 0;
@@ -713,7 +983,7 @@ async fn worker(
         if !delivered.is_empty() {
             let n = delivered.len() as u64;
             let store = store.clone();
-            let r = blocking(move || store.delivered(&delivered)).await;
+            let r = blocking(move || store.delivered(&delivered, &refs)).await;
             if r.is_ok() {
                 app.metrics
                     .delivery
@@ -735,8 +1005,21 @@ async fn worker(
     }
 }
 
-/// Sends one request and classifies the answer.
-async fn send(lane: &Lane, request: handoff_connectors::wire::WireRequest) -> Classification {
+/// Sends one request and classifies the answer; with the vendor's id for the subject when a
+/// successful answer carries one.
+async fn send(
+    lane: &Lane,
+    request: handoff_connectors::wire::WireRequest,
+) -> (Classification, Option<String>) {
+    send_with(lane, request, false).await
+}
+
+/// Sends one request; `erasure` classifies the answer as the answer to a deletion call.
+pub(crate) async fn send_with(
+    lane: &Lane,
+    request: handoff_connectors::wire::WireRequest,
+    erasure: bool,
+) -> (Classification, Option<String>) {
     let method =
         reqwest::Method::from_bytes(request.method.as_bytes()).unwrap_or(reqwest::Method::POST);
     let mut call = lane.client.request(method, &request.url).body(request.body);
@@ -750,18 +1033,30 @@ async fn send(lane: &Lane, request: handoff_connectors::wire::WireRequest) -> Cl
             // Enough of the body to classify and quote; a vendor's error pages can be big.
             let body = resp.bytes().await.unwrap_or_default();
             let body = &body[..body.len().min(64 * 1024)];
-            lane.connector.classify(status, after, body)
-        }
-        Err(e) => Classification::Retry {
-            after: None,
-            why: if e.is_timeout() {
-                "timed out".to_owned()
-            } else if e.is_connect() {
-                "cannot connect".to_owned()
+            let class = if erasure {
+                lane.connector.classify_erasure(status, after, body)
             } else {
-                "the connection failed".to_owned()
+                lane.connector.classify(status, after, body)
+            };
+            let vendor_ref = match class {
+                Classification::Delivered if !erasure => lane.connector.vendor_ref(body),
+                _ => None,
+            };
+            (class, vendor_ref)
+        }
+        Err(e) => (
+            Classification::Retry {
+                after: None,
+                why: if e.is_timeout() {
+                    "timed out".to_owned()
+                } else if e.is_connect() {
+                    "cannot connect".to_owned()
+                } else {
+                    "the connection failed".to_owned()
+                },
             },
-        },
+            None,
+        ),
     }
 }
 

@@ -24,6 +24,8 @@ pub mod limits;
 pub mod metrics;
 pub mod oauth;
 pub mod policy_http;
+pub mod privacy;
+pub mod privacy_http;
 pub mod sources;
 pub mod tls;
 
@@ -44,6 +46,10 @@ pub struct AppState {
     pub policy: policy_http::PolicyConfig,
     /// The delivery engine, once started (the admin API's kill switch and dead letters).
     pub delivery: std::sync::OnceLock<Arc<delivery::Delivery>>,
+    /// Subjects, the ledger and data-subject requests, once open.
+    pub privacy: std::sync::OnceLock<Arc<privacy::Privacy>>,
+    /// Verifies ledger checkpoints (`/admin/v1/audit/verify`).
+    pub ledger_public_key: std::sync::OnceLock<ed25519_dalek::VerifyingKey>,
     /// False once shutdown has begun: `/readyz` then tells load balancers to stop sending.
     pub ready: AtomicBool,
 }
@@ -59,6 +65,8 @@ impl AppState {
             auth,
             policy,
             delivery: std::sync::OnceLock::new(),
+            privacy: std::sync::OnceLock::new(),
+            ledger_public_key: std::sync::OnceLock::new(),
             limits: limits::Limits::default(),
             metrics: Metrics::new(sources.sources()),
             journal,
@@ -75,6 +83,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(auth_http::routes())
         .merge(policy_http::routes())
         .merge(delivery_http::routes())
+        .merge(privacy_http::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

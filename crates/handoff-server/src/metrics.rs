@@ -67,6 +67,11 @@ pub struct DeliveryMetrics {
     pub state: Family<DestinationLabel, Gauge>,
     pub latency_seconds: Family<DestinationLabel, Histogram>,
     pub blocked: Family<BlockedLabel, Counter>,
+    /// Data-subject requests not yet completed, and those of them past their deadline.
+    pub dsr_open: Gauge,
+    pub dsr_overdue: Gauge,
+    /// Vendor deletion calls that failed (retried), per destination.
+    pub dsr_call_failures: Family<DestinationLabel, Counter>,
 }
 
 impl DeliveryMetrics {
@@ -185,7 +190,25 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
             blocked: Family::default(),
+            dsr_open: Gauge::default(),
+            dsr_overdue: Gauge::default(),
+            dsr_call_failures: Family::default(),
         };
+        registry.register(
+            "dsr_open",
+            "Data-subject requests not yet completed by every vendor",
+            delivery.dsr_open.clone(),
+        );
+        registry.register(
+            "dsr_overdue",
+            "Open data-subject requests past their deadline: alert on > 0",
+            delivery.dsr_overdue.clone(),
+        );
+        registry.register(
+            "dsr_vendor_call_failures",
+            "Failed erasure calls to a destination (retried with backoff)",
+            delivery.dsr_call_failures.clone(),
+        );
         registry.register(
             "delivery_delivered",
             "Items delivered to a destination",

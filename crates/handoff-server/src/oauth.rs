@@ -120,6 +120,25 @@ pub struct Auth {
     signer: RwLock<Option<Signer>>,
 }
 
+impl Auth {
+    /// A secret of this installation (sealed under the master key in the state store),
+    /// created from `make` on first use.
+    pub fn installation_secret(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Vec<u8>, AuthError> {
+        if let Some(sealed) = self.state.secret(name)? {
+            return Ok(self.keys.open(&sealed)?);
+        }
+        let sealed = self.keys.seal(name, &make());
+        self.state
+            .put_secret_if_absent(&sealed, now_secs() * 1000)?;
+        let stored = self.state.secret(name)?.unwrap_or(sealed);
+        Ok(self.keys.open(&stored)?)
+    }
+}
+
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -12,9 +12,12 @@ use handoff_core::SourceId;
 use tokio::sync::watch;
 
 mod dedup;
+pub mod dsr;
+pub mod ledger;
 pub mod outbox;
 pub mod sqlite;
 pub mod state;
+pub mod subjects;
 
 pub use dedup::DEDUP_FILE;
 

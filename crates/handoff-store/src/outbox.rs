@@ -7,12 +7,16 @@
 //! skipped. Deliveries are FIFO per destination (the row id orders them).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use ed25519_dalek::SigningKey;
+
+use crate::ledger::{self, Entry};
 use crate::sqlite::now_ms;
+use crate::subjects;
 use crate::{Seq, StoreError};
 
 pub const OUTBOX_FILE: &str = "outbox.db";
@@ -25,6 +29,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     message_id    TEXT    NOT NULL,
     payload       TEXT    NOT NULL,
     created_at_ms INTEGER NOT NULL,
+    subject       TEXT    NOT NULL DEFAULT '',
+    vendor        TEXT    NOT NULL DEFAULT '',
     attempts      INTEGER NOT NULL DEFAULT 0,
     next_at_ms    INTEGER NOT NULL DEFAULT 0,
     last_error    TEXT
@@ -37,6 +43,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     message_id    TEXT    NOT NULL,
     payload       TEXT    NOT NULL,
     created_at_ms INTEGER NOT NULL,
+    subject       TEXT    NOT NULL DEFAULT '',
+    vendor        TEXT    NOT NULL DEFAULT '',
     failed_at_ms  INTEGER NOT NULL,
     attempts      INTEGER NOT NULL,
     reason        TEXT    NOT NULL
@@ -60,12 +68,58 @@ CREATE TABLE IF NOT EXISTS destination_state (
 );
 ";
 
+/// Columns added after the first release, added to older files on open.
+const ADDED_COLUMNS: [(&str, &str); 12] = [
+    ("outbox", "subject"),
+    ("outbox", "vendor"),
+    ("outbox", "purposes"),
+    ("outbox", "legal_basis"),
+    ("outbox", "categories"),
+    ("outbox", "fields"),
+    ("dead_letters", "subject"),
+    ("dead_letters", "vendor"),
+    ("dead_letters", "purposes"),
+    ("dead_letters", "legal_basis"),
+    ("dead_letters", "categories"),
+    ("dead_letters", "fields"),
+];
+
+/// The ledger columns an item carries from its decision to its outcome.
+const LEDGER_COLUMNS: &str =
+    "destination, vendor, seq, message_id, subject, purposes, legal_basis, categories, fields";
+
+fn outcome_entry(r: &rusqlite::Row<'_>, outcome: &str, detail: &str) -> rusqlite::Result<Entry> {
+    Ok(Entry {
+        kind: ledger::kind::DELIVERY,
+        destination: r.get(0)?,
+        vendor: r.get(1)?,
+        event_seq: r.get::<_, i64>(2)? as Seq,
+        message_id: r.get(3)?,
+        subject: r.get(4)?,
+        purposes: r.get(5)?,
+        legal_basis: r.get(6)?,
+        categories: r.get(7)?,
+        fields: r.get(8)?,
+        outcome: outcome.to_owned(),
+        detail: detail.to_owned(),
+        ..Entry::default()
+    })
+}
+
 /// A decided payload to store.
 #[derive(Debug, Clone)]
 pub struct NewItem {
     pub destination: String,
+    pub vendor: String,
     pub seq: Seq,
     pub message_id: String,
+    /// The subject id (empty when the event names nobody).
+    pub subject: String,
+    /// For the ledger entry of the outcome (comma-separated lists).
+    pub purposes: String,
+    pub legal_basis: String,
+    pub categories: String,
+    pub fields: String,
     pub payload: String,
 }
 
@@ -76,6 +130,9 @@ pub struct OutboxItem {
     pub destination: String,
     pub seq: Seq,
     pub message_id: String,
+    pub subject: String,
+    /// The id the vendor gave this subject on an earlier delivery (a Stripe customer id).
+    pub vendor_ref: Option<String>,
     pub payload: String,
     pub created_at_ms: i64,
     pub attempts: u32,
@@ -90,6 +147,7 @@ pub struct DeadLetter {
     pub destination: String,
     pub seq: Seq,
     pub message_id: String,
+    pub subject: String,
     pub payload: String,
     pub created_at_ms: i64,
     pub failed_at_ms: i64,
@@ -137,6 +195,85 @@ pub struct QueueStats {
 pub struct OutboxStore {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// Signs ledger checkpoints (the gateway sets it; operator commands run without).
+    signer: OnceLock<SigningKey>,
+}
+
+/// One routing transaction: the router resolves subjects, queues payloads and records its
+/// decisions through it; [`OutboxStore::route_with`] commits everything with the position.
+pub struct Routing<'c> {
+    tx: rusqlite::Transaction<'c>,
+    now: i64,
+    ledger: Vec<Entry>,
+}
+
+impl Routing<'_> {
+    pub fn now_ms(&self) -> i64 {
+        self.now
+    }
+
+    /// The subject of these identifier hashes (kind, hash), created or merged as needed.
+    pub fn subject(
+        &mut self,
+        ids: &[(&str, String)],
+    ) -> Result<Option<subjects::Subject>, StoreError> {
+        let r = subjects::resolve(&self.tx, ids, self.now)?;
+        if let Some(s) = &r.subject {
+            for m in &r.merged {
+                self.ledger.push(Entry {
+                    kind: ledger::kind::SUBJECT,
+                    subject: s.id.clone(),
+                    outcome: "merged".into(),
+                    detail: format!("{m} is the same person"),
+                    ..Entry::default()
+                });
+            }
+        }
+        Ok(r.subject)
+    }
+
+    pub fn set_preferences(&mut self, subject: &str, json: &str) -> Result<(), StoreError> {
+        subjects::set_preferences(&self.tx, subject, json)
+    }
+
+    pub fn queue(&mut self, item: &NewItem) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO outbox (destination, vendor, seq, message_id, subject, purposes, legal_basis,
+                   categories, fields, payload, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?
+            .execute(params![
+                item.destination,
+                item.vendor,
+                item.seq as i64,
+                item.message_id,
+                item.subject,
+                item.purposes,
+                item.legal_basis,
+                item.categories,
+                item.fields,
+                item.payload,
+                self.now
+            ])?;
+        Ok(())
+    }
+
+    /// Counts a decision not to send.
+    pub fn block(&mut self, destination: &str, reason: &str) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO blocked (destination, reason, count) VALUES (?1, ?2, 1)
+                 ON CONFLICT (destination, reason) DO UPDATE SET count = count + 1",
+            )?
+            .execute(params![destination, reason])?;
+        Ok(())
+    }
+
+    /// Adds a ledger entry to this transaction.
+    pub fn record(&mut self, entry: Entry) {
+        self.ledger.push(entry);
+    }
 }
 
 impl OutboxStore {
@@ -154,10 +291,65 @@ impl OutboxStore {
         // fsync per delivery, which bounded one-event destinations to ~500 deliveries/s.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column) in ADDED_COLUMNS {
+            let present: bool = conn.query_row(
+                &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                [column],
+                |r| r.get::<_, i64>(0).map(|n| n > 0),
+            )?;
+            if !present {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+                ))?;
+            }
+        }
+        conn.execute_batch(subjects::SCHEMA)?;
+        conn.execute_batch(ledger::SCHEMA)?;
+        conn.execute_batch(crate::dsr::SCHEMA)?;
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS outbox_by_subject ON outbox (subject);
+             CREATE INDEX IF NOT EXISTS dead_letters_by_subject ON dead_letters (subject);",
+        )?;
         Ok(OutboxStore {
             conn: Mutex::new(conn),
             path,
+            signer: OnceLock::new(),
         })
+    }
+
+    /// Lets this store sign ledger checkpoints.
+    pub fn set_ledger_signer(&self, key: SigningKey) {
+        let _ = self.signer.set(key);
+    }
+
+    /// Runs `f` on the connection (for the ledger, subject and DSR modules).
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&self.conn())
+    }
+
+    /// Runs `f` in a transaction, then appends the ledger entries it returns (checkpointing
+    /// when due) and commits.
+    pub fn transact<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(T, Vec<Entry>), StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (out, entries) = f(&tx)?;
+        ledger::append(&tx, &entries, now_ms(), self.signer.get())?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Signs a checkpoint at the ledger's head now (at shutdown).
+    pub fn checkpoint_ledger(&self) -> Result<(), StoreError> {
+        match self.signer.get() {
+            Some(key) => ledger::checkpoint_now(&self.conn(), key, now_ms()),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -177,51 +369,40 @@ impl OutboxStore {
         Ok(seq.unwrap_or(0) as Seq)
     }
 
-    /// Stores a batch of decisions and moves the router to `upto`, in one transaction.
-    pub fn route(
+    /// Runs one routing batch: `f` resolves subjects, queues and records decisions through
+    /// [`Routing`]; then the ledger entries, and the router's move to `upto`, commit with it
+    /// in one transaction. Nothing of a failed batch stays.
+    pub fn route_with<T>(
         &self,
         upto: Seq,
-        items: &[NewItem],
-        blocked: &[(String, &'static str)],
-    ) -> Result<(), StoreError> {
+        f: impl FnOnce(&mut Routing<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        {
-            let now = now_ms();
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO outbox (destination, seq, message_id, payload, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for i in items {
-                insert.execute(params![
-                    i.destination,
-                    i.seq as i64,
-                    i.message_id,
-                    i.payload,
-                    now
-                ])?;
-            }
-            let mut count = tx.prepare_cached(
-                "INSERT INTO blocked (destination, reason, count) VALUES (?1, ?2, 1)
-                 ON CONFLICT (destination, reason) DO UPDATE SET count = count + 1",
-            )?;
-            for (destination, reason) in blocked {
-                count.execute(params![destination, reason])?;
-            }
-            tx.execute(
-                "INSERT INTO router (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
-                [upto as i64],
-            )?;
-        }
+        let mut routing = Routing {
+            tx,
+            now: now_ms(),
+            ledger: Vec::new(),
+        };
+        let out = f(&mut routing)?;
+        let Routing { tx, now, ledger } = routing;
+        ledger::append(&tx, &ledger, now, self.signer.get())?;
+        tx.execute(
+            "INSERT INTO router (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+            [upto as i64],
+        )?;
         tx.commit()?;
-        Ok(())
+        Ok(out)
     }
 
     /// The first `limit` items of a destination's queue, in order.
     pub fn head(&self, destination: &str, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, destination, seq, message_id, payload, created_at_ms, attempts, next_at_ms, last_error
-             FROM outbox WHERE destination = ?1 ORDER BY id LIMIT ?2",
+            "SELECT o.id, o.destination, o.seq, o.message_id, o.payload, o.created_at_ms, o.attempts,
+                    o.next_at_ms, o.last_error, o.subject, r.ref
+             FROM outbox o LEFT JOIN vendor_refs r ON r.destination = o.destination AND r.subject = o.subject
+             WHERE o.destination = ?1 ORDER BY o.id LIMIT ?2",
         )?;
         let rows = stmt
             .query_map(params![destination, limit as i64], |r| {
@@ -235,24 +416,40 @@ impl OutboxStore {
                     attempts: r.get::<_, i64>(6)? as u32,
                     next_at_ms: r.get(7)?,
                     last_error: r.get(8)?,
+                    subject: r.get(9)?,
+                    vendor_ref: r.get(10)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
-    /// Removes delivered items.
-    pub fn delivered(&self, ids: &[i64]) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            for id in ids {
-                del.execute([id])?;
+    /// Removes delivered items, records each handoff in the ledger, and keeps the ids the
+    /// vendor gave (item id, vendor's id for the subject).
+    pub fn delivered(&self, ids: &[i64], refs: &[(i64, String)]) -> Result<(), StoreError> {
+        self.transact(|tx| {
+            let mut entries = Vec::with_capacity(ids.len());
+            {
+                let mut take = tx.prepare_cached(&format!(
+                    "DELETE FROM outbox WHERE id = ?1 RETURNING {LEDGER_COLUMNS}"
+                ))?;
+                for id in ids {
+                    let Some(entry) = take
+                        .query_row([id], |r| outcome_entry(r, "delivered", ""))
+                        .optional()?
+                    else {
+                        continue;
+                    };
+                    if let Some((_, r)) = refs.iter().find(|(i, _)| i == id)
+                        && !entry.subject.is_empty()
+                    {
+                        subjects::set_vendor_ref(tx, &entry.destination, &entry.subject, r)?;
+                    }
+                    entries.push(entry);
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(((), entries))
+        })
     }
 
     /// Schedules items for another attempt.
@@ -273,22 +470,28 @@ impl OutboxStore {
 
     /// Moves items to the dead-letter queue with `reason`.
     pub fn dead_letter(&self, ids: &[i64], reason: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut mv = tx.prepare_cached(
-                "INSERT INTO dead_letters (destination, seq, message_id, payload, created_at_ms, failed_at_ms, attempts, reason)
-                 SELECT destination, seq, message_id, payload, created_at_ms, ?2, attempts + 1, ?3 FROM outbox WHERE id = ?1",
-            )?;
-            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            let now = now_ms();
-            for id in ids {
-                mv.execute(params![id, now, reason])?;
-                del.execute([id])?;
+        self.transact(|tx| {
+            let mut entries = Vec::with_capacity(ids.len());
+            {
+                let mut mv = tx.prepare_cached(&format!(
+                    "INSERT INTO dead_letters ({LEDGER_COLUMNS}, payload, created_at_ms, failed_at_ms, attempts, reason)
+                     SELECT {LEDGER_COLUMNS}, payload, created_at_ms, ?2, attempts + 1, ?3 FROM outbox WHERE id = ?1
+                     RETURNING {LEDGER_COLUMNS}"
+                ))?;
+                let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+                let now = now_ms();
+                for id in ids {
+                    let moved = mv
+                        .query_row(params![id, now, reason], |r| {
+                            outcome_entry(r, "dead_lettered", reason)
+                        })
+                        .optional()?;
+                    del.execute([id])?;
+                    entries.extend(moved);
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(((), entries))
+        })
     }
 
     /// Dead letters, oldest first, optionally of one destination, after `after_id`.
@@ -300,7 +503,7 @@ impl OutboxStore {
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, destination, seq, message_id, payload, created_at_ms, failed_at_ms, attempts, reason
+            "SELECT id, destination, seq, message_id, payload, created_at_ms, failed_at_ms, attempts, reason, subject
              FROM dead_letters WHERE (?1 IS NULL OR destination = ?1) AND id > ?2 ORDER BY id LIMIT ?3",
         )?;
         let rows = stmt
@@ -315,6 +518,7 @@ impl OutboxStore {
                     failed_at_ms: r.get(6)?,
                     attempts: r.get::<_, i64>(7)? as u32,
                     reason: r.get(8)?,
+                    subject: r.get(9)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -338,35 +542,39 @@ impl OutboxStore {
         ids: Option<&[i64]>,
         requeue: bool,
     ) -> Result<usize, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let chosen: Vec<i64> = match ids {
-            Some(ids) => ids.to_vec(),
-            None => {
-                let mut stmt =
-                    tx.prepare("SELECT id FROM dead_letters WHERE destination = ?1 ORDER BY id")?;
-                let ids = stmt.query_map([destination], |r| r.get(0))?;
-                ids.collect::<Result<Vec<i64>, _>>()?
-            }
-        };
-        let mut n = 0;
-        {
-            let mut requeue_stmt = tx.prepare_cached(
-                "INSERT INTO outbox (destination, seq, message_id, payload, created_at_ms)
-                 SELECT destination, seq, message_id, payload, ?2 FROM dead_letters WHERE id = ?1 AND destination = ?3",
-            )?;
-            let mut del =
-                tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1 AND destination = ?2")?;
-            let now = now_ms();
-            for id in &chosen {
-                if requeue {
-                    requeue_stmt.execute(params![id, now, destination])?;
+        self.transact(|tx| {
+            let chosen: Vec<i64> = match ids {
+                Some(ids) => ids.to_vec(),
+                None => {
+                    let mut stmt = tx
+                        .prepare("SELECT id FROM dead_letters WHERE destination = ?1 ORDER BY id")?;
+                    let ids = stmt.query_map([destination], |r| r.get(0))?;
+                    ids.collect::<Result<Vec<i64>, _>>()?
                 }
-                n += del.execute(params![id, destination])?;
+            };
+            let mut entries = Vec::new();
+            {
+                let mut requeue_stmt = tx.prepare_cached(&format!(
+                    "INSERT INTO outbox ({LEDGER_COLUMNS}, payload, created_at_ms)
+                     SELECT {LEDGER_COLUMNS}, payload, ?2 FROM dead_letters WHERE id = ?1 AND destination = ?3"
+                ))?;
+                let mut del = tx.prepare_cached(&format!(
+                    "DELETE FROM dead_letters WHERE id = ?1 AND destination = ?2 RETURNING {LEDGER_COLUMNS}"
+                ))?;
+                let now = now_ms();
+                let outcome = if requeue { "replayed" } else { "discarded" };
+                for id in &chosen {
+                    if requeue {
+                        requeue_stmt.execute(params![id, now, destination])?;
+                    }
+                    let gone = del
+                        .query_row(params![id, destination], |r| outcome_entry(r, outcome, ""))
+                        .optional()?;
+                    entries.extend(gone);
+                }
             }
-        }
-        tx.commit()?;
-        Ok(n)
+            Ok((entries.len(), entries))
+        })
     }
 
     /// Queue figures per destination.
@@ -457,9 +665,34 @@ mod tests {
     fn item(dest: &str, seq: Seq) -> NewItem {
         NewItem {
             destination: dest.into(),
+            vendor: "acme".into(),
             seq,
             message_id: format!("m-{seq}"),
+            subject: format!("sub_{seq}"),
+            purposes: "support".into(),
+            legal_basis: "contract".into(),
+            categories: "activity".into(),
+            fields: "event".into(),
             payload: format!("{{\"seq\":{seq}}}"),
+        }
+    }
+
+    impl OutboxStore {
+        fn route(
+            &self,
+            upto: Seq,
+            items: &[NewItem],
+            blocked: &[(String, &'static str)],
+        ) -> Result<(), StoreError> {
+            self.route_with(upto, |r| {
+                for i in items {
+                    r.queue(i)?;
+                }
+                for (d, reason) in blocked {
+                    r.block(d, reason)?;
+                }
+                Ok(())
+            })
         }
     }
 
@@ -512,7 +745,7 @@ mod tests {
             ),
             (1, 12_345, Some("HTTP 503"))
         );
-        store.delivered(&ids[2..]).unwrap();
+        store.delivered(&ids[2..], &[]).unwrap();
         store
             .dead_letter(&ids[1..2], "HTTP 400: bad event")
             .unwrap();

@@ -139,6 +139,53 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What an erased event's payload becomes: its sequence number stays (numbers are never
+/// reused and consumers keep their positions), its content is gone.
+pub const ERASED_PAYLOAD: &str = r#"{"erased":true}"#;
+
+/// Replaces the payloads of the events `seqs` in the journal of `data_dir` by
+/// [`ERASED_PAYLOAD`] (erasure). Safe while the gateway runs: SQLite serialises this write
+/// with the journal's writer. `secure_delete` overwrites the freed content in the file.
+/// Returns how many events were erased.
+pub fn erase_events(data_dir: &Path, seqs: &[Seq]) -> Result<usize, StoreError> {
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    let mut conn = Connection::open(data_dir.join(DB_FILE))?;
+    configure(&conn)?;
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut n = 0;
+    {
+        let mut up =
+            tx.prepare("UPDATE events SET payload = ?2 WHERE seq = ?1 AND payload != ?2")?;
+        for seq in seqs {
+            n += up.execute(params![*seq as i64, ERASED_PAYLOAD])?;
+        }
+    }
+    tx.commit()?;
+    Ok(n)
+}
+
+/// The payloads of the events `seqs` (for a data-subject access export).
+pub fn read_events_at(data_dir: &Path, seqs: &[Seq]) -> Result<Vec<StoredEvent>, StoreError> {
+    let conn = Connection::open_with_flags(
+        data_dir.join(DB_FILE),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    configure(&conn)?;
+    let mut out = Vec::new();
+    for seq in seqs {
+        out.extend(
+            read_events(&conn, seq - 1, 1)?
+                .into_iter()
+                .filter(|e| e.seq == *seq),
+        );
+    }
+    Ok(out)
+}
+
 fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(())

@@ -168,6 +168,16 @@ impl StateStore {
         Ok(())
     }
 
+    /// Stores `s` unless a secret of that name exists (two processes creating one at once
+    /// agree on the first). Returns whether it was stored.
+    pub fn put_secret_if_absent(&self, s: &SealedSecret, at_ms: i64) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "INSERT OR IGNORE INTO secrets (name, master_key_id, wrapped_key, ciphertext, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![s.name, s.master_key_id, s.wrapped_key, s.ciphertext, at_ms],
+        )? == 1)
+    }
+
     pub fn secret(&self, name: &str) -> Result<Option<SealedSecret>, StoreError> {
         Ok(self
             .conn()

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 mod ops;
 mod plan;
+mod privacy_cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -89,21 +90,31 @@ enum Command {
     /// Manage keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Prove the ledger was not rewritten (`audit verify`).
+    #[command(subcommand)]
+    Audit(privacy_cli::AuditCommand),
+    /// Answers from the ledger: what was sent about a person, an incident's exposure, records
+    /// of processing.
+    #[command(subcommand)]
+    Report(privacy_cli::ReportCommand),
+    /// Data-subject requests: access, erasure, opt-out.
+    #[command(subcommand)]
+    Dsr(privacy_cli::DsrCommand),
 }
 
 /// Where the state and the master key are, for commands that change state.
 #[derive(clap::Args)]
-struct StateArgs {
+pub(crate) struct StateArgs {
     #[arg(long, default_value = handoff_core::config::DEFAULT_DATA_DIR, env = "HANDOFF_DATA_DIR")]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// File with the master key (base64 of 32 bytes). HANDOFF_MASTER_KEY wins over it; without
     /// either, DATA_DIR/master.key is used (and created if missing).
     #[arg(long, env = "HANDOFF_MASTER_KEY_FILE")]
-    master_key_file: Option<PathBuf>,
+    pub(crate) master_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
-enum Format {
+pub(crate) enum Format {
     Text,
     Json,
 }
@@ -236,6 +247,9 @@ fn main() -> ExitCode {
         Command::Destinations(cmd) => ops::destinations(cmd),
         Command::DeadLetters(cmd) => ops::dead_letters(cmd),
         Command::Consent(ConsentCommand::Decode { strings }) => consent_decode(strings),
+        Command::Audit(cmd) => privacy_cli::audit(cmd),
+        Command::Report(cmd) => privacy_cli::report(cmd),
+        Command::Dsr(cmd) => privacy_cli::dsr(cmd),
         Command::Keys(KeysCommand::RotateSigning { state }) => rotate_signing(&state),
         Command::Keys(KeysCommand::RotateMaster { state }) => rotate_master(&state),
     };
@@ -248,7 +262,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(
+pub(crate) fn load_config(
     path: &Path,
 ) -> Result<std::result::Result<Config, handoff_core::config::ConfigErrors>> {
     let text =
@@ -423,12 +437,6 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         vendors: config.vendors.clone(),
         destinations: config.destinations.clone(),
     };
-    let outbox = Arc::new(handoff_store::outbox::OutboxStore::open(data_dir)?);
-    let delivery = Arc::new(handoff_server::delivery::Delivery::new(
-        outbox,
-        &policy,
-        config.delivery.clone(),
-    )?);
 
     // Signal handlers go in before we say we are listening: a SIGTERM that arrives right after
     // must still mean a graceful shutdown, not the default instant death.
@@ -461,6 +469,32 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
             token_ttl: config.auth.token_ttl,
         },
     )?;
+    // Subjects and the ledger: identifiers are hashed under, and checkpoints signed with,
+    // keys sealed under the master key.
+    let privacy_keys = handoff_server::privacy::keys(&auth)?;
+    let outbox = Arc::new(handoff_store::outbox::OutboxStore::open(data_dir)?);
+    outbox.set_ledger_signer(privacy_keys.ledger.clone());
+    let delivery = Arc::new(handoff_server::delivery::Delivery::new(
+        outbox.clone(),
+        &policy,
+        config.delivery.clone(),
+        privacy_keys.subjects.clone(),
+        data_dir,
+    )?);
+    let mut connectors = Vec::new();
+    for d in &policy.destinations {
+        connectors.push((
+            d.clone(),
+            handoff_connectors::connector::for_destination(d)?,
+        ));
+    }
+    let privacy = Arc::new(handoff_server::privacy::Privacy {
+        store: outbox.clone(),
+        data_dir: data_dir.clone(),
+        subject_key: privacy_keys.subjects.clone(),
+        destinations: connectors,
+        deadline_days: config.policy.dsr_deadline_days,
+    });
     {
         let mut out = std::io::stdout().lock();
         if !from_file {
@@ -503,6 +537,10 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tasks = delivery.start(journal, state.clone(), stop_rx);
     let _ = state.delivery.set(delivery.clone());
+    let _ = state.privacy.set(privacy);
+    let _ = state
+        .ledger_public_key
+        .set(privacy_keys.ledger.verifying_key());
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -525,6 +563,10 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         {
             abort.abort();
         }
+    }
+    // A signed checkpoint at the head, so a tail cut off while stopped is detected.
+    if let Err(e) = outbox.checkpoint_ledger() {
+        tracing::error!(error = %e, "cannot sign the closing ledger checkpoint");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -613,7 +655,7 @@ fn open_auth(data_dir: &Path, master_key_file: Option<&Path>, config: AuthConfig
 }
 
 /// The authorization server for CLI commands, which issue no tokens (no issuer needed).
-fn cli_auth(args: &StateArgs) -> Result<Auth> {
+pub(crate) fn cli_auth(args: &StateArgs) -> Result<Auth> {
     open_auth(
         &args.data_dir,
         args.master_key_file.as_deref(),

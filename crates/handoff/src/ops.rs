@@ -83,7 +83,7 @@ pub enum DeadLettersCommand {
 
 /// The outbox of an existing data directory (a mistyped `--data-dir` is an error, not a new,
 /// empty directory).
-fn outbox(dir: &Path) -> Result<OutboxStore> {
+pub fn outbox(dir: &Path) -> Result<OutboxStore> {
     let path = dir.join(handoff_store::outbox::OUTBOX_FILE);
     if !path.exists() {
         anyhow::bail!(

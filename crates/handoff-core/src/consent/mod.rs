@@ -137,6 +137,24 @@ pub struct PreferenceUpdate {
 }
 
 impl StoredPreferences {
+    /// The stored form: `{"categories": {...}, "opt_out_of_sale": bool}`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "categories": self.categories.0,
+            "opt_out_of_sale": self.opt_out_of_sale,
+        })
+        .to_string()
+    }
+
+    /// Reads [`StoredPreferences::to_json`]'s form; `None` when it is not that.
+    pub fn from_json(text: &str) -> Option<StoredPreferences> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        Some(StoredPreferences {
+            categories: Categories::from_json(v.get("categories")?).ok()?,
+            opt_out_of_sale: v.get("opt_out_of_sale")?.as_bool()?,
+        })
+    }
+
     /// The preferences after `update`: categories it names replace the stored ones one by one;
     /// the opt-out changes only when the update says `optOut` explicitly.
     pub fn apply(&self, update: &PreferenceUpdate) -> StoredPreferences {
@@ -301,6 +319,8 @@ mod tests {
         let e = json!({"traits": {"consent": {"categoryPreferences": {"Analytics": true}, "optOut": true}}});
         let u = PreferenceUpdate::from_identify(&e).unwrap().unwrap();
         let p = StoredPreferences::default().apply(&u);
+        assert_eq!(StoredPreferences::from_json(&p.to_json()), Some(p.clone()));
+        assert_eq!(StoredPreferences::from_json("{}"), None);
         assert!(p.opt_out_of_sale);
         assert_eq!(p.categories.get("analytics"), Some(true));
         // A later identify that does not mention the opt-out leaves it in place.

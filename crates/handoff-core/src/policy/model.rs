@@ -31,7 +31,12 @@ pub struct PolicySettings {
     pub max_assessment_age_days: u32,
     pub consent_fields: ConsentFields,
     pub region_field: String,
+    /// Days a data-subject request has until it must be complete (30 by default, GDPR's
+    /// month; 45 for CCPA). A request may ask for fewer or more.
+    pub dsr_deadline_days: u32,
 }
+
+pub const DEFAULT_DSR_DEADLINE_DAYS: u32 = 30;
 
 impl Default for PolicySettings {
     fn default() -> Self {
@@ -39,6 +44,7 @@ impl Default for PolicySettings {
             max_assessment_age_days: DEFAULT_MAX_ASSESSMENT_AGE_DAYS,
             consent_fields: ConsentFields::default(),
             region_field: DEFAULT_REGION_FIELD.into(),
+            dsr_deadline_days: DEFAULT_DSR_DEADLINE_DAYS,
         }
     }
 }
@@ -274,6 +280,7 @@ pub fn in_gdpr_area(country: &str) -> bool {
 #[serde(deny_unknown_fields)]
 struct PolicyToml {
     max_assessment_age_days: Option<u32>,
+    dsr_deadline_days: Option<u32>,
     tcf_field: Option<String>,
     us_privacy_field: Option<String>,
     categories_field: Option<String>,
@@ -515,6 +522,16 @@ pub(crate) fn read_policy(v: Option<&Value>, problems: &mut Vec<Problem>) -> Pol
             return settings;
         }
     };
+    if let Some(days) = parsed.dsr_deadline_days {
+        if !(1..=365).contains(&days) {
+            problems.push((
+                "policy.dsr_deadline_days".into(),
+                "config.policy.dsr_deadline.invalid",
+                "must be between 1 and 365 days".into(),
+            ));
+        }
+        settings.dsr_deadline_days = days;
+    }
     if let Some(days) = parsed.max_assessment_age_days {
         if days == 0 {
             problems.push((

@@ -1,0 +1,718 @@
+//! What the ledger and the subject store answer, and data-subject requests: the logic behind
+//! `/v1/dsr`, `/admin/v1/reports/*`, `/admin/v1/audit/verify` and the `handoff dsr | report |
+//! audit` commands (both call these functions, so they cannot disagree).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use handoff_connectors::connector::Connector;
+use handoff_connectors::erasure::{Erasure, ErasureTarget};
+use handoff_core::consent::StoredPreferences;
+use handoff_core::policy::model::Destination;
+use handoff_core::subject::{IdKind, Identifier, SubjectKey};
+use handoff_store::dsr::{self, NewTask};
+use handoff_store::ledger::{self, Entry, Row};
+use handoff_store::outbox::OutboxStore;
+use handoff_store::sqlite::now_ms;
+use handoff_store::{StoreError, subjects};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::oauth::{Auth, AuthError};
+
+/// Sealed-secret names of this installation's privacy keys.
+pub const SUBJECT_KEY_SECRET: &str = "subjects/hmac-key";
+pub const LEDGER_KEY_SECRET: &str = "ledger/signing-key";
+
+/// The keys identifiers are hashed under and ledger checkpoints are signed with, created on
+/// first use and sealed under the master key.
+pub struct PrivacyKeys {
+    pub subjects: SubjectKey,
+    pub ledger: ed25519_dalek::SigningKey,
+}
+
+pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
+    let as32 = |v: Vec<u8>| -> Result<[u8; 32], AuthError> {
+        v.try_into().map_err(|_| {
+            AuthError::Store(StoreError::Io(std::io::Error::other(
+                "a stored privacy key is not 32 bytes",
+            )))
+        })
+    };
+    let random = || rand::random::<[u8; 32]>().to_vec();
+    let subjects = as32(auth.installation_secret(SUBJECT_KEY_SECRET, random)?)?;
+    let ledger = as32(auth.installation_secret(LEDGER_KEY_SECRET, random)?)?;
+    Ok(PrivacyKeys {
+        subjects: SubjectKey::new(subjects),
+        ledger: ed25519_dalek::SigningKey::from_bytes(&ledger),
+    })
+}
+
+/// Everything requests and reports need, in the gateway and in the CLI alike.
+pub struct Privacy {
+    pub store: Arc<OutboxStore>,
+    pub data_dir: PathBuf,
+    pub subject_key: SubjectKey,
+    pub destinations: Vec<(Destination, Box<dyn Connector>)>,
+    pub deadline_days: u32,
+}
+
+/// A user-facing error with a stable code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct PrivacyError {
+    pub code: &'static str,
+    pub message: String,
+    /// 404-like (nothing found) rather than 400-like (bad input).
+    pub not_found: bool,
+}
+
+impl PrivacyError {
+    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        PrivacyError {
+            code,
+            message: message.into(),
+            not_found: false,
+        }
+    }
+}
+
+impl From<StoreError> for PrivacyError {
+    fn from(e: StoreError) -> Self {
+        PrivacyError {
+            code: "store.error",
+            message: e.to_string(),
+            not_found: false,
+        }
+    }
+}
+
+/// Who a request or report is about, as given.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    #[serde(rename = "userId", default)]
+    pub user_id: Option<String>,
+    #[serde(rename = "anonymousId", default)]
+    pub anonymous_id: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+impl Identity {
+    fn identifiers(&self) -> Vec<Identifier> {
+        [
+            (IdKind::UserId, &self.user_id),
+            (IdKind::AnonymousId, &self.anonymous_id),
+            (IdKind::Email, &self.email),
+        ]
+        .into_iter()
+        .filter_map(|(kind, v)| {
+            v.as_ref()
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| Identifier {
+                    kind,
+                    value: v.trim().to_owned(),
+                })
+        })
+        .collect()
+    }
+}
+
+/// `POST /v1/dsr`'s body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DsrInput {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// Overrides the configured deadline (e.g. 45 for a CCPA request).
+    #[serde(default)]
+    pub deadline_days: Option<u32>,
+}
+
+pub const DSR_KINDS: [&str; 3] = ["access", "erasure", "opt_out"];
+
+impl Privacy {
+    fn hashes(&self, identity: &Identity) -> Result<Vec<(&'static str, String)>, PrivacyError> {
+        let ids = identity.identifiers();
+        if ids.is_empty() {
+            return Err(PrivacyError::bad(
+                "dsr.identity.missing",
+                "name the person by userId, anonymousId or email",
+            ));
+        }
+        Ok(ids
+            .iter()
+            .map(|i| (i.kind.as_str(), self.subject_key.hash(i)))
+            .collect())
+    }
+
+    /// The subject these identifiers belong to, without creating one.
+    pub fn find_subject(&self, identity: &Identity) -> Result<subjects::Subject, PrivacyError> {
+        let hashes = self.hashes(identity)?;
+        self.store
+            .with_conn(|c| {
+                for (_, h) in &hashes {
+                    if let Some(s) = subjects::find(c, h)? {
+                        return Ok(Some(s));
+                    }
+                }
+                Ok(None)
+            })?
+            .ok_or(PrivacyError {
+                code: "subject.unknown",
+                message: "no events of this person passed through Handoff".into(),
+                not_found: true,
+            })
+    }
+
+    /// Files a request (or returns the one already filed for the person: requests are
+    /// idempotent). Returns the request and whether it is new.
+    pub fn file(
+        &self,
+        input: &DsrInput,
+        requested_by: &str,
+    ) -> Result<(dsr::Request, bool), PrivacyError> {
+        if !DSR_KINDS.contains(&input.kind.as_str()) {
+            return Err(PrivacyError::bad(
+                "dsr.type.unknown",
+                format!(
+                    "type {:?} is not one of {}",
+                    input.kind,
+                    DSR_KINDS.join(", ")
+                ),
+            ));
+        }
+        let days = input.deadline_days.unwrap_or(self.deadline_days);
+        if !(1..=365).contains(&days) {
+            return Err(PrivacyError::bad(
+                "dsr.deadline.invalid",
+                "deadline_days must be between 1 and 365",
+            ));
+        }
+        let hashes = self.hashes(&input.identity)?;
+        let kind = input.kind.as_str();
+        let now = now_ms();
+        let (id, new, erase) = self.store.transact(|tx| {
+            let subject = subjects::resolve(tx, &hashes, now)?
+                .subject
+                .expect("identifiers given");
+            if let Some(id) = dsr::existing(tx, &subject.id, kind)? {
+                return Ok(((id, false, Vec::new()), Vec::new()));
+            }
+            let id: String = tx.query_row("SELECT 'dsr_' || lower(hex(randomblob(10)))", [], |r| {
+                r.get(0)
+            })?;
+            let mut entry = Entry {
+                kind: ledger::kind::DSR,
+                subject: subject.id.clone(),
+                outcome: format!("{kind}.filed"),
+                detail: format!("request {id} by {requested_by}"),
+                ..Entry::default()
+            };
+            let mut entries = Vec::new();
+            let mut tasks = Vec::new();
+            let mut nothing_held = Vec::new();
+            let mut erase = Vec::new();
+            match kind {
+                "erasure" => {
+                    subjects::suppress(tx, &subject.id, now)?;
+                    let (queued, dead) = dsr::purge_queues(tx, &subject.id)?;
+                    erase = dsr::event_seqs(tx, &subject.id)?;
+                    entry.detail = format!(
+                        "{}; suppressed; purged {queued} queued and {dead} dead-lettered payloads and {} journal events",
+                        entry.detail,
+                        erase.len()
+                    );
+                    for (destination, vendor) in dsr::recipients(tx, &subject.id)? {
+                        let Some((_, connector)) =
+                            self.destinations.iter().find(|(d, _)| d.id == destination)
+                        else {
+                            tasks.push(NewTask {
+                                destination: destination.clone(),
+                                vendor,
+                                manual: true,
+                                target: String::new(),
+                                instructions: format!(
+                                    "{destination} received this person's data but is no longer configured: ask the vendor to erase it by hand, then confirm"
+                                ),
+                            });
+                            continue;
+                        };
+                        let target = ErasureTarget {
+                            dsr_id: id.clone(),
+                            subject_id: subject.id.clone(),
+                            user_ids: input.identity.user_id.iter().cloned().collect(),
+                            anonymous_ids: input.identity.anonymous_id.iter().cloned().collect(),
+                            emails: input.identity.email.iter().cloned().collect(),
+                            vendor_ref: subjects::vendor_ref(tx, &destination, &subject.id)?,
+                        };
+                        let (manual, instructions) = match connector
+                            .erasure(&target, time::OffsetDateTime::now_utc())
+                        {
+                            Erasure::Calls(_) => (false, String::new()),
+                            Erasure::Manual(how) => (true, how),
+                            Erasure::NothingHeld(why) => {
+                                nothing_held.push(destination.clone());
+                                (false, why)
+                            }
+                        };
+                        tasks.push(NewTask {
+                            destination,
+                            vendor,
+                            manual,
+                            target: serde_json::to_string(&target)
+                                .expect("a target always serialises"),
+                            instructions,
+                        });
+                    }
+                }
+                "opt_out" => {
+                    let mut prefs = subject
+                        .preferences
+                        .as_deref()
+                        .and_then(StoredPreferences::from_json)
+                        .unwrap_or_default();
+                    prefs.opt_out_of_sale = true;
+                    subjects::set_preferences(tx, &subject.id, &prefs.to_json())?;
+                }
+                _ => {}
+            }
+            dsr::insert(
+                tx,
+                &id,
+                kind,
+                &subject.id,
+                requested_by,
+                now,
+                now + i64::from(days) * 86_400_000,
+                &tasks,
+            )?;
+            entries.push(entry);
+            for destination in nothing_held {
+                dsr::task_done(tx, &id, &destination, now)?;
+                entries.push(Entry {
+                    kind: ledger::kind::DSR,
+                    subject: subject.id.clone(),
+                    destination,
+                    outcome: "erasure.nothing_held".into(),
+                    detail: format!("request {id}"),
+                    ..Entry::default()
+                });
+            }
+            Ok(((id, true, erase), entries))
+        })?;
+        if !erase.is_empty() {
+            handoff_store::sqlite::erase_events(&self.data_dir, &erase)?;
+        }
+        let request = self.get(&id)?;
+        Ok((request, new))
+    }
+
+    pub fn get(&self, id: &str) -> Result<dsr::Request, PrivacyError> {
+        self.store
+            .with_conn(|c| dsr::get(c, id))?
+            .ok_or(PrivacyError {
+                code: "dsr.not_found",
+                message: format!("no request {id}"),
+                not_found: true,
+            })
+    }
+
+    /// A request as the API shows it: its vendors' status, and for access requests the export.
+    pub fn view(&self, request: &dsr::Request) -> Result<Value, PrivacyError> {
+        let mut v = serde_json::to_value(request).expect("a request serialises");
+        v["created_at"] = json!(rfc3339(request.created_at_ms));
+        v["deadline"] = json!(rfc3339(request.deadline_at_ms));
+        v["overdue"] =
+            json!(request.status == dsr::status::OPEN && now_ms() > request.deadline_at_ms);
+        if let Some(t) = request.completed_at_ms {
+            v["completed_at"] = json!(rfc3339(t));
+        }
+        if request.kind == "access" {
+            v["export"] = self.export(&request.subject)?;
+        }
+        Ok(v)
+    }
+
+    /// An operator confirms a manual vendor task (e.g. Meta) as done.
+    pub fn confirm(
+        &self,
+        id: &str,
+        destination: &str,
+        by: &str,
+    ) -> Result<dsr::Request, PrivacyError> {
+        let request = self.get(id)?;
+        let Some(task) = request.tasks.iter().find(|t| t.destination == destination) else {
+            return Err(PrivacyError {
+                code: "dsr.task.not_found",
+                message: format!("request {id} has no task for {destination}"),
+                not_found: true,
+            });
+        };
+        if task.status != dsr::status::DONE {
+            let now = now_ms();
+            self.store.transact(|tx| {
+                dsr::task_done(tx, id, destination, now)?;
+                Ok((
+                    (),
+                    vec![Entry {
+                        kind: ledger::kind::DSR,
+                        subject: request.subject.clone(),
+                        destination: destination.to_owned(),
+                        vendor: task.vendor.clone(),
+                        outcome: "erasure.confirmed".into(),
+                        detail: format!("request {id}; confirmed by {by}"),
+                        ..Entry::default()
+                    }],
+                ))
+            })?;
+        }
+        self.get(id)
+    }
+
+    /// What Handoff holds about a subject and what each vendor received.
+    pub fn export(&self, subject: &str) -> Result<Value, PrivacyError> {
+        let (s, kinds, rows, queued, dead) = self.store.with_conn(|c| {
+            let s = c
+                .query_row(
+                    "SELECT created_at_ms, suppressed_at_ms, preferences FROM subjects WHERE id = ?1",
+                    [subject],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, Option<i64>>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                        ))
+                    },
+                )
+                .map_err(StoreError::from)?;
+            let kinds = subjects::identifier_kinds(c, subject)?;
+            let rows = ledger::for_subject(c, subject)?;
+            let count = |table: &str| -> Result<i64, StoreError> {
+                Ok(c.query_row(
+                    &format!("SELECT count(*) FROM {table} WHERE subject = ?1"),
+                    [subject],
+                    |r| r.get(0),
+                )?)
+            };
+            Ok((s, kinds, rows, count("outbox")?, count("dead_letters")?))
+        })?;
+        let seqs: Vec<handoff_store::Seq> = rows
+            .iter()
+            .filter(|r| r.kind == ledger::kind::DECISION)
+            .map(|r| r.event_seq)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let events: Vec<Value> = handoff_store::sqlite::read_events_at(&self.data_dir, &seqs)?
+            .into_iter()
+            .map(|e| {
+                json!({
+                    "seq": e.seq,
+                    "messageId": e.message_id,
+                    "event": serde_json::from_str::<Value>(&e.payload).unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "subject": subject,
+            "created_at": rfc3339(s.0),
+            "suppressed_at": s.1.map(rfc3339),
+            "preferences": s.2.as_deref().and_then(|p| serde_json::from_str::<Value>(p).ok()),
+            "identifiers": kinds.iter().map(|(k, n)| (k.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "held": {"events": events, "queued_payloads": queued, "dead_letters": dead},
+            "vendors": per_vendor(&rows),
+        }))
+    }
+
+    /// Everything sent about one person, per vendor, with the ledger entries.
+    pub fn subject_report(&self, identity_or_id: SubjectQuery) -> Result<Report, PrivacyError> {
+        let subject = match identity_or_id {
+            SubjectQuery::Id(id) => id,
+            SubjectQuery::Identity(i) => self.find_subject(&i)?.id,
+        };
+        let rows = self.store.with_conn(|c| ledger::for_subject(c, &subject))?;
+        let vendors = per_vendor(&rows);
+        let csv = vendors
+            .iter()
+            .map(|v| {
+                vec![
+                    v["vendor"].as_str().unwrap_or("").to_owned(),
+                    join(&v["destinations"]),
+                    v["handoffs"].to_string(),
+                    v["first"].as_str().unwrap_or("").to_owned(),
+                    v["last"].as_str().unwrap_or("").to_owned(),
+                    join(&v["purposes"]),
+                    join(&v["legal_bases"]),
+                    join(&v["categories"]),
+                    join(&v["fields"]),
+                ]
+            })
+            .collect();
+        Ok(Report {
+            json: json!({"subject": subject, "vendors": vendors, "entries": rows}),
+            header: vec![
+                "vendor",
+                "destinations",
+                "handoffs",
+                "first",
+                "last",
+                "purposes",
+                "legal_bases",
+                "categories",
+                "fields",
+            ],
+            rows: csv,
+        })
+    }
+
+    /// For an incident at `vendor`: the subjects whose data it received in `[from, to)`, with
+    /// the categories and fields, and counts.
+    pub fn exposure(&self, vendor: &str, from_ms: i64, to_ms: i64) -> Result<Report, PrivacyError> {
+        let rows = self
+            .store
+            .with_conn(|c| ledger::delivered(c, Some(vendor), from_ms, to_ms))?;
+        let mut per: BTreeMap<&str, Agg> = BTreeMap::new();
+        let mut all = Agg::default();
+        for r in &rows {
+            let subject = if r.subject.is_empty() {
+                "(none)"
+            } else {
+                &r.subject
+            };
+            per.entry(subject).or_default().add(r);
+            all.add(r);
+        }
+        let affected: Vec<Value> = per
+            .iter()
+            .map(|(s, a)| {
+                let mut v = a.to_json();
+                v["subject"] = json!(s);
+                v
+            })
+            .collect();
+        let csv = affected
+            .iter()
+            .map(|v| {
+                vec![
+                    v["subject"].as_str().unwrap_or("").to_owned(),
+                    v["handoffs"].to_string(),
+                    v["first"].as_str().unwrap_or("").to_owned(),
+                    v["last"].as_str().unwrap_or("").to_owned(),
+                    join(&v["categories"]),
+                    join(&v["fields"]),
+                ]
+            })
+            .collect();
+        let mut summary = all.to_json();
+        summary["subjects"] = json!(per.len());
+        Ok(Report {
+            json: json!({
+                "vendor": vendor,
+                "from": rfc3339(from_ms),
+                "to": rfc3339(to_ms),
+                "summary": summary,
+                "affected": affected,
+            }),
+            header: vec![
+                "subject",
+                "handoffs",
+                "first",
+                "last",
+                "categories",
+                "fields",
+            ],
+            rows: csv,
+        })
+    }
+
+    /// Records of processing: per vendor, purpose and day, the handoffs, subjects and
+    /// categories in `[from, to)`.
+    pub fn processing(&self, from_ms: i64, to_ms: i64) -> Result<Report, PrivacyError> {
+        let rows = self
+            .store
+            .with_conn(|c| ledger::delivered(c, None, from_ms, to_ms))?;
+        // (vendor, purpose, day) → (handoffs, subjects, categories)
+        type Day = (u64, BTreeSet<String>, BTreeSet<String>);
+        let mut per: BTreeMap<(String, String, String), Day> = BTreeMap::new();
+        for r in &rows {
+            let day = rfc3339(r.at_ms).get(..10).unwrap_or("").to_owned();
+            for purpose in r.purposes.split(',').filter(|p| !p.is_empty()) {
+                let e = per
+                    .entry((r.vendor.clone(), purpose.to_owned(), day.clone()))
+                    .or_default();
+                e.0 += 1;
+                if !r.subject.is_empty() {
+                    e.1.insert(r.subject.clone());
+                }
+                e.2.extend(split(&r.categories));
+            }
+        }
+        let mut out = Vec::new();
+        let mut csv = Vec::new();
+        for ((vendor, purpose, day), (n, subjects, cats)) in per {
+            let cats: Vec<String> = cats.into_iter().collect();
+            csv.push(vec![
+                vendor.clone(),
+                purpose.clone(),
+                day.clone(),
+                n.to_string(),
+                subjects.len().to_string(),
+                cats.join(";"),
+            ]);
+            out.push(
+                json!({"vendor": vendor, "purpose": purpose, "day": day, "handoffs": n,
+                "subjects": subjects.len(), "categories": cats}),
+            );
+        }
+        Ok(Report {
+            json: json!({"from": rfc3339(from_ms), "to": rfc3339(to_ms), "rows": out}),
+            header: vec![
+                "vendor",
+                "purpose",
+                "day",
+                "handoffs",
+                "subjects",
+                "categories",
+            ],
+            rows: csv,
+        })
+    }
+}
+
+pub enum SubjectQuery {
+    Id(String),
+    Identity(Identity),
+}
+
+/// A report in both forms.
+pub struct Report {
+    pub json: Value,
+    pub header: Vec<&'static str>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Report {
+    pub fn to_csv(&self) -> String {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let _ = w.write_record(&self.header);
+        for r in &self.rows {
+            let _ = w.write_record(r);
+        }
+        String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+fn split(list: &str) -> impl Iterator<Item = String> + '_ {
+    list.split(',').filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+fn join(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(";")
+        })
+        .unwrap_or_default()
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Parses `2026-11-01` (midnight UTC) or an RFC 3339 time, as Unix milliseconds.
+pub fn parse_time(s: &str) -> Result<i64, PrivacyError> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    }
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, &fmt)
+        .map(|d| d.midnight().assume_utc().unix_timestamp() * 1000)
+        .map_err(|_| {
+            PrivacyError::bad(
+                "report.time.invalid",
+                format!("{s:?} is not a date (2026-11-01) or an RFC 3339 time"),
+            )
+        })
+}
+
+#[derive(Default)]
+struct Agg {
+    handoffs: u64,
+    first: Option<i64>,
+    last: Option<i64>,
+    destinations: BTreeSet<String>,
+    purposes: BTreeSet<String>,
+    legal_bases: BTreeSet<String>,
+    categories: BTreeSet<String>,
+    fields: BTreeSet<String>,
+}
+
+impl Agg {
+    fn add(&mut self, r: &Row) {
+        self.handoffs += 1;
+        self.first = Some(self.first.map_or(r.at_ms, |f| f.min(r.at_ms)));
+        self.last = Some(self.last.map_or(r.at_ms, |l| l.max(r.at_ms)));
+        self.destinations.insert(r.destination.clone());
+        self.purposes.extend(split(&r.purposes));
+        if !r.legal_basis.is_empty() {
+            self.legal_bases.insert(r.legal_basis.clone());
+        }
+        self.categories.extend(split(&r.categories));
+        self.fields.extend(split(&r.fields));
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "handoffs": self.handoffs,
+            "first": self.first.map(rfc3339),
+            "last": self.last.map(rfc3339),
+            "destinations": self.destinations,
+            "purposes": self.purposes,
+            "legal_bases": self.legal_bases,
+            "categories": self.categories,
+            "fields": self.fields,
+        })
+    }
+}
+
+/// Delivered handoffs per vendor, from a subject's ledger entries.
+fn per_vendor(rows: &[Row]) -> Vec<Value> {
+    let mut per: BTreeMap<&str, Agg> = BTreeMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| r.kind == ledger::kind::DELIVERY && r.outcome == "delivered")
+    {
+        per.entry(&r.vendor).or_default().add(r);
+    }
+    per.into_iter()
+        .map(|(vendor, a)| {
+            let mut v = a.to_json();
+            v["vendor"] = json!(vendor);
+            v
+        })
+        .collect()
+}
+
+/// Walks the ledger: the chain, the checkpoints (against `public_key`), and the router's
+/// position.
+pub fn verify(
+    store: &OutboxStore,
+    public_key: &ed25519_dalek::VerifyingKey,
+) -> Result<ledger::Verification, StoreError> {
+    let position = store.router_position()?;
+    store.with_conn(|c| ledger::verify(c, public_key, Some(position)))
+}

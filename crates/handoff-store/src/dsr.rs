@@ -1,0 +1,338 @@
+//! Data-subject requests and each vendor's part of them, in `outbox.db` (so an erasure
+//! suppresses, purges and files its vendor tasks in one transaction with its ledger entry).
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{Seq, StoreError};
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS dsr (
+    id              TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    created_at_ms   INTEGER NOT NULL,
+    deadline_at_ms  INTEGER NOT NULL,
+    completed_at_ms INTEGER,
+    requested_by    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dsr_by_subject ON dsr (subject, kind);
+CREATE TABLE IF NOT EXISTS dsr_tasks (
+    dsr_id       TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    vendor       TEXT NOT NULL,
+    method       TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_at_ms   INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    done_at_ms   INTEGER,
+    target       TEXT,
+    instructions TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (dsr_id, destination)
+) WITHOUT ROWID;
+";
+
+pub mod status {
+    /// Being worked on: some vendor has not confirmed yet.
+    pub const OPEN: &str = "open";
+    pub const COMPLETED: &str = "completed";
+    /// A vendor task: Handoff will call the vendor (again).
+    pub const PENDING: &str = "pending";
+    /// A vendor task: an operator must do it by hand and then confirm it.
+    pub const MANUAL: &str = "manual";
+    /// A vendor task: confirmed by the vendor, or by an operator for manual ones.
+    pub const DONE: &str = "done";
+}
+
+/// A request as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Request {
+    pub id: String,
+    pub kind: String,
+    pub subject: String,
+    pub status: String,
+    pub created_at_ms: i64,
+    pub deadline_at_ms: i64,
+    pub completed_at_ms: Option<i64>,
+    pub requested_by: String,
+    pub tasks: Vec<Task>,
+}
+
+/// One vendor's part of a request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Task {
+    pub destination: String,
+    pub vendor: String,
+    /// `api` (Handoff calls the vendor's deletion endpoint) or `manual`.
+    pub method: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub done_at_ms: Option<i64>,
+    pub instructions: String,
+    /// What the deletion call needs (identifiers as given, the vendor's id); removed once done.
+    #[serde(skip)]
+    pub target: Option<String>,
+    #[serde(skip)]
+    pub next_at_ms: i64,
+}
+
+/// A task about to be filed.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub destination: String,
+    pub vendor: String,
+    pub manual: bool,
+    pub target: String,
+    pub instructions: String,
+}
+
+/// Destinations (and their vendor) that were handed data about `subject`, per the ledger.
+pub fn recipients(conn: &Connection, subject: &str) -> Result<Vec<(String, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT destination, vendor FROM ledger
+         WHERE subject = ?1 AND kind = 'delivery' AND outcome = 'delivered' ORDER BY 1",
+    )?;
+    let rows = stmt
+        .query_map([subject], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Journal events of `subject`, per the router's decisions in the ledger.
+pub fn event_seqs(conn: &Connection, subject: &str) -> Result<Vec<Seq>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision' ORDER BY 1",
+    )?;
+    let rows = stmt
+        .query_map([subject], |r| r.get::<_, i64>(0).map(|s| s as Seq))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Deletes the subject's queued and dead-lettered payloads. Returns (queued, dead) removed.
+pub fn purge_queues(conn: &Connection, subject: &str) -> Result<(usize, usize), StoreError> {
+    let queued = conn.execute("DELETE FROM outbox WHERE subject = ?1", [subject])?;
+    let dead = conn.execute("DELETE FROM dead_letters WHERE subject = ?1", [subject])?;
+    Ok((queued, dead))
+}
+
+/// The request of this kind already filed for this subject (requests are idempotent).
+pub fn existing(
+    conn: &Connection,
+    subject: &str,
+    kind: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT id FROM dsr WHERE subject = ?1 AND kind = ?2 ORDER BY created_at_ms LIMIT 1",
+            [subject, kind],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn insert(
+    conn: &Connection,
+    id: &str,
+    kind: &str,
+    subject: &str,
+    requested_by: &str,
+    now_ms: i64,
+    deadline_at_ms: i64,
+    tasks: &[NewTask],
+) -> Result<(), StoreError> {
+    let open = !tasks.is_empty();
+    conn.execute(
+        "INSERT INTO dsr (id, kind, subject, status, created_at_ms, deadline_at_ms, completed_at_ms, requested_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            id,
+            kind,
+            subject,
+            if open { status::OPEN } else { status::COMPLETED },
+            now_ms,
+            deadline_at_ms,
+            if open { None } else { Some(now_ms) },
+            requested_by
+        ],
+    )?;
+    let mut ins = conn.prepare_cached(
+        "INSERT INTO dsr_tasks (dsr_id, destination, vendor, method, status, target, instructions)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for t in tasks {
+        ins.execute(params![
+            id,
+            t.destination,
+            t.vendor,
+            if t.manual { "manual" } else { "api" },
+            if t.manual {
+                status::MANUAL
+            } else {
+                status::PENDING
+            },
+            if t.manual { None } else { Some(&t.target) },
+            t.instructions
+        ])?;
+    }
+    Ok(())
+}
+
+fn tasks(conn: &Connection, id: &str) -> Result<Vec<Task>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT destination, vendor, method, status, attempts, last_error, done_at_ms, instructions, target, next_at_ms
+         FROM dsr_tasks WHERE dsr_id = ?1 ORDER BY destination",
+    )?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok(Task {
+                destination: r.get(0)?,
+                vendor: r.get(1)?,
+                method: r.get(2)?,
+                status: r.get(3)?,
+                attempts: r.get::<_, i64>(4)? as u32,
+                last_error: r.get(5)?,
+                done_at_ms: r.get(6)?,
+                instructions: r.get(7)?,
+                target: r.get(8)?,
+                next_at_ms: r.get(9)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+pub fn get(conn: &Connection, id: &str) -> Result<Option<Request>, StoreError> {
+    let row = conn
+        .query_row(
+            "SELECT id, kind, subject, status, created_at_ms, deadline_at_ms, completed_at_ms, requested_by
+             FROM dsr WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(Request {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    subject: r.get(2)?,
+                    status: r.get(3)?,
+                    created_at_ms: r.get(4)?,
+                    deadline_at_ms: r.get(5)?,
+                    completed_at_ms: r.get(6)?,
+                    requested_by: r.get(7)?,
+                    tasks: Vec::new(),
+                })
+            },
+        )
+        .optional()?;
+    match row {
+        Some(mut req) => {
+            req.tasks = tasks(conn, id)?;
+            Ok(Some(req))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Every request, newest first.
+pub fn list(conn: &Connection) -> Result<Vec<Request>, StoreError> {
+    let ids: Vec<String> = conn
+        .prepare("SELECT id FROM dsr ORDER BY created_at_ms DESC, id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    ids.iter()
+        .filter_map(|id| get(conn, id).transpose())
+        .collect()
+}
+
+/// Vendor calls due now: (request id, task).
+pub fn due(
+    conn: &Connection,
+    now_ms: i64,
+    limit: usize,
+) -> Result<Vec<(String, Task)>, StoreError> {
+    let ids: Vec<(String, String)> = conn
+        .prepare_cached(
+            "SELECT dsr_id, destination FROM dsr_tasks WHERE status = 'pending' AND next_at_ms <= ?1
+             ORDER BY next_at_ms LIMIT ?2",
+        )?
+        .query_map(params![now_ms, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (id, dest) in ids {
+        if let Some(t) = tasks(conn, &id)?
+            .into_iter()
+            .find(|t| t.destination == dest)
+        {
+            out.push((id, t));
+        }
+    }
+    Ok(out)
+}
+
+/// Marks a vendor's part done (forgetting the identifiers kept for the call) and completes the
+/// request when it was the last. Returns the request's subject when it completed.
+pub fn task_done(
+    conn: &Connection,
+    id: &str,
+    destination: &str,
+    now_ms: i64,
+) -> Result<Option<String>, StoreError> {
+    let n = conn.execute(
+        "UPDATE dsr_tasks SET status = 'done', done_at_ms = ?3, target = NULL, last_error = NULL
+         WHERE dsr_id = ?1 AND destination = ?2 AND status != 'done'",
+        params![id, destination, now_ms],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let left: i64 = conn.query_row(
+        "SELECT count(*) FROM dsr_tasks WHERE dsr_id = ?1 AND status != 'done'",
+        [id],
+        |r| r.get(0),
+    )?;
+    if left == 0 {
+        conn.execute(
+            "UPDATE dsr SET status = 'completed', completed_at_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        return Ok(conn
+            .query_row("SELECT subject FROM dsr WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?);
+    }
+    Ok(None)
+}
+
+pub fn task_retry(
+    conn: &Connection,
+    id: &str,
+    destination: &str,
+    next_at_ms: i64,
+    error: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE dsr_tasks SET attempts = attempts + 1, next_at_ms = ?3, last_error = ?4
+         WHERE dsr_id = ?1 AND destination = ?2",
+        params![id, destination, next_at_ms, error],
+    )?;
+    Ok(())
+}
+
+/// Open requests past their deadline.
+pub fn overdue(conn: &Connection, now_ms: i64) -> Result<u64, StoreError> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM dsr WHERE status = 'open' AND deadline_at_ms < ?1",
+        [now_ms],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
+/// Open requests.
+pub fn open_count(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(
+        conn.query_row("SELECT count(*) FROM dsr WHERE status = 'open'", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64,
+    )
+}

@@ -1,0 +1,739 @@
+//! The handoff ledger: an append-only, hash-chained record of every policy decision and every
+//! handoff outcome, with Ed25519-signed checkpoints.
+//!
+//! Each entry's hash is SHA-256 over the previous entry's hash and the entry's canonical form
+//! (a JSON array of its fields in a fixed order, sequence number included), so editing,
+//! deleting or reordering entries breaks the chain at the first entry touched. Rewriting the
+//! whole chain from some point on is caught by the checkpoints: every so often the head's
+//! sequence number and hash are signed with a key that the database does not hold (it is
+//! sealed under the master key), and a truncated tail is caught by checkpoints (and the
+//! router's position) pointing past the end.
+//!
+//! The ledger holds field names and data categories, never values.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use sha2::{Digest, Sha256};
+
+use crate::{Seq, StoreError};
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger (
+    seq          INTEGER PRIMARY KEY,
+    at_ms        INTEGER NOT NULL,
+    kind         TEXT    NOT NULL,
+    event_seq    INTEGER NOT NULL,
+    message_id   TEXT    NOT NULL,
+    subject      TEXT    NOT NULL,
+    destination  TEXT    NOT NULL,
+    vendor       TEXT    NOT NULL,
+    purposes     TEXT    NOT NULL,
+    legal_basis  TEXT    NOT NULL,
+    categories   TEXT    NOT NULL,
+    fields       TEXT    NOT NULL,
+    outcome      TEXT    NOT NULL,
+    reasons      TEXT    NOT NULL,
+    detail       TEXT    NOT NULL,
+    prev_hash    TEXT    NOT NULL,
+    hash         TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger (subject, seq);
+CREATE INDEX IF NOT EXISTS ledger_by_vendor ON ledger (vendor, at_ms);
+CREATE TABLE IF NOT EXISTS ledger_checkpoints (
+    seq        INTEGER PRIMARY KEY,
+    hash       TEXT    NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    public_key TEXT    NOT NULL,
+    signature  TEXT    NOT NULL
+);
+";
+
+/// The hash before the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// A checkpoint is signed after this many entries…
+pub const CHECKPOINT_EVERY_ENTRIES: u64 = 1000;
+/// …or when the last one is this old and entries came since.
+pub const CHECKPOINT_EVERY_MS: i64 = 10_000;
+
+/// What a kind of entry records.
+pub mod kind {
+    /// The policy decided for one event and one destination (outcome `send` or `block`).
+    pub const DECISION: &str = "decision";
+    /// What became of a queued handoff: `delivered`, `dead_lettered`, `replayed`, `discarded`,
+    /// `purged` (erasure).
+    pub const DELIVERY: &str = "delivery";
+    /// A data-subject request was filed, or a vendor's part of one changed.
+    pub const DSR: &str = "dsr";
+    /// Identifiers of two subjects turned out to be one person.
+    pub const SUBJECT: &str = "subject";
+}
+
+/// One ledger entry as written; empty strings where a field does not apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    pub kind: &'static str,
+    pub event_seq: Seq,
+    pub message_id: String,
+    pub subject: String,
+    pub destination: String,
+    pub vendor: String,
+    /// Comma-separated.
+    pub purposes: String,
+    pub legal_basis: String,
+    /// Comma-separated data categories of the fields sent.
+    pub categories: String,
+    /// Comma-separated field names sent (never values).
+    pub fields: String,
+    pub outcome: String,
+    /// Comma-separated reason codes.
+    pub reasons: String,
+    pub detail: String,
+}
+
+/// A stored entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Row {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub event_seq: Seq,
+    pub message_id: String,
+    pub subject: String,
+    pub destination: String,
+    pub vendor: String,
+    pub purposes: String,
+    pub legal_basis: String,
+    pub categories: String,
+    pub fields: String,
+    pub outcome: String,
+    pub reasons: String,
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+pub const ROW_COLUMNS: &str = "seq, at_ms, kind, event_seq, message_id, subject, destination, vendor, purposes, legal_basis, categories, fields, outcome, reasons, detail, prev_hash, hash";
+
+pub fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        seq: r.get::<_, i64>(0)? as u64,
+        at_ms: r.get(1)?,
+        kind: r.get(2)?,
+        event_seq: r.get::<_, i64>(3)? as Seq,
+        message_id: r.get(4)?,
+        subject: r.get(5)?,
+        destination: r.get(6)?,
+        vendor: r.get(7)?,
+        purposes: r.get(8)?,
+        legal_basis: r.get(9)?,
+        categories: r.get(10)?,
+        fields: r.get(11)?,
+        outcome: r.get(12)?,
+        reasons: r.get(13)?,
+        detail: r.get(14)?,
+        prev_hash: r.get(15)?,
+        hash: r.get(16)?,
+    })
+}
+
+/// The canonical form an entry's hash covers.
+#[allow(clippy::too_many_arguments)]
+fn canonical(seq: u64, at_ms: i64, kind: &str, e: &EntryRef<'_>) -> String {
+    serde_json::to_string(&(
+        seq,
+        at_ms,
+        kind,
+        e.event_seq,
+        e.message_id,
+        e.subject,
+        e.destination,
+        e.vendor,
+        e.purposes,
+        e.legal_basis,
+        e.categories,
+        e.fields,
+        e.outcome,
+        e.reasons,
+        e.detail,
+    ))
+    .expect("a tuple of strings and numbers serialises")
+}
+
+struct EntryRef<'a> {
+    event_seq: Seq,
+    message_id: &'a str,
+    subject: &'a str,
+    destination: &'a str,
+    vendor: &'a str,
+    purposes: &'a str,
+    legal_basis: &'a str,
+    categories: &'a str,
+    fields: &'a str,
+    outcome: &'a str,
+    reasons: &'a str,
+    detail: &'a str,
+}
+
+impl<'a> From<&'a Entry> for EntryRef<'a> {
+    fn from(e: &'a Entry) -> Self {
+        EntryRef {
+            event_seq: e.event_seq,
+            message_id: &e.message_id,
+            subject: &e.subject,
+            destination: &e.destination,
+            vendor: &e.vendor,
+            purposes: &e.purposes,
+            legal_basis: &e.legal_basis,
+            categories: &e.categories,
+            fields: &e.fields,
+            outcome: &e.outcome,
+            reasons: &e.reasons,
+            detail: &e.detail,
+        }
+    }
+}
+
+impl<'a> From<&'a Row> for EntryRef<'a> {
+    fn from(e: &'a Row) -> Self {
+        EntryRef {
+            event_seq: e.event_seq,
+            message_id: &e.message_id,
+            subject: &e.subject,
+            destination: &e.destination,
+            vendor: &e.vendor,
+            purposes: &e.purposes,
+            legal_basis: &e.legal_basis,
+            categories: &e.categories,
+            fields: &e.fields,
+            outcome: &e.outcome,
+            reasons: &e.reasons,
+            detail: &e.detail,
+        }
+    }
+}
+
+fn chain(prev_hash: &str, canonical: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\n");
+    h.update(canonical.as_bytes());
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// What a checkpoint signature covers.
+fn checkpoint_message(seq: u64, hash: &str, at_ms: i64) -> Vec<u8> {
+    format!("handoff ledger checkpoint v1\n{seq}\n{hash}\n{at_ms}").into_bytes()
+}
+
+/// The public half of a ledger key, hex (what `audit verify --public-key` takes).
+pub fn public_key_hex(key: &SigningKey) -> String {
+    hex(key.verifying_key().as_bytes())
+}
+
+pub fn parse_public_key(s: &str) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = unhex(s.trim())?.try_into().ok()?;
+    VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// The last entry's sequence number and hash (0 and [`GENESIS`] when empty).
+pub fn tail(conn: &Connection) -> Result<(u64, String), StoreError> {
+    let row: Option<(i64, String)> = conn
+        .query_row(
+            "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(row.map_or((0, GENESIS.to_owned()), |(s, h)| (s as u64, h)))
+}
+
+/// Appends `entries` in order (inside the caller's transaction) and signs a checkpoint when one
+/// is due and a key is given.
+pub fn append(
+    tx: &Transaction<'_>,
+    entries: &[Entry],
+    at_ms: i64,
+    signer: Option<&SigningKey>,
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let (mut seq, mut prev) = tail(tx)?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO ledger (seq, at_ms, kind, event_seq, message_id, subject, destination, vendor, purposes,
+           legal_basis, categories, fields, outcome, reasons, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+    )?;
+    for e in entries {
+        seq += 1;
+        let hash = chain(&prev, &canonical(seq, at_ms, e.kind, &e.into()));
+        insert.execute(params![
+            seq as i64,
+            at_ms,
+            e.kind,
+            e.event_seq as i64,
+            e.message_id,
+            e.subject,
+            e.destination,
+            e.vendor,
+            e.purposes,
+            e.legal_basis,
+            e.categories,
+            e.fields,
+            e.outcome,
+            e.reasons,
+            e.detail,
+            prev,
+            hash
+        ])?;
+        prev = hash;
+    }
+    if let Some(key) = signer {
+        let last: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT seq, at_ms FROM ledger_checkpoints ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let due = match last {
+            None => true,
+            Some((s, t)) => {
+                seq - s as u64 >= CHECKPOINT_EVERY_ENTRIES || at_ms - t >= CHECKPOINT_EVERY_MS
+            }
+        };
+        if due {
+            sign_checkpoint(tx, key, seq, &prev, at_ms)?;
+        }
+    }
+    Ok(())
+}
+
+fn sign_checkpoint(
+    conn: &Connection,
+    key: &SigningKey,
+    seq: u64,
+    hash: &str,
+    at_ms: i64,
+) -> Result<(), StoreError> {
+    let sig = key.sign(&checkpoint_message(seq, hash, at_ms));
+    conn.execute(
+        "INSERT OR REPLACE INTO ledger_checkpoints (seq, hash, at_ms, public_key, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            seq as i64,
+            hash,
+            at_ms,
+            public_key_hex(key),
+            hex(&sig.to_bytes())
+        ],
+    )?;
+    Ok(())
+}
+
+/// Signs a checkpoint at the current head (at shutdown, or on demand), unless one is there.
+pub fn checkpoint_now(conn: &Connection, key: &SigningKey, at_ms: i64) -> Result<(), StoreError> {
+    let (seq, hash) = tail(conn)?;
+    if seq == 0 {
+        return Ok(());
+    }
+    let exists: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM ledger_checkpoints WHERE seq = ?1",
+            [seq as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if exists.is_none() {
+        sign_checkpoint(conn, key, seq, &hash, at_ms)?;
+    }
+    Ok(())
+}
+
+/// The result of walking the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Verification {
+    pub entries: u64,
+    pub checkpoints: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    /// The first problem found: the entry (or checkpoint) that does not verify, and why.
+    pub problem: Option<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    pub seq: u64,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Walks the whole chain and every checkpoint. `router_position` (the last journal event the
+/// router committed), when given, must be covered by decision entries: a ledger cut short
+/// together with its checkpoints still disagrees with it.
+pub fn verify(
+    conn: &Connection,
+    key: &VerifyingKey,
+    router_position: Option<Seq>,
+) -> Result<Verification, StoreError> {
+    let mut stmt = conn.prepare(&format!("SELECT {ROW_COLUMNS} FROM ledger ORDER BY seq"))?;
+    let mut rows = stmt.query([])?;
+    let mut prev = GENESIS.to_owned();
+    let mut expected_seq = 1u64;
+    let mut entries = 0u64;
+    let mut problem: Option<Problem> = None;
+    let mut hashes: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let mut last_decided: Seq = 0;
+    let mut checkpoint_seqs: Vec<u64> = conn
+        .prepare("SELECT seq FROM ledger_checkpoints")?
+        .query_map([], |r| r.get::<_, i64>(0))?
+        .map(|s| s.map(|s| s as u64))
+        .collect::<Result<_, _>>()?;
+    checkpoint_seqs.sort_unstable();
+    while let Some(r) = rows.next()? {
+        let row = read_row(r)?;
+        entries += 1;
+        if problem.is_none() {
+            if row.seq != expected_seq {
+                problem = Some(Problem {
+                    seq: expected_seq,
+                    code: "ledger.entry.missing",
+                    message: format!(
+                        "entry {expected_seq} is missing: the next entry is {}",
+                        row.seq
+                    ),
+                });
+            } else if row.prev_hash != prev {
+                problem = Some(Problem {
+                    seq: row.seq,
+                    code: "ledger.chain.broken",
+                    message: format!(
+                        "entry {} does not follow entry {}: its previous-hash differs",
+                        row.seq,
+                        row.seq - 1
+                    ),
+                });
+            } else if chain(
+                &prev,
+                &canonical(row.seq, row.at_ms, &row.kind, &(&row).into()),
+            ) != row.hash
+            {
+                problem = Some(Problem {
+                    seq: row.seq,
+                    code: "ledger.entry.altered",
+                    message: format!(
+                        "entry {} was altered: its content does not match its hash",
+                        row.seq
+                    ),
+                });
+            }
+        }
+        if checkpoint_seqs.binary_search(&row.seq).is_ok() {
+            hashes.insert(row.seq, row.hash.clone());
+        }
+        if row.kind == kind::DECISION {
+            last_decided = last_decided.max(row.event_seq);
+        }
+        expected_seq = row.seq + 1;
+        prev = row.hash;
+    }
+    let head_seq = expected_seq - 1;
+    let mut checkpoints = 0u64;
+    if problem.is_none() {
+        let mut stmt = conn.prepare(
+            "SELECT seq, hash, at_ms, public_key, signature FROM ledger_checkpoints ORDER BY seq",
+        )?;
+        let cps = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (seq, hash, at_ms, public_key, signature) in cps {
+            checkpoints += 1;
+            let sig = unhex(&signature)
+                .and_then(|b| <[u8; 64]>::try_from(b).ok())
+                .map(|b| Signature::from_bytes(&b));
+            let signed = public_key.eq_ignore_ascii_case(&hex(key.as_bytes()))
+                && sig.is_some_and(|s| {
+                    key.verify(&checkpoint_message(seq, &hash, at_ms), &s)
+                        .is_ok()
+                });
+            let p = if !signed {
+                Some((
+                    "ledger.checkpoint.forged",
+                    format!("the checkpoint at entry {seq} is not signed by the ledger key"),
+                ))
+            } else if seq > head_seq {
+                Some((
+                    "ledger.truncated",
+                    format!(
+                        "a signed checkpoint covers entry {seq}, but the ledger ends at entry {head_seq}: entries were removed"
+                    ),
+                ))
+            } else if hashes.get(&seq) != Some(&hash) {
+                Some((
+                    "ledger.rewritten",
+                    format!(
+                        "entry {seq} differs from what the checkpoint signed: the chain was rewritten"
+                    ),
+                ))
+            } else {
+                None
+            };
+            if let Some((code, message)) = p {
+                problem = Some(Problem { seq, code, message });
+                break;
+            }
+        }
+    }
+    if problem.is_none()
+        && let Some(pos) = router_position
+        && pos > last_decided
+        && head_seq > 0
+    {
+        problem = Some(Problem {
+            seq: head_seq + 1,
+            code: "ledger.truncated",
+            message: format!(
+                "the router decided up to journal event {pos}, but the ledger's last decision is for event {last_decided}: entries were removed"
+            ),
+        });
+    }
+    Ok(Verification {
+        entries,
+        checkpoints,
+        head_seq,
+        head_hash: prev,
+        problem,
+    })
+}
+
+/// Every entry about `subject`, oldest first.
+pub fn for_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ROW_COLUMNS} FROM ledger WHERE subject = ?1 ORDER BY seq"
+    ))?;
+    let rows = stmt
+        .query_map([subject], read_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Handoffs vendors accepted in `[from_ms, to_ms)`, of one vendor or all, oldest first.
+pub fn delivered(
+    conn: &Connection,
+    vendor: Option<&str>,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<Row>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ROW_COLUMNS} FROM ledger
+         WHERE kind = 'delivery' AND outcome = 'delivered' AND (?1 IS NULL OR vendor = ?1)
+           AND at_ms >= ?2 AND at_ms < ?3 ORDER BY seq"
+    ))?;
+    let rows = stmt
+        .query_map(params![vendor, from_ms, to_ms], read_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxStore;
+
+    fn key(b: u8) -> SigningKey {
+        SigningKey::from_bytes(&[b; 32])
+    }
+
+    fn entry(i: u64) -> Entry {
+        Entry {
+            kind: kind::DECISION,
+            event_seq: i,
+            message_id: format!("m-{i}"),
+            subject: format!("sub_{}", i % 3),
+            destination: "hook".into(),
+            vendor: "acme".into(),
+            purposes: "support".into(),
+            legal_basis: "contract".into(),
+            categories: "activity".into(),
+            fields: "event,userId".into(),
+            outcome: "send".into(),
+            ..Entry::default()
+        }
+    }
+
+    /// A store with `n` entries in batches of 5, a checkpoint signed after each batch of 1000
+    /// or 10 s (here: the first batch) and one at the head.
+    fn ledger(n: u64) -> (tempfile::TempDir, OutboxStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        store.set_ledger_signer(key(7));
+        for batch in (1..=n).collect::<Vec<_>>().chunks(5) {
+            store
+                .transact(|_| Ok(((), batch.iter().map(|i| entry(*i)).collect())))
+                .unwrap();
+        }
+        store.checkpoint_ledger().unwrap();
+        (dir, store)
+    }
+
+    fn check(store: &OutboxStore) -> Verification {
+        store
+            .with_conn(|c| verify(c, &key(7).verifying_key(), None))
+            .unwrap()
+    }
+
+    fn tamper(store: &OutboxStore, sql: &str) {
+        store.with_conn(|c| Ok(c.execute_batch(sql)?)).unwrap();
+    }
+
+    #[test]
+    fn an_untouched_ledger_verifies() {
+        let (_d, store) = ledger(20);
+        let v = check(&store);
+        assert_eq!(v.problem, None);
+        assert_eq!((v.entries, v.head_seq), (20, 20));
+        assert_eq!(v.checkpoints, 2, "the first batch's and the head's");
+    }
+
+    #[test]
+    fn an_edited_entry_is_named() {
+        let (_d, store) = ledger(20);
+        tamper(&store, "UPDATE ledger SET fields = 'event' WHERE seq = 7");
+        let p = check(&store).problem.unwrap();
+        assert_eq!((p.seq, p.code), (7, "ledger.entry.altered"));
+    }
+
+    #[test]
+    fn a_deleted_entry_is_named() {
+        let (_d, store) = ledger(20);
+        tamper(&store, "DELETE FROM ledger WHERE seq = 12");
+        let p = check(&store).problem.unwrap();
+        assert_eq!((p.seq, p.code), (12, "ledger.entry.missing"));
+    }
+
+    #[test]
+    fn reordered_entries_are_detected() {
+        let (_d, store) = ledger(20);
+        // Swap the contents of entries 4 and 5 (hashes and all).
+        tamper(
+            &store,
+            "UPDATE ledger SET seq = -4 WHERE seq = 4; UPDATE ledger SET seq = 4 WHERE seq = 5;
+             UPDATE ledger SET seq = 5 WHERE seq = -4;",
+        );
+        let p = check(&store).problem.unwrap();
+        assert_eq!(p.seq, 4);
+        assert_eq!(p.code, "ledger.chain.broken");
+    }
+
+    #[test]
+    fn a_truncated_tail_is_detected_by_the_checkpoint_past_the_end() {
+        let (_d, store) = ledger(20);
+        tamper(&store, "DELETE FROM ledger WHERE seq > 15");
+        let p = check(&store).problem.unwrap();
+        assert_eq!((p.seq, p.code), (20, "ledger.truncated"));
+    }
+
+    #[test]
+    fn a_truncated_tail_without_its_checkpoints_disagrees_with_the_router() {
+        let (_d, store) = ledger(20);
+        tamper(
+            &store,
+            "DELETE FROM ledger WHERE seq > 15; DELETE FROM ledger_checkpoints WHERE seq > 15;",
+        );
+        assert_eq!(check(&store).problem, None, "the chain alone cannot tell");
+        let p = store
+            .with_conn(|c| verify(c, &key(7).verifying_key(), Some(20)))
+            .unwrap()
+            .problem
+            .unwrap();
+        assert_eq!(p.code, "ledger.truncated");
+    }
+
+    #[test]
+    fn a_rewritten_chain_fails_the_signed_checkpoints() {
+        let (_d, store) = ledger(20);
+        // An intruder rewrites entry 3 and re-chains everything after it, consistently.
+        let rows: Vec<Row> = store
+            .with_conn(|c| {
+                let mut s = c.prepare(&format!("SELECT {ROW_COLUMNS} FROM ledger ORDER BY seq"))?;
+                let rows = s.query_map([], read_row)?.collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .unwrap();
+        let mut prev = GENESIS.to_owned();
+        for mut r in rows {
+            if r.seq == 3 {
+                r.fields = "event".into();
+            }
+            let h = chain(&prev, &canonical(r.seq, r.at_ms, &r.kind, &(&r).into()));
+            tamper(
+                &store,
+                &format!(
+                    "UPDATE ledger SET fields = '{}', prev_hash = '{prev}', hash = '{h}' WHERE seq = {}",
+                    r.fields, r.seq
+                ),
+            );
+            prev = h;
+        }
+        let p = check(&store).problem.unwrap();
+        assert_eq!(p.code, "ledger.rewritten");
+        // …and re-signing with a key of their own does not help.
+        store
+            .with_conn(|c| {
+                c.execute("DELETE FROM ledger_checkpoints", [])?;
+                checkpoint_now(c, &key(9), 1)
+            })
+            .unwrap();
+        let p = check(&store).problem.unwrap();
+        assert_eq!(p.code, "ledger.checkpoint.forged");
+    }
+
+    #[test]
+    fn a_forged_signature_is_detected() {
+        let (_d, store) = ledger(10);
+        tamper(
+            &store,
+            "UPDATE ledger_checkpoints SET signature = substr(signature, 3) || '00' WHERE seq = 5",
+        );
+        let p = check(&store).problem.unwrap();
+        assert_eq!((p.seq, p.code), (5, "ledger.checkpoint.forged"));
+    }
+
+    #[test]
+    fn public_keys_round_trip_as_hex() {
+        let k = key(7);
+        assert_eq!(
+            parse_public_key(&public_key_hex(&k)),
+            Some(k.verifying_key())
+        );
+        assert_eq!(parse_public_key("zz"), None);
+        assert_eq!(parse_public_key(&"0".repeat(63)), None);
+    }
+}
