@@ -5,7 +5,13 @@ own wire format, through Handoff's policy and delivery.
   library (`standardwebhooks`);
 - fakes of Meta's Conversions API and GA4's Measurement Protocol that record what arrives;
 - `localstripe`, a fake Stripe server, where the identify becomes a customer read back through
-  its API.
+  its API (and a later identify updates it).
+
+Then the same person asks to be erased: each vendor receives its own deletion (a signed
+`subject.erasure` webhook, GA4's User Deletion API, Stripe's customer delete: localstripe's
+customer is gone; Meta as a manual task an operator confirms); the journal holds nothing of them;
+their new events are blocked as `subject.suppressed`; the ledger tells the story and
+`handoff audit verify` passes, and fails once the ledger is tampered with.
 """
 
 import hashlib
@@ -17,6 +23,8 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import sqlite3
 
 import pytest
 import requests
@@ -133,7 +141,7 @@ consent = {{ categories = ["analytics"] }}
 event_types = ["track"]
 allow = ["event", "anonymousId", "properties.*"]
 endpoint = "{v['recorder']}"
-settings = {{ measurement_id = "G-E2E", api_secret = "ga4secret" }}
+settings = {{ measurement_id = "G-E2E", api_secret = "ga4secret", property_id = "424242", deletion_access_token = "ya29.e2e", deletion_endpoint = "{v['recorder']}/deletion" }}
 
 [[destinations]]
 id = "stripe"
@@ -164,7 +172,7 @@ def gateway(tmp_path, vendors):
                 url = line.split()[-1]
                 break
         assert url, "handoff did not start"
-        yield {"url": url, **vendors}
+        yield {"url": url, "data": str(tmp_path / "data"), **vendors}
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
@@ -233,3 +241,92 @@ def test_sdk_events_reach_each_vendor_in_its_own_format(gateway):
     found = wait_for("a Stripe customer", customers)
     assert found[0]["name"] == "Jane Doe"
     assert found[0]["metadata"] == {"handoff_user_id": "user-7"}
+
+
+def cli(data, *args):
+    return subprocess.run([BIN, *args, "--data-dir", data], capture_output=True, text=True)
+
+
+def test_a_later_identify_updates_the_customer_and_erasure_reaches_every_vendor(gateway):
+    client = analytics.Client(KEY, host=gateway["url"], sync_mode=True)
+    consent = {"consent": {"categoryPreferences": {"Advertising": True, "Analytics": True}}}
+    client.identify("user-9", {"email": "sam@example.org", "name": "Sam"})
+    client.track("user-9", "Order Completed", {"order_id": "o-9", "value": 9, "currency": "EUR"},
+                 context={**consent, "traits": {"email": "sam@example.org"}}, anonymous_id="anon-9")
+    client.flush()
+
+    def customers():
+        r = requests.get(gateway["stripe"] + "/v1/customers", auth=(STRIPE_KEY, ""), timeout=5).json()
+        return [c for c in r.get("data", []) if c.get("email") == "sam@example.org"]
+
+    first = wait_for("Sam's customer", customers)
+    client.identify("user-9", {"email": "sam@example.org", "name": "Sam Smith"})
+    client.flush()
+    updated = wait_for("the name updated", lambda: [c for c in customers() if c["name"] == "Sam Smith"])
+    assert len(customers()) == 1 and updated[0]["id"] == first[0]["id"], "updated, not created again"
+    wait_for("Meta and GA4", lambda: any(p.startswith("/mp/collect") for p, _, _ in Recorder.received)
+             and any(p.startswith("/v21.0/") for p, _, _ in Recorder.received))
+
+    # Sam asks to be erased (a privacy client's token, as a DPO's tool would hold).
+    created = subprocess.run([BIN, "clients", "create", "--name", "dpo", "--role", "privacy", "--format", "json",
+                              "--data-dir", gateway["data"]], capture_output=True, text=True, check=True)
+    creds = json.loads(created.stdout)
+    token = requests.post(gateway["url"] + "/oauth/token", auth=(creds["client_id"], creds["client_secret"]),
+                          data={"grant_type": "client_credentials"}, timeout=5).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    r = requests.post(gateway["url"] + "/v1/dsr", json={"type": "erasure", "userId": "user-9",
+                      "anonymousId": "anon-9", "email": "sam@example.org"}, headers=auth, timeout=5)
+    assert r.status_code == 201, r.text
+    dsr = r.json()
+    tasks = {t["destination"]: t for t in dsr["tasks"]}
+    assert set(tasks) == {"crm-webhook", "meta-capi", "ga4", "stripe"}
+    assert tasks["meta-capi"]["status"] == "manual" and "Conversions API" in tasks["meta-capi"]["instructions"]
+
+    def status():
+        return requests.get(gateway["url"] + f"/v1/dsr/{dsr['id']}", headers=auth, timeout=5).json()
+
+    wait_for("the API vendors confirmed",
+             lambda: all(t["status"] == "done" for t in status()["tasks"] if t["destination"] != "meta-capi"))
+    # Stripe: the customer is gone.
+    gone = requests.get(gateway["stripe"] + f"/v1/customers/{first[0]['id']}", auth=(STRIPE_KEY, ""), timeout=5)
+    assert gone.status_code == 404
+    # The webhook: a signed subject.erasure the official library verifies.
+    erasures = [(h, b) for p, h, b in Recorder.received if p == "/hook" and b"subject.erasure" in b]
+    assert len(erasures) == 1
+    payload = Webhook(SECRET).verify(erasures[0][1], {k.lower(): v for k, v in erasures[0][0].items()})
+    assert payload["data"]["userIds"] == ["user-9"] and payload["data"]["dsrId"] == dsr["id"]
+    # GA4: the User Deletion API, per id type, with its OAuth token.
+    deletions = [(h, json.loads(b)) for p, h, b in Recorder.received if p == "/deletion"]
+    assert sorted(d["id"]["type"] for _, d in deletions) == ["CLIENT_ID", "USER_ID"]
+    assert all(d["propertyId"] == "424242" and {k.lower(): v for k, v in h.items()}["authorization"] == "Bearer ya29.e2e"
+               for h, d in deletions)
+    assert status()["status"] == "open", "Meta is still to be done by hand"
+    done = cli(gateway["data"], "dsr", "confirm", dsr["id"], "meta-capi")
+    assert done.returncode == 0, done.stderr
+    assert status()["status"] == "completed"
+
+    # Nothing of Sam is left in the journal; a new event of theirs is blocked and not kept.
+    client.track("user-9", "Came Back", {}, context=consent)
+    client.flush()
+    wait_for("the new event blocked", lambda: '"subject.suppressed"' in
+             cli(gateway["data"], "report", "subject", "--email", "sam@example.org").stdout)
+    dump = cli(gateway["data"], "journal", "dump").stdout
+    assert dump.count('"erased":true') >= 4 and "sam@example.org" not in dump and '"user-9"' not in dump
+    db = sqlite3.connect(os.path.join(gateway["data"], "outbox.db"))
+    subject = dsr["subject"]
+    assert db.execute("SELECT count(*) FROM outbox WHERE subject = ?", (subject,)).fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM dead_letters WHERE subject = ?", (subject,)).fetchone()[0] == 0
+
+    # The ledger tells the story, and verifies; tampered, it does not.
+    story = json.loads(cli(gateway["data"], "report", "subject", "--id", subject).stdout)
+    outcomes = [(e["kind"], e["outcome"]) for e in story["entries"]]
+    for step in [("decision", "send"), ("delivery", "delivered"), ("dsr", "erasure.filed"),
+                 ("dsr", "erasure.confirmed"), ("decision", "block")]:
+        assert step in outcomes, step
+    ok = cli(gateway["data"], "audit", "verify")
+    assert ok.returncode == 0 and ok.stdout.startswith("ledger intact"), ok.stdout + ok.stderr
+    db.execute("DELETE FROM ledger WHERE seq = 2")
+    db.commit()
+    db.close()
+    bad = cli(gateway["data"], "audit", "verify")
+    assert bad.returncode == 1 and "NOT intact at entry 2" in bad.stdout, bad.stdout

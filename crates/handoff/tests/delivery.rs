@@ -410,6 +410,78 @@ async fn a_restart_in_the_middle_of_an_outage_loses_nothing() {
     drop(gw);
 }
 
+/// A TCP front for a vendor that, while `resetting` is on, reads the start of each request and
+/// resets the connection (RST, no answer); otherwise it relays to the vendor.
+async fn resetting_front(upstream: &str, resetting: Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let resetting = resetting.clone();
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if resetting.load(Ordering::SeqCst) {
+                    let mut buf = [0u8; 64];
+                    let _ = conn.read(&mut buf).await;
+                    // Linger 0: closing sends RST instead of FIN.
+                    let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+                    drop(conn);
+                    return;
+                }
+                if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn reset_connections_are_retried_and_delivered_once() {
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    let resetting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let front = resetting_front(&a.url, resetting.clone()).await;
+    let cfg = config(&a, &b).replace(&a.url, &front);
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start(dir.path(), &cfg);
+    send(&gw, 0, 10).await;
+    // B is not held back by A's resets.
+    until(10, "B delivered while A resets", || {
+        b.delivered().len() >= 10
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::metric_or_zero(
+        &gw.metrics().await,
+        r#"handoff_delivery_retried_total{destination="hook-a"}"#,
+    ) < 2.0
+    {
+        assert!(Instant::now() < deadline, "A's resets are retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.delivered().is_empty(), "nothing reached A while it reset");
+    resetting.store(false, std::sync::atomic::Ordering::SeqCst);
+    until(20, "A delivered after the resets stop", || {
+        a.delivered().len() >= 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(distinct(&a.delivered()), 10);
+    assert_eq!(a.delivered().len(), 10, "each once");
+}
+
 #[tokio::test]
 async fn hanging_and_unreachable_vendors_are_retried_until_they_answer() {
     let (a, b) = (Vendor::start().await, Vendor::start().await);

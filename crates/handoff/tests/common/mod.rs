@@ -175,6 +175,16 @@ pub fn metric(body: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
 }
 
+/// Like [`metric`], 0 when the sample is not there yet.
+pub fn metric_or_zero(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `handoff journal dump` as parsed JSON lines.
 pub fn dump(data_dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(BIN)
