@@ -116,7 +116,21 @@ pub fn data_category(path: &str) -> &'static str {
     let leaf = path.rsplit('.').next().unwrap_or(path).to_ascii_lowercase();
     let p = path.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| leaf.contains(w));
-    if p.starts_with("context.consent") || leaf == "gpc" || p.contains(".consent") {
+    // The envelope of every message: what happened and when, nobody's attributes.
+    const ENVELOPE: [&str; 9] = [
+        "type",
+        "event",
+        "name",
+        "timestamp",
+        "sentat",
+        "receivedat",
+        "originaltimestamp",
+        "messageid",
+        "channel",
+    ];
+    if !path.contains('.') && ENVELOPE.contains(&leaf.as_str()) {
+        "activity"
+    } else if p.starts_with("context.consent") || leaf == "gpc" || p.contains(".consent") {
         "consent"
     } else if has(&[
         "email",
@@ -151,7 +165,7 @@ pub fn data_category(path: &str) -> &'static str {
         || leaf == "zp"
     {
         "location"
-    } else if has(&["birth", "dob", "gender", "age"]) || leaf == "db" || leaf == "ge" {
+    } else if has(&["birth", "dob", "gender"]) || leaf == "age" || leaf == "db" || leaf == "ge" {
         "demographics"
     } else if leaf.ends_with("id")
         || p.starts_with("context.device")
@@ -306,6 +320,9 @@ mod tests {
             ]
         );
         assert_eq!(data_category("user_data.em"), "contact");
+        assert_eq!(data_category("messageId"), "activity");
+        assert_eq!(data_category("traits.age"), "demographics");
+        assert_eq!(data_category("properties.items"), "activity");
         assert_eq!(
             data_category("context.consent.categoryPreferences.ads"),
             "consent"

@@ -257,12 +257,25 @@ async fn router(
         let today = time::OffsetDateTime::now_utc().date();
         let committed = {
             let store = store.clone();
-            // Deciding is CPU work and the commit is I/O: off the async threads, in one
-            // transaction with the subjects it resolves and the ledger entries it writes.
+            // Off the async threads: subjects are resolved (one short transaction), then
+            // decided without holding the outbox (workers keep recording deliveries), then
+            // queued with their ledger entries and the new position in one transaction.
             tokio::task::spawn_blocking(move || {
-                store.route_with(upto, |r| {
-                    route_batch(r, &events, &lanes, &settings, &key, today)
-                })
+                let parsed: Vec<Option<Value>> = events.iter().map(parse_event).collect();
+                let ids: Vec<Vec<(&str, String)>> = parsed
+                    .iter()
+                    .map(|v| {
+                        v.as_ref().map_or_else(Vec::new, |v| {
+                            identifiers(v)
+                                .iter()
+                                .map(|i| (i.kind.as_str(), key.hash(i)))
+                                .collect()
+                        })
+                    })
+                    .collect();
+                let subjects = store.resolve_subjects(&ids)?;
+                let plan = decide_batch(&events, parsed, subjects, &lanes, &settings, today);
+                store.route_with(upto, |r| plan.apply(r))
             })
             .await
             .unwrap_or(Err(StoreError::Closed))
@@ -324,6 +337,42 @@ struct Routed {
     erase: Vec<handoff_store::Seq>,
 }
 
+/// A batch's decisions, made without touching the store, to be written in one transaction.
+struct Plan {
+    routed: Routed,
+    items: Vec<NewItem>,
+    blocks: Vec<(String, &'static str)>,
+    entries: Vec<Entry>,
+    /// Stored preferences changed by identify calls (subject, JSON), last one per subject.
+    preferences: Vec<(String, String)>,
+}
+
+impl Plan {
+    fn apply(self, r: &mut Routing<'_>) -> Result<Routed, StoreError> {
+        for (subject, json) in &self.preferences {
+            r.set_preferences(subject, json)?;
+        }
+        for item in &self.items {
+            r.queue(item)?;
+        }
+        for (destination, reason) in &self.blocks {
+            r.block(destination, reason)?;
+        }
+        for e in self.entries {
+            r.record(e);
+        }
+        Ok(self.routed)
+    }
+}
+
+/// The event, or `None` when it was erased before routing or cannot be read.
+fn parse_event(e: &handoff_store::StoredEvent) -> Option<Value> {
+    if e.payload == handoff_store::sqlite::ERASED_PAYLOAD {
+        return None;
+    }
+    serde_json::from_str(&e.payload).ok()
+}
+
 fn decision_entry(e: &handoff_store::StoredEvent, subject: &str, d: &Destination) -> Entry {
     Entry {
         kind: ledger::kind::DECISION,
@@ -343,27 +392,31 @@ fn decision_entry(e: &handoff_store::StoredEvent, subject: &str, d: &Destination
     }
 }
 
-/// Resolves each event's subject, decides it for every destination, queues what may leave,
-/// and records every decision in the ledger (inside the caller's transaction).
-fn route_batch(
-    r: &mut Routing<'_>,
+/// Decides each event for every destination, with its subject's stored state: what to queue,
+/// what is blocked and why, and a ledger entry for every decision.
+fn decide_batch(
     events: &[handoff_store::StoredEvent],
+    parsed: Vec<Option<Value>>,
+    subjects: Vec<Option<handoff_store::subjects::Subject>>,
     lanes: &[Arc<Lane>],
     settings: &handoff_core::policy::model::PolicySettings,
-    key: &SubjectKey,
     today: time::Date,
-) -> Result<Routed, StoreError> {
-    let mut out = Routed {
-        blocked: Vec::new(),
-        wake: vec![false; lanes.len()],
-        erase: Vec::new(),
+) -> Plan {
+    let mut plan = Plan {
+        routed: Routed {
+            blocked: Vec::new(),
+            wake: vec![false; lanes.len()],
+            erase: Vec::new(),
+        },
+        items: Vec::new(),
+        blocks: Vec::new(),
+        entries: Vec::with_capacity(events.len() * lanes.len()),
+        preferences: Vec::new(),
     };
-    for e in events {
-        let value: Option<Value> = if e.payload == handoff_store::sqlite::ERASED_PAYLOAD {
-            None
-        } else {
-            serde_json::from_str(&e.payload).ok()
-        };
+    // Preferences as this batch left them (an identify changes what later events see).
+    let mut changed: std::collections::HashMap<String, StoredPreferences> =
+        std::collections::HashMap::new();
+    for ((e, value), subject) in events.iter().zip(parsed).zip(subjects) {
         let Some(value) = value else {
             // Erased before it was routed, or unreadable: recorded, never guessed at.
             let reason = if e.payload == handoff_store::sqlite::ERASED_PAYLOAD {
@@ -372,38 +425,35 @@ fn route_batch(
                 "journal.unreadable"
             };
             for lane in lanes {
-                r.block(&lane.destination.id, reason)?;
-                out.blocked.push((lane.destination.id.clone(), reason));
+                plan.blocks.push((lane.destination.id.clone(), reason));
                 let mut entry = decision_entry(e, "", &lane.destination);
                 entry.outcome = "block".into();
                 entry.reasons = reason.into();
-                r.record(entry);
+                plan.entries.push(entry);
             }
             continue;
         };
-        let hashed: Vec<(&str, String)> = identifiers(&value)
-            .iter()
-            .map(|i| (i.kind.as_str(), key.hash(i)))
-            .collect();
-        let subject = r.subject(&hashed)?;
         let subject_id = subject.as_ref().map_or("", |s| s.id.as_str()).to_owned();
+        let stored = changed.get(&subject_id).cloned().or_else(|| {
+            subject
+                .as_ref()
+                .and_then(|s| s.preferences.as_deref())
+                .and_then(StoredPreferences::from_json)
+        });
         let mut state = SubjectState {
             suppressed: subject
                 .as_ref()
                 .is_some_and(|s| s.suppressed_at_ms.is_some()),
-            preferences: subject
-                .as_ref()
-                .and_then(|s| s.preferences.as_deref())
-                .and_then(StoredPreferences::from_json),
+            preferences: stored,
         };
         if state.suppressed {
-            out.erase.push(e.seq);
+            plan.routed.erase.push(e.seq);
         } else if value.get("type").and_then(Value::as_str) == Some("identify")
             && let Some(Ok(update)) = PreferenceUpdate::from_identify(&value)
             && !subject_id.is_empty()
         {
             let next = state.preferences.clone().unwrap_or_default().apply(&update);
-            r.set_preferences(&subject_id, &next.to_json())?;
+            changed.insert(subject_id.clone(), next.clone());
             state.preferences = Some(next);
         }
         let prepared = PreparedEvent::new(value, settings);
@@ -412,11 +462,10 @@ fn route_batch(
             let d = &lane.destination;
             let mut entry = decision_entry(e, &subject_id, d);
             if lane.state() == DestinationState::Killed {
-                r.block(&d.id, KILLED_REASON)?;
-                out.blocked.push((d.id.clone(), KILLED_REASON));
+                plan.blocks.push((d.id.clone(), KILLED_REASON));
                 entry.outcome = "block".into();
                 entry.reasons = KILLED_REASON.into();
-                r.record(entry);
+                plan.entries.push(entry);
                 continue;
             }
             let decision = decide(&prepared, &consent, d, today);
@@ -430,31 +479,28 @@ fn route_batch(
                     entry.categories = categories_of(fields.iter().map(String::as_str)).join(",");
                     entry.fields = fields.join(",");
                     entry.outcome = "send".into();
-                    r.queue(&NewItem {
+                    plan.items.push(NewItem {
                         destination: d.id.clone(),
                         vendor: d.vendor.id.clone(),
                         seq: e.seq,
                         message_id: e.message_id.clone(),
                         subject: subject_id.clone(),
-                        purposes: entry.purposes.clone(),
-                        legal_basis: entry.legal_basis.clone(),
-                        categories: entry.categories.clone(),
-                        fields: entry.fields.clone(),
+                        shape: entry.shape(),
                         payload: payload.0,
-                    })?;
-                    out.wake[i] = true;
+                    });
+                    plan.routed.wake[i] = true;
                 }
                 Outcome::Block => {
-                    let reason = decision.reasons[0].code;
-                    r.block(&d.id, reason)?;
-                    out.blocked.push((d.id.clone(), reason));
+                    plan.blocks.push((d.id.clone(), decision.reasons[0].code));
                     entry.outcome = "block".into();
                 }
             }
-            r.record(entry);
+            plan.entries.push(entry);
         }
     }
-    Ok(out)
+    plan.routed.blocked = plan.blocks.clone();
+    plan.preferences = changed.into_iter().map(|(s, p)| (s, p.to_json())).collect();
+    plan
 }
 
 async fn poll_states(

@@ -27,18 +27,25 @@ CREATE TABLE IF NOT EXISTS ledger (
     subject      TEXT    NOT NULL,
     destination  TEXT    NOT NULL,
     vendor       TEXT    NOT NULL,
-    purposes     TEXT    NOT NULL,
-    legal_basis  TEXT    NOT NULL,
-    categories   TEXT    NOT NULL,
-    fields       TEXT    NOT NULL,
+    shape        INTEGER NOT NULL,
     outcome      TEXT    NOT NULL,
     reasons      TEXT    NOT NULL,
     detail       TEXT    NOT NULL,
-    prev_hash    TEXT    NOT NULL,
-    hash         TEXT    NOT NULL
+    prev_hash    BLOB    NOT NULL,
+    hash         BLOB    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger (subject, seq);
-CREATE INDEX IF NOT EXISTS ledger_by_vendor ON ledger (vendor, at_ms);
+CREATE INDEX IF NOT EXISTS ledger_deliveries_by_vendor ON ledger (vendor, at_ms) WHERE kind = 'delivery';
+-- What was sent, and why, repeats from event to event: stored once, referenced by id. The hash
+-- of each entry covers the text, so editing a shape shows as every entry using it altered.
+CREATE TABLE IF NOT EXISTS ledger_shapes (
+    id          INTEGER PRIMARY KEY,
+    purposes    TEXT NOT NULL,
+    legal_basis TEXT NOT NULL,
+    categories  TEXT NOT NULL,
+    fields      TEXT NOT NULL,
+    UNIQUE (purposes, legal_basis, categories, fields)
+);
 CREATE TABLE IF NOT EXISTS ledger_checkpoints (
     seq        INTEGER PRIMARY KEY,
     hash       TEXT    NOT NULL,
@@ -112,7 +119,115 @@ pub struct Row {
     pub hash: String,
 }
 
-pub const ROW_COLUMNS: &str = "seq, at_ms, kind, event_seq, message_id, subject, destination, vendor, purposes, legal_basis, categories, fields, outcome, reasons, detail, prev_hash, hash";
+/// Selects stored entries as [`Row`]s (add `WHERE l.…` and `ORDER BY l.seq`).
+pub const ROW_SELECT: &str = "SELECT l.seq, l.at_ms, l.kind, l.event_seq, l.message_id, l.subject, l.destination, l.vendor,
+       coalesce(s.purposes, ''), coalesce(s.legal_basis, ''), coalesce(s.categories, ''), coalesce(s.fields, ''),
+       l.outcome, l.reasons, l.detail, l.prev_hash, l.hash
+FROM ledger l LEFT JOIN ledger_shapes s ON s.id = l.shape";
+
+/// Purposes, legal basis, categories and fields of an entry: what [`ShapeCache`] interns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Shape {
+    pub purposes: String,
+    pub legal_basis: String,
+    pub categories: String,
+    pub fields: String,
+}
+
+/// Shape ids known to this process. Cleared when a transaction that may have added one rolls
+/// back (its id would point nowhere).
+#[derive(Default)]
+pub struct ShapeCache(std::sync::Mutex<ShapeMaps>);
+
+#[derive(Default)]
+struct ShapeMaps {
+    ids: std::collections::HashMap<Shape, i64>,
+    shapes: std::collections::HashMap<i64, Shape>,
+}
+
+impl ShapeCache {
+    fn maps(&self) -> std::sync::MutexGuard<'_, ShapeMaps> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn clear(&self) {
+        let mut m = self.maps();
+        m.ids.clear();
+        m.shapes.clear();
+    }
+
+    /// The id of `shape`, stored now if new (inside the caller's transaction).
+    pub fn id(&self, conn: &Connection, shape: &Shape) -> Result<i64, StoreError> {
+        if shape == &Shape::default() {
+            return Ok(0);
+        }
+        if let Some(id) = self.maps().ids.get(shape) {
+            return Ok(*id);
+        }
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO ledger_shapes (purposes, legal_basis, categories, fields) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![shape.purposes, shape.legal_basis, shape.categories, shape.fields])?;
+        let id: i64 = conn
+            .prepare_cached(
+                "SELECT id FROM ledger_shapes WHERE purposes = ?1 AND legal_basis = ?2 AND categories = ?3 AND fields = ?4",
+            )?
+            .query_row(
+                params![shape.purposes, shape.legal_basis, shape.categories, shape.fields],
+                |r| r.get(0),
+            )?;
+        let mut m = self.maps();
+        m.ids.insert(shape.clone(), id);
+        m.shapes.insert(id, shape.clone());
+        Ok(id)
+    }
+
+    /// The shape stored under `id` (empty for 0 or an unknown id).
+    pub fn get(&self, conn: &Connection, id: i64) -> Result<Shape, StoreError> {
+        if id == 0 {
+            return Ok(Shape::default());
+        }
+        if let Some(s) = self.maps().shapes.get(&id) {
+            return Ok(s.clone());
+        }
+        let shape = conn
+            .prepare_cached(
+                "SELECT purposes, legal_basis, categories, fields FROM ledger_shapes WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok(Shape {
+                    purposes: r.get(0)?,
+                    legal_basis: r.get(1)?,
+                    categories: r.get(2)?,
+                    fields: r.get(3)?,
+                })
+            })
+            .optional()?
+            .unwrap_or_default();
+        let mut m = self.maps();
+        m.ids.insert(shape.clone(), id);
+        m.shapes.insert(id, shape.clone());
+        Ok(shape)
+    }
+}
+
+impl Entry {
+    pub fn shape(&self) -> Shape {
+        Shape {
+            purposes: self.purposes.clone(),
+            legal_basis: self.legal_basis.clone(),
+            categories: self.categories.clone(),
+            fields: self.fields.clone(),
+        }
+    }
+
+    pub fn set_shape(&mut self, s: Shape) {
+        self.purposes = s.purposes;
+        self.legal_basis = s.legal_basis;
+        self.categories = s.categories;
+        self.fields = s.fields;
+    }
+}
 
 pub fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -131,8 +246,8 @@ pub fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         outcome: r.get(12)?,
         reasons: r.get(13)?,
         detail: r.get(14)?,
-        prev_hash: r.get(15)?,
-        hash: r.get(16)?,
+        prev_hash: hex(&r.get::<_, Vec<u8>>(15)?),
+        hash: hex(&r.get::<_, Vec<u8>>(16)?),
     })
 }
 
@@ -257,20 +372,18 @@ pub fn parse_public_key(s: &str) -> Option<VerifyingKey> {
 
 /// The last entry's sequence number and hash (0 and [`GENESIS`] when empty).
 pub fn tail(conn: &Connection) -> Result<(u64, String), StoreError> {
-    let row: Option<(i64, String)> = conn
-        .query_row(
-            "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+    let row: Option<(i64, Vec<u8>)> = conn
+        .prepare_cached("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    Ok(row.map_or((0, GENESIS.to_owned()), |(s, h)| (s as u64, h)))
+    Ok(row.map_or((0, GENESIS.to_owned()), |(s, h)| (s as u64, hex(&h))))
 }
 
 /// Appends `entries` in order (inside the caller's transaction) and signs a checkpoint when one
 /// is due and a key is given.
 pub fn append(
     tx: &Transaction<'_>,
+    shapes: &ShapeCache,
     entries: &[Entry],
     at_ms: i64,
     signer: Option<&SigningKey>,
@@ -280,13 +393,16 @@ pub fn append(
     }
     let (mut seq, mut prev) = tail(tx)?;
     let mut insert = tx.prepare_cached(
-        "INSERT INTO ledger (seq, at_ms, kind, event_seq, message_id, subject, destination, vendor, purposes,
-           legal_basis, categories, fields, outcome, reasons, detail, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        "INSERT INTO ledger (seq, at_ms, kind, event_seq, message_id, subject, destination, vendor, shape,
+           outcome, reasons, detail, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
+    let mut prev_bytes = unhex(&prev).unwrap_or_default();
     for e in entries {
         seq += 1;
         let hash = chain(&prev, &canonical(seq, at_ms, e.kind, &e.into()));
+        let hash_bytes = unhex(&hash).expect("our own hex");
+        let shape = shapes.id(tx, &e.shape())?;
         insert.execute(params![
             seq as i64,
             at_ms,
@@ -296,17 +412,15 @@ pub fn append(
             e.subject,
             e.destination,
             e.vendor,
-            e.purposes,
-            e.legal_basis,
-            e.categories,
-            e.fields,
+            shape,
             e.outcome,
             e.reasons,
             e.detail,
-            prev,
-            hash
+            prev_bytes,
+            hash_bytes
         ])?;
         prev = hash;
+        prev_bytes = hash_bytes;
     }
     if let Some(key) = signer {
         let last: Option<(i64, i64)> = tx
@@ -395,7 +509,7 @@ pub fn verify(
     key: &VerifyingKey,
     router_position: Option<Seq>,
 ) -> Result<Verification, StoreError> {
-    let mut stmt = conn.prepare(&format!("SELECT {ROW_COLUMNS} FROM ledger ORDER BY seq"))?;
+    let mut stmt = conn.prepare(&format!("{ROW_SELECT} ORDER BY l.seq"))?;
     let mut rows = stmt.query([])?;
     let mut prev = GENESIS.to_owned();
     let mut expected_seq = 1u64;
@@ -535,9 +649,8 @@ pub fn verify(
 
 /// Every entry about `subject`, oldest first.
 pub fn for_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLUMNS} FROM ledger WHERE subject = ?1 ORDER BY seq"
-    ))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("{ROW_SELECT} WHERE l.subject = ?1 ORDER BY l.seq"))?;
     let rows = stmt
         .query_map([subject], read_row)?
         .collect::<Result<Vec<_>, _>>()?;
@@ -552,9 +665,9 @@ pub fn delivered(
     to_ms: i64,
 ) -> Result<Vec<Row>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLUMNS} FROM ledger
-         WHERE kind = 'delivery' AND outcome = 'delivered' AND (?1 IS NULL OR vendor = ?1)
-           AND at_ms >= ?2 AND at_ms < ?3 ORDER BY seq"
+        "{ROW_SELECT}
+         WHERE l.kind = 'delivery' AND l.outcome = 'delivered' AND (?1 IS NULL OR l.vendor = ?1)
+           AND l.at_ms >= ?2 AND l.at_ms < ?3 ORDER BY l.seq"
     ))?;
     let rows = stmt
         .query_map(params![vendor, from_ms, to_ms], read_row)?
@@ -625,9 +738,19 @@ mod tests {
     #[test]
     fn an_edited_entry_is_named() {
         let (_d, store) = ledger(20);
-        tamper(&store, "UPDATE ledger SET fields = 'event' WHERE seq = 7");
+        tamper(&store, "UPDATE ledger SET outcome = 'block' WHERE seq = 7");
         let p = check(&store).problem.unwrap();
         assert_eq!((p.seq, p.code), (7, "ledger.entry.altered"));
+    }
+
+    #[test]
+    fn an_edited_shape_shows_as_the_first_entry_using_it_altered() {
+        let (_d, store) = ledger(20);
+        tamper(&store, "UPDATE ledger_shapes SET fields = 'event'");
+        let p = check(&store).problem.unwrap();
+        assert_eq!((p.seq, p.code), (1, "ledger.entry.altered"));
+        tamper(&store, "DELETE FROM ledger_shapes");
+        assert_eq!(check(&store).problem.unwrap().seq, 1);
     }
 
     #[test]
@@ -682,7 +805,7 @@ mod tests {
         // An intruder rewrites entry 3 and re-chains everything after it, consistently.
         let rows: Vec<Row> = store
             .with_conn(|c| {
-                let mut s = c.prepare(&format!("SELECT {ROW_COLUMNS} FROM ledger ORDER BY seq"))?;
+                let mut s = c.prepare(&format!("{ROW_SELECT} ORDER BY l.seq"))?;
                 let rows = s.query_map([], read_row)?.collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })
@@ -690,14 +813,14 @@ mod tests {
         let mut prev = GENESIS.to_owned();
         for mut r in rows {
             if r.seq == 3 {
-                r.fields = "event".into();
+                r.outcome = "block".into();
             }
             let h = chain(&prev, &canonical(r.seq, r.at_ms, &r.kind, &(&r).into()));
             tamper(
                 &store,
                 &format!(
-                    "UPDATE ledger SET fields = '{}', prev_hash = '{prev}', hash = '{h}' WHERE seq = {}",
-                    r.fields, r.seq
+                    "UPDATE ledger SET outcome = '{}', prev_hash = x'{prev}', hash = x'{h}' WHERE seq = {}",
+                    r.outcome, r.seq
                 ),
             );
             prev = h;

@@ -69,41 +69,39 @@ CREATE TABLE IF NOT EXISTS destination_state (
 ";
 
 /// Columns added after the first release, added to older files on open.
-const ADDED_COLUMNS: [(&str, &str); 12] = [
-    ("outbox", "subject"),
-    ("outbox", "vendor"),
-    ("outbox", "purposes"),
-    ("outbox", "legal_basis"),
-    ("outbox", "categories"),
-    ("outbox", "fields"),
-    ("dead_letters", "subject"),
-    ("dead_letters", "vendor"),
-    ("dead_letters", "purposes"),
-    ("dead_letters", "legal_basis"),
-    ("dead_letters", "categories"),
-    ("dead_letters", "fields"),
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+    ("outbox", "subject", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "vendor", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "shape", "INTEGER NOT NULL DEFAULT 0"),
+    ("dead_letters", "subject", "TEXT NOT NULL DEFAULT ''"),
+    ("dead_letters", "vendor", "TEXT NOT NULL DEFAULT ''"),
+    ("dead_letters", "shape", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
-/// The ledger columns an item carries from its decision to its outcome.
-const LEDGER_COLUMNS: &str =
-    "destination, vendor, seq, message_id, subject, purposes, legal_basis, categories, fields";
+/// The ledger columns an item carries from its decision to its outcome (`shape`: what was
+/// sent and why, see [`ledger::Shape`]).
+const LEDGER_COLUMNS: &str = "destination, vendor, seq, message_id, subject, shape";
 
-fn outcome_entry(r: &rusqlite::Row<'_>, outcome: &str, detail: &str) -> rusqlite::Result<Entry> {
-    Ok(Entry {
-        kind: ledger::kind::DELIVERY,
-        destination: r.get(0)?,
-        vendor: r.get(1)?,
-        event_seq: r.get::<_, i64>(2)? as Seq,
-        message_id: r.get(3)?,
-        subject: r.get(4)?,
-        purposes: r.get(5)?,
-        legal_basis: r.get(6)?,
-        categories: r.get(7)?,
-        fields: r.get(8)?,
-        outcome: outcome.to_owned(),
-        detail: detail.to_owned(),
-        ..Entry::default()
-    })
+/// The outcome entry of an item (its shape id second, to be filled in).
+fn outcome_entry(
+    r: &rusqlite::Row<'_>,
+    outcome: &str,
+    detail: &str,
+) -> rusqlite::Result<(Entry, i64)> {
+    Ok((
+        Entry {
+            kind: ledger::kind::DELIVERY,
+            destination: r.get(0)?,
+            vendor: r.get(1)?,
+            event_seq: r.get::<_, i64>(2)? as Seq,
+            message_id: r.get(3)?,
+            subject: r.get(4)?,
+            outcome: outcome.to_owned(),
+            detail: detail.to_owned(),
+            ..Entry::default()
+        },
+        r.get(5)?,
+    ))
 }
 
 /// A decided payload to store.
@@ -115,11 +113,8 @@ pub struct NewItem {
     pub message_id: String,
     /// The subject id (empty when the event names nobody).
     pub subject: String,
-    /// For the ledger entry of the outcome (comma-separated lists).
-    pub purposes: String,
-    pub legal_basis: String,
-    pub categories: String,
-    pub fields: String,
+    /// What is sent and why, for the ledger entry of the outcome.
+    pub shape: ledger::Shape,
     pub payload: String,
 }
 
@@ -197,12 +192,14 @@ pub struct OutboxStore {
     path: PathBuf,
     /// Signs ledger checkpoints (the gateway sets it; operator commands run without).
     signer: OnceLock<SigningKey>,
+    shapes: ledger::ShapeCache,
 }
 
 /// One routing transaction: the router resolves subjects, queues payloads and records its
 /// decisions through it; [`OutboxStore::route_with`] commits everything with the position.
 pub struct Routing<'c> {
     tx: rusqlite::Transaction<'c>,
+    shapes: &'c ledger::ShapeCache,
     now: i64,
     ledger: Vec<Entry>,
 }
@@ -212,36 +209,16 @@ impl Routing<'_> {
         self.now
     }
 
-    /// The subject of these identifier hashes (kind, hash), created or merged as needed.
-    pub fn subject(
-        &mut self,
-        ids: &[(&str, String)],
-    ) -> Result<Option<subjects::Subject>, StoreError> {
-        let r = subjects::resolve(&self.tx, ids, self.now)?;
-        if let Some(s) = &r.subject {
-            for m in &r.merged {
-                self.ledger.push(Entry {
-                    kind: ledger::kind::SUBJECT,
-                    subject: s.id.clone(),
-                    outcome: "merged".into(),
-                    detail: format!("{m} is the same person"),
-                    ..Entry::default()
-                });
-            }
-        }
-        Ok(r.subject)
-    }
-
     pub fn set_preferences(&mut self, subject: &str, json: &str) -> Result<(), StoreError> {
         subjects::set_preferences(&self.tx, subject, json)
     }
 
     pub fn queue(&mut self, item: &NewItem) -> Result<(), StoreError> {
+        let shape = self.shapes.id(&self.tx, &item.shape)?;
         self.tx
             .prepare_cached(
-                "INSERT INTO outbox (destination, vendor, seq, message_id, subject, purposes, legal_basis,
-                   categories, fields, payload, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO outbox (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 item.destination,
@@ -249,10 +226,7 @@ impl Routing<'_> {
                 item.seq as i64,
                 item.message_id,
                 item.subject,
-                item.purposes,
-                item.legal_basis,
-                item.categories,
-                item.fields,
+                shape,
                 item.payload,
                 self.now
             ])?;
@@ -290,17 +264,18 @@ impl OutboxStore {
         // lost is sent again and deduplicated by the vendor on its delivery id. This saves an
         // fsync per delivery, which bounded one-event destinations to ~500 deliveries/s.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The router, workers and DSR executor prepare some 40 statements; the default cache
+        // of 16 would prepare them again and again.
+        conn.set_prepared_statement_cache_capacity(128);
         conn.execute_batch(SCHEMA)?;
-        for (table, column) in ADDED_COLUMNS {
+        for (table, column, decl) in ADDED_COLUMNS {
             let present: bool = conn.query_row(
                 &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
                 [column],
                 |r| r.get::<_, i64>(0).map(|n| n > 0),
             )?;
             if !present {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE {table} ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
-                ))?;
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
             }
         }
         conn.execute_batch(subjects::SCHEMA)?;
@@ -314,6 +289,7 @@ impl OutboxStore {
             conn: Mutex::new(conn),
             path,
             signer: OnceLock::new(),
+            shapes: ledger::ShapeCache::default(),
         })
     }
 
@@ -338,10 +314,46 @@ impl OutboxStore {
     ) -> Result<T, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (out, entries) = f(&tx)?;
-        ledger::append(&tx, &entries, now_ms(), self.signer.get())?;
-        tx.commit()?;
-        Ok(out)
+        let result = f(&tx).and_then(|(out, entries)| {
+            ledger::append(&tx, &self.shapes, &entries, now_ms(), self.signer.get())?;
+            tx.commit()?;
+            Ok(out)
+        });
+        if result.is_err() {
+            // A shape stored by the rolled-back transaction is gone again.
+            self.shapes.clear();
+        }
+        result
+    }
+
+    /// The subject of each list of identifier hashes (kind, hash), created or merged as
+    /// needed, in one transaction (merges are recorded in the ledger). Resolving again is
+    /// harmless, so this commits on its own, before the router decides.
+    pub fn resolve_subjects(
+        &self,
+        ids: &[Vec<(&str, String)>],
+    ) -> Result<Vec<Option<subjects::Subject>>, StoreError> {
+        let now = now_ms();
+        self.transact(|tx| {
+            let mut out = Vec::with_capacity(ids.len());
+            let mut entries = Vec::new();
+            for hashes in ids {
+                let r = subjects::resolve(tx, hashes, now)?;
+                if let Some(s) = &r.subject {
+                    for m in &r.merged {
+                        entries.push(Entry {
+                            kind: ledger::kind::SUBJECT,
+                            subject: s.id.clone(),
+                            outcome: "merged".into(),
+                            detail: format!("{m} is the same person"),
+                            ..Entry::default()
+                        });
+                    }
+                }
+                out.push(r.subject);
+            }
+            Ok((out, entries))
+        })
     }
 
     /// Signs a checkpoint at the ledger's head now (at shutdown).
@@ -381,18 +393,26 @@ impl OutboxStore {
         let tx = conn.transaction()?;
         let mut routing = Routing {
             tx,
+            shapes: &self.shapes,
             now: now_ms(),
             ledger: Vec::new(),
         };
-        let out = f(&mut routing)?;
-        let Routing { tx, now, ledger } = routing;
-        ledger::append(&tx, &ledger, now, self.signer.get())?;
-        tx.execute(
-            "INSERT INTO router (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
-            [upto as i64],
-        )?;
-        tx.commit()?;
-        Ok(out)
+        let result = f(&mut routing).and_then(|out| {
+            let Routing {
+                tx, now, ledger, ..
+            } = routing;
+            ledger::append(&tx, &self.shapes, &ledger, now, self.signer.get())?;
+            tx.execute(
+                "INSERT INTO router (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                [upto as i64],
+            )?;
+            tx.commit()?;
+            Ok(out)
+        });
+        if result.is_err() {
+            self.shapes.clear();
+        }
+        result
     }
 
     /// The first `limit` items of a destination's queue, in order.
@@ -434,12 +454,13 @@ impl OutboxStore {
                     "DELETE FROM outbox WHERE id = ?1 RETURNING {LEDGER_COLUMNS}"
                 ))?;
                 for id in ids {
-                    let Some(entry) = take
+                    let Some((mut entry, shape)) = take
                         .query_row([id], |r| outcome_entry(r, "delivered", ""))
                         .optional()?
                     else {
                         continue;
                     };
+                    entry.set_shape(self.shapes.get(tx, shape)?);
                     if let Some((_, r)) = refs.iter().find(|(i, _)| i == id)
                         && !entry.subject.is_empty()
                     {
@@ -487,7 +508,10 @@ impl OutboxStore {
                         })
                         .optional()?;
                     del.execute([id])?;
-                    entries.extend(moved);
+                    if let Some((mut entry, shape)) = moved {
+                        entry.set_shape(self.shapes.get(tx, shape)?);
+                        entries.push(entry);
+                    }
                 }
             }
             Ok(((), entries))
@@ -570,7 +594,10 @@ impl OutboxStore {
                     let gone = del
                         .query_row(params![id, destination], |r| outcome_entry(r, outcome, ""))
                         .optional()?;
-                    entries.extend(gone);
+                    if let Some((mut entry, shape)) = gone {
+                        entry.set_shape(self.shapes.get(tx, shape)?);
+                        entries.push(entry);
+                    }
                 }
             }
             Ok((entries.len(), entries))
@@ -580,16 +607,20 @@ impl OutboxStore {
     /// Queue figures per destination.
     pub fn stats(&self, destination: &str) -> Result<QueueStats, StoreError> {
         let conn = self.conn();
-        let (depth, oldest): (i64, Option<i64>) = conn.query_row(
-            "SELECT count(*), min(created_at_ms) FROM outbox WHERE destination = ?1",
-            [destination],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let dead: i64 = conn.query_row(
-            "SELECT count(*) FROM dead_letters WHERE destination = ?1",
-            [destination],
-            |r| r.get(0),
-        )?;
+        // Index-only count; the oldest item is the first (replays get new ids, and a
+        // replayed item's age counts from its replay).
+        let depth: i64 = conn
+            .prepare_cached("SELECT count(*) FROM outbox WHERE destination = ?1")?
+            .query_row([destination], |r| r.get(0))?;
+        let oldest: Option<i64> = conn
+            .prepare_cached(
+                "SELECT created_at_ms FROM outbox WHERE destination = ?1 ORDER BY id LIMIT 1",
+            )?
+            .query_row([destination], |r| r.get(0))
+            .optional()?;
+        let dead: i64 = conn
+            .prepare_cached("SELECT count(*) FROM dead_letters WHERE destination = ?1")?
+            .query_row([destination], |r| r.get(0))?;
         Ok(QueueStats {
             depth: depth as u64,
             oldest_created_at_ms: oldest,
@@ -669,10 +700,12 @@ mod tests {
             seq,
             message_id: format!("m-{seq}"),
             subject: format!("sub_{seq}"),
-            purposes: "support".into(),
-            legal_basis: "contract".into(),
-            categories: "activity".into(),
-            fields: "event".into(),
+            shape: ledger::Shape {
+                purposes: "support".into(),
+                legal_basis: "contract".into(),
+                categories: "activity".into(),
+                fields: "event".into(),
+            },
             payload: format!("{{\"seq\":{seq}}}"),
         }
     }

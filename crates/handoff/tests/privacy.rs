@@ -461,7 +461,7 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
 
     // …and a ledger edited behind Handoff's back does not, naming the entry.
     let conn = rusqlite::Connection::open(data.join("outbox.db")).unwrap();
-    conn.execute("UPDATE ledger SET fields = 'event' WHERE seq = 3", [])
+    conn.execute("UPDATE ledger SET outcome = 'tampered' WHERE seq = 3", [])
         .unwrap();
     drop(conn);
     let (ok, out) = cli(
