@@ -92,7 +92,9 @@ pub struct NewTask {
 pub fn recipients(conn: &Connection, subject: &str) -> Result<Vec<(String, String)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT destination, vendor FROM ledger
-         WHERE subject = ?1 AND kind = 'delivery' AND outcome = 'delivered' ORDER BY 1",
+         WHERE kind = 'delivery' AND outcome = 'delivered' AND subject = ?1 AND event_seq IN
+           (SELECT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision')
+         ORDER BY 1",
     )?;
     let rows = stmt
         .query_map([subject], |r| Ok((r.get(0)?, r.get(1)?)))?

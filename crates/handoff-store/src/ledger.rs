@@ -34,7 +34,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     prev_hash    BLOB    NOT NULL,
     hash         BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger (subject, seq);
+-- Indexes are what writing the ledger costs. Decisions (and DSR entries) are found by subject;
+-- a delivery is found from its event's decisions (event_seq, which grows, so that index is
+-- appended to rather than written all over) and by vendor and time.
+CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger (subject, seq) WHERE kind != 'delivery';
+CREATE INDEX IF NOT EXISTS ledger_deliveries_by_event ON ledger (event_seq) WHERE kind = 'delivery';
 CREATE INDEX IF NOT EXISTS ledger_deliveries_by_vendor ON ledger (vendor, at_ms) WHERE kind = 'delivery';
 -- What was sent, and why, repeats from event to event: stored once, referenced by id. The hash
 -- of each entry covers the text, so editing a shape shows as every entry using it altered.
@@ -649,8 +653,13 @@ pub fn verify(
 
 /// Every entry about `subject`, oldest first.
 pub fn for_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached(&format!("{ROW_SELECT} WHERE l.subject = ?1 ORDER BY l.seq"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "{ROW_SELECT} WHERE l.subject = ?1 AND l.kind != 'delivery'
+         UNION ALL
+         {ROW_SELECT} WHERE l.kind = 'delivery' AND l.subject = ?1 AND l.event_seq IN
+           (SELECT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision')
+         ORDER BY 1"
+    ))?;
     let rows = stmt
         .query_map([subject], read_row)?
         .collect::<Result<Vec<_>, _>>()?;

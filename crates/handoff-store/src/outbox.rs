@@ -193,7 +193,12 @@ pub struct OutboxStore {
     /// Signs ledger checkpoints (the gateway sets it; operator commands run without).
     signer: OnceLock<SigningKey>,
     shapes: ledger::ShapeCache,
+    /// Copies the WAL into the database in the background (the gateway starts it).
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
+
+/// How often the background checkpointer copies committed pages into `outbox.db`.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// One routing transaction: the router resolves subjects, queues payloads and records its
 /// decisions through it; [`OutboxStore::route_with`] commits everything with the position.
@@ -250,6 +255,20 @@ impl Routing<'_> {
     }
 }
 
+impl Drop for OutboxStore {
+    fn drop(&mut self) {
+        let taken = self
+            .checkpointer
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((stop, handle)) = taken {
+            let _ = stop.send(());
+            let _ = handle.join();
+        }
+    }
+}
+
 impl OutboxStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)?;
@@ -282,15 +301,56 @@ impl OutboxStore {
         conn.execute_batch(ledger::SCHEMA)?;
         conn.execute_batch(crate::dsr::SCHEMA)?;
         conn.execute_batch(
-            "CREATE INDEX IF NOT EXISTS outbox_by_subject ON outbox (subject);
-             CREATE INDEX IF NOT EXISTS dead_letters_by_subject ON dead_letters (subject);",
+            // Erasure finds a subject's items by scanning the queues (rare, and queues are
+            // short when vendors keep up); an index would cost every item a write.
+            "DROP INDEX IF EXISTS outbox_by_subject;
+             DROP INDEX IF EXISTS dead_letters_by_subject;",
         )?;
         Ok(OutboxStore {
             conn: Mutex::new(conn),
             path,
             signer: OnceLock::new(),
             shapes: ledger::ShapeCache::default(),
+            checkpointer: Mutex::new(None),
         })
+    }
+
+    /// Moves WAL checkpoints off the committing threads: a thread of its own copies committed
+    /// pages into the database every 250 ms (PASSIVE: it never waits for the router or the
+    /// workers), instead of the commit that crosses SQLite's 1000-page mark doing it, fsync
+    /// included, while holding the outbox. Stops when the store is dropped.
+    pub fn start_checkpointer(&self) -> Result<(), StoreError> {
+        let mut slot = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Ok(());
+        }
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        self.conn().pragma_update(None, "wal_autocheckpoint", 0)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name("outbox-checkpoint".into())
+            .spawn(move || {
+                let mut wait = CHECKPOINT_EVERY;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(wait)
+                {
+                    wait = CHECKPOINT_EVERY;
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    }) {
+                        // Behind: go again at once.
+                        Ok((frames, done)) if frames - done > 1024 => wait = Duration::ZERO,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox checkpoint failed; will retry")
+                        }
+                    }
+                }
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            })?;
+        *slot = Some((stop, handle));
+        Ok(())
     }
 
     /// Lets this store sign ledger checkpoints.
