@@ -9,7 +9,8 @@ use std::sync::Arc;
 use handoff_connectors::connector::Connector;
 use handoff_connectors::erasure::{Erasure, ErasureTarget};
 use handoff_core::consent::StoredPreferences;
-use handoff_core::policy::model::Destination;
+use handoff_core::policy::identifiers_as_sent;
+use handoff_core::policy::model::{Destination, PolicySettings};
 use handoff_core::subject::{IdKind, Identifier, SubjectKey};
 use handoff_store::dsr::{self, NewTask};
 use handoff_store::ledger::{self, Entry, Row};
@@ -55,7 +56,8 @@ pub struct Privacy {
     pub data_dir: PathBuf,
     pub subject_key: SubjectKey,
     pub destinations: Vec<(Destination, Box<dyn Connector>)>,
-    pub deadline_days: u32,
+    /// Policy settings (the deadline of requests; how identifiers are read).
+    pub settings: PolicySettings,
 }
 
 /// A user-facing error with a stable code.
@@ -186,7 +188,9 @@ impl Privacy {
                 ),
             ));
         }
-        let days = input.deadline_days.unwrap_or(self.deadline_days);
+        let days = input
+            .deadline_days
+            .unwrap_or(self.settings.dsr_deadline_days);
         if !(1..=365).contains(&days) {
             return Err(PrivacyError::bad(
                 "dsr.deadline.invalid",
@@ -228,7 +232,7 @@ impl Privacy {
                         erase.len()
                     );
                     for (destination, vendor) in dsr::recipients(tx, &subject.id)? {
-                        let Some((_, connector)) =
+                        let Some((dest, connector)) =
                             self.destinations.iter().find(|(d, _)| d.id == destination)
                         else {
                             tasks.push(NewTask {
@@ -242,12 +246,21 @@ impl Privacy {
                             });
                             continue;
                         };
+                        // The vendor knows the person by the identifiers as this destination
+                        // sent them (hashed or pseudonymised where it transforms them).
+                        let (user_id, anonymous_id, email) = identifiers_as_sent(
+                            dest,
+                            &self.settings,
+                            input.identity.user_id.as_deref(),
+                            input.identity.anonymous_id.as_deref(),
+                            input.identity.email.as_deref(),
+                        );
                         let target = ErasureTarget {
                             dsr_id: id.clone(),
                             subject_id: subject.id.clone(),
-                            user_ids: input.identity.user_id.iter().cloned().collect(),
-                            anonymous_ids: input.identity.anonymous_id.iter().cloned().collect(),
-                            emails: input.identity.email.iter().cloned().collect(),
+                            user_ids: user_id.into_iter().collect(),
+                            anonymous_ids: anonymous_id.into_iter().collect(),
+                            emails: email.into_iter().collect(),
                             vendor_ref: subjects::vendor_ref(tx, &destination, &subject.id)?,
                         };
                         let (manual, instructions) = match connector

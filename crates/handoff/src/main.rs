@@ -494,7 +494,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         data_dir: data_dir.clone(),
         subject_key: privacy_keys.subjects.clone(),
         destinations: connectors,
-        deadline_days: config.policy.dsr_deadline_days,
+        settings: config.policy.clone(),
     });
     {
         let mut out = std::io::stdout().lock();

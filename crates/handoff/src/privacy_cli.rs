@@ -153,7 +153,7 @@ fn privacy(state: &StateArgs, config: Option<&PathBuf>) -> Result<Privacy> {
     let auth = crate::cli_auth(state)?;
     let keys = handoff_server::privacy::keys(&auth)?;
     store.set_ledger_signer(keys.ledger);
-    let (destinations, deadline_days) = match config {
+    let (destinations, settings) = match config {
         Some(path) => {
             let config = match crate::load_config(path)? {
                 Ok(c) => c,
@@ -164,19 +164,16 @@ fn privacy(state: &StateArgs, config: Option<&PathBuf>) -> Result<Privacy> {
                 let c = handoff_connectors::connector::for_destination(&d)?;
                 list.push((d, c));
             }
-            (list, config.policy.dsr_deadline_days)
+            (list, config.policy)
         }
-        None => (
-            Vec::new(),
-            handoff_core::policy::model::DEFAULT_DSR_DEADLINE_DAYS,
-        ),
+        None => (Vec::new(), Default::default()),
     };
     Ok(Privacy {
         store,
         data_dir: state.data_dir.clone(),
         subject_key: keys.subjects,
         destinations,
-        deadline_days,
+        settings,
     })
 }
 

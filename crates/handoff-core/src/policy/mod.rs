@@ -486,6 +486,41 @@ fn residency(event: &PreparedEvent, dest: &Destination) -> Option<Reason> {
 
 /// Decides what `dest` may receive of `event`. `today` is the day the decision is made (vendor
 /// assessments age).
+/// The identifiers as `dest` sends them, after its allowlist, transforms and PII handling:
+/// what the vendor knows the person by, for its deletion call (a destination that hashes or
+/// pseudonymises `userId` must be asked to delete the hash). `None` where it does not send
+/// one, or sends it redacted. Returns (userId, anonymousId, e-mail).
+pub fn identifiers_as_sent(
+    dest: &Destination,
+    settings: &PolicySettings,
+    user_id: Option<&str>,
+    anonymous_id: Option<&str>,
+    email: Option<&str>,
+) -> (Option<String>, Option<String>, Option<String>) {
+    let event = serde_json::json!({
+        "type": "identify",
+        "userId": user_id,
+        "anonymousId": anonymous_id,
+        "traits": {"email": email},
+        "context": {"traits": {"email": email}},
+    });
+    let written = payload::write(&PreparedEvent::new(event, settings), dest);
+    let out: Value = serde_json::from_str(&written.json).unwrap_or(Value::Null);
+    let text = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|s| !s.starts_with("[redacted"))
+            .map(str::to_owned)
+    };
+    (
+        user_id.and(text(out.get("userId"))),
+        anonymous_id.and(text(out.get("anonymousId"))),
+        email.and(
+            text(get_path(&out, "traits.email"))
+                .or_else(|| text(get_path(&out, "context.traits.email"))),
+        ),
+    )
+}
+
 pub fn decide(
     event: &PreparedEvent,
     consent: &ConsentContext,

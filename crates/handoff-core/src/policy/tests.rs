@@ -1058,3 +1058,34 @@ fn values_hashed_on_the_device_are_kept() {
         digest.to_ascii_lowercase()
     );
 }
+
+#[test]
+fn erasure_names_the_person_as_each_destination_sent_them() {
+    let c = example();
+    // GA4 received an HMAC of the user id, never the id itself: it must be asked to delete that.
+    let (user, anon, email) = identifiers_as_sent(
+        dest(&c, "ga4"),
+        &c.policy,
+        Some("user-42"),
+        Some("anon-1"),
+        Some("jane@example.com"),
+    );
+    assert_eq!(
+        user.as_deref(),
+        Some(transform::hmac_hex(b"ga4-key-0123456789abcdef0123456789abcdef", "user-42").as_str())
+    );
+    assert_eq!(anon.as_deref(), Some("anon-1"));
+    assert_eq!(email, None, "GA4 is not sent e-mail addresses");
+    // Stripe gets them as they are.
+    let (user, _, email) = identifiers_as_sent(
+        dest(&c, "stripe"),
+        &c.policy,
+        Some("user-42"),
+        None,
+        Some("jane@example.com"),
+    );
+    assert_eq!(
+        (user.as_deref(), email.as_deref()),
+        (Some("user-42"), Some("jane@example.com"))
+    );
+}
