@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use handoff_core::auth::Scope;
+use handoff_store::operator;
 use handoff_store::outbox::{DestinationState, OutboxStore};
 
 use crate::AppState;
@@ -116,21 +117,18 @@ async fn set_state(
     };
     let reason = reason.reason.unwrap_or_else(|| default_reason.to_owned());
     let store = store(&state)?;
-    store.set_state(&id, target, &reason).map_err(failed)?;
+    operator::set_destination_state(
+        &store,
+        state.auth.state(),
+        &format!("client:{}", claims.client_id),
+        &id,
+        target,
+        &reason,
+    )
+    .map_err(failed)?;
     if let Some(d) = state.delivery.get() {
         d.apply_state(&id, target);
     }
-    let actor = format!("client:{}", claims.client_id);
-    state
-        .auth
-        .state()
-        .audit(
-            handoff_store::sqlite::now_ms(),
-            &actor,
-            &format!("destination.{}", target.as_str()),
-            &json!({"destination": id, "reason": reason}).to_string(),
-        )
-        .map_err(failed)?;
     Ok(
         Json(json!({"destination": id, "state": target.as_str(), "reason": reason}))
             .into_response(),
@@ -168,16 +166,7 @@ async fn list(
     let rows = store
         .dead_letters(q.destination.as_deref(), q.after, q.limit.min(1000))
         .map_err(failed)?;
-    let list: Vec<_> = rows
-        .iter()
-        .map(|d| {
-            json!({
-                "id": d.id, "destination": d.destination, "seq": d.seq, "messageId": d.message_id,
-                "attempts": d.attempts, "failed_at_ms": d.failed_at_ms, "reason": d.reason,
-                "payload": serde_json::from_str::<serde_json::Value>(&d.payload).unwrap_or(serde_json::Value::Null),
-            })
-        })
-        .collect();
+    let list: Vec<_> = rows.iter().map(operator::dead_letter_json).collect();
     Ok(Json(json!({ "dead_letters": list })).into_response())
 }
 
@@ -210,24 +199,17 @@ async fn take(
     })?;
     known(&state, &t.destination)?;
     let store = store(&state)?;
-    let n = if requeue {
-        store.replay(&t.destination, t.ids.as_deref())
-    } else {
-        store.discard(&t.destination, t.ids.as_deref())
-    }
+    let n = operator::take_dead_letters(
+        &store,
+        state.auth.state(),
+        &format!("client:{}", claims.client_id),
+        &t.destination,
+        t.ids.as_deref(),
+        requeue,
+    )
     .map_err(failed)?;
     if let Some(d) = state.delivery.get() {
         d.wake(&t.destination);
     }
-    state
-        .auth
-        .state()
-        .audit(
-            handoff_store::sqlite::now_ms(),
-            &format!("client:{}", claims.client_id),
-            &format!("dead_letters.{action}"),
-            &json!({"destination": t.destination, "ids": t.ids, "count": n}).to_string(),
-        )
-        .map_err(failed)?;
     Ok(Json(json!({"destination": t.destination, "count": n})).into_response())
 }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 mod dedup;
 pub mod dsr;
 pub mod ledger;
+pub mod operator;
 pub mod outbox;
 pub mod sqlite;
 pub mod state;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde_json::json;
 
+use handoff_store::operator;
 use handoff_store::outbox::{DestinationState, OutboxStore};
 use handoff_store::sqlite::now_ms;
 use handoff_store::state::StateStore;
@@ -94,10 +95,8 @@ pub fn outbox(dir: &Path) -> Result<OutboxStore> {
     Ok(OutboxStore::open(dir)?)
 }
 
-fn audit(dir: &Path, action: &str, detail: serde_json::Value) -> Result<()> {
-    let state = StateStore::open(dir).context("cannot open the state to audit the change")?;
-    state.audit(now_ms(), "cli", action, &detail.to_string())?;
-    Ok(())
+fn audit_log(dir: &Path) -> Result<StateStore> {
+    StateStore::open(dir).context("cannot open the state to audit the change")
 }
 
 pub fn destinations(cmd: DestinationsCommand) -> Result<ExitCode> {
@@ -137,12 +136,7 @@ pub fn destinations(cmd: DestinationsCommand) -> Result<ExitCode> {
 
 fn set(dir: &Path, id: &str, state: DestinationState, reason: &str) -> Result<ExitCode> {
     let store = outbox(dir)?;
-    store.set_state(id, state, reason)?;
-    audit(
-        dir,
-        &format!("destination.{}", state.as_str()),
-        json!({"destination": id, "reason": reason}),
-    )?;
+    operator::set_destination_state(&store, &audit_log(dir)?, "cli", id, state, reason)?;
     println!("{id}: {}", state.as_str());
     Ok(ExitCode::SUCCESS)
 }
@@ -158,14 +152,7 @@ pub fn dead_letters(cmd: DeadLettersCommand) -> Result<ExitCode> {
                 let Some(last) = page.last() else { break };
                 after = last.id;
                 for d in &page {
-                    let payload: serde_json::Value =
-                        serde_json::from_str(&d.payload).unwrap_or(serde_json::Value::Null);
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"id": d.id, "destination": d.destination, "seq": d.seq, "messageId": d.message_id,
-                               "attempts": d.attempts, "failed_at_ms": d.failed_at_ms, "reason": d.reason, "payload": payload})
-                    )?;
+                    writeln!(out, "{}", operator::dead_letter_json(d))?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -187,24 +174,15 @@ pub fn dead_letters(cmd: DeadLettersCommand) -> Result<ExitCode> {
 fn take(dir: &Path, destination: &str, ids: &[i64], requeue: bool) -> Result<ExitCode> {
     let store = outbox(dir)?;
     let chosen = (!ids.is_empty()).then_some(ids);
-    let (n, action, done) = if requeue {
-        (
-            store.replay(destination, chosen)?,
-            "dead_letters.replay",
-            "queued again",
-        )
-    } else {
-        (
-            store.discard(destination, chosen)?,
-            "dead_letters.discard",
-            "discarded",
-        )
-    };
-    audit(
-        dir,
-        action,
-        json!({"destination": destination, "ids": ids, "count": n}),
+    let n = operator::take_dead_letters(
+        &store,
+        &audit_log(dir)?,
+        "cli",
+        destination,
+        chosen,
+        requeue,
     )?;
+    let done = if requeue { "queued again" } else { "discarded" };
     println!("{n} dead letter(s) of {destination} {done}");
     Ok(ExitCode::SUCCESS)
 }
