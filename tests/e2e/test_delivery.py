@@ -295,9 +295,10 @@ def test_a_later_identify_updates_the_customer_and_erasure_reaches_every_vendor(
     assert len(erasures) == 1
     payload = Webhook(SECRET).verify(erasures[0][1], {k.lower(): v for k, v in erasures[0][0].items()})
     assert payload["data"]["userIds"] == ["user-9"] and payload["data"]["dsrId"] == dsr["id"]
-    # GA4: the User Deletion API, per id type, with its OAuth token.
+    # GA4: the User Deletion API with its OAuth token, for the id GA4 was sent: this destination
+    # allows anonymousId (its client_id), not userId, so GA4 is asked about the client id only.
     deletions = [(h, json.loads(b)) for p, h, b in Recorder.received if p == "/deletion"]
-    assert sorted(d["id"]["type"] for _, d in deletions) == ["CLIENT_ID", "USER_ID"]
+    assert [(d["id"]["type"], d["id"]["userId"]) for _, d in deletions] == [("CLIENT_ID", "anon-9")]
     assert all(d["propertyId"] == "424242" and {k.lower(): v for k, v in h.items()}["authorization"] == "Bearer ya29.e2e"
                for h, d in deletions)
     assert status()["status"] == "open", "Meta is still to be done by hand"

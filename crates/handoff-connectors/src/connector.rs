@@ -266,12 +266,18 @@ impl Connector for Stripe {
         Stripe::customer_id(body)
     }
     fn erasure(&self, target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
-        match &target.vendor_ref {
-            Some(customer) => Erasure::Calls(vec![self.delete_customer(customer)]),
-            None => Erasure::NothingHeld(
-                "no Stripe customer was created for this subject through Handoff".into(),
-            ),
+        if target.vendor_refs.is_empty() {
+            return Erasure::NothingHeld(
+                "no Stripe customer id was recorded for this subject".into(),
+            );
         }
+        Erasure::Calls(
+            target
+                .vendor_refs
+                .iter()
+                .map(|customer| self.delete_customer(customer))
+                .collect(),
+        )
     }
     fn classify_erasure(
         &self,

@@ -17,8 +17,9 @@ pub struct ErasureTarget {
     pub anonymous_ids: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub emails: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vendor_ref: Option<String>,
+    /// The vendor's own ids for the person (several when two subjects turned out to be one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vendor_refs: Vec<String>,
 }
 
 /// How a vendor is told.

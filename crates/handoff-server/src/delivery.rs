@@ -22,7 +22,7 @@ use handoff_core::policy::model::{DeliverySettings, Destination};
 use handoff_core::policy::{Outcome, PreparedEvent, decide};
 use handoff_core::subject::{SubjectKey, categories_of, field_names, identifiers};
 use handoff_store::ledger::{self, Entry};
-use handoff_store::outbox::{DestinationState, NewItem, OutboxItem, OutboxStore, Routing};
+use handoff_store::outbox::{DestinationState, NewItem, OutboxItem, OutboxStore, Routing, Sent};
 use handoff_store::{Journal, StoreError};
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
@@ -280,6 +280,12 @@ async fn router(
             .await
             .unwrap_or(Err(StoreError::Closed))
         };
+        if let Err(StoreError::Conflict(why)) = &committed {
+            // An erasure, opt-out or merge landed between resolving and committing: decide
+            // the batch again with what is stored now.
+            tracing::debug!(reason = %why, "routing batch decided again");
+            continue;
+        }
         match committed {
             Ok(Routed {
                 blocked,
@@ -345,10 +351,20 @@ struct Plan {
     entries: Vec<Entry>,
     /// Stored preferences changed by identify calls (subject, JSON), last one per subject.
     preferences: Vec<(String, String)>,
+    /// Each subject's state as decided on; if an erasure, an opt-out or a merge changed it
+    /// before the commit, the batch is decided again.
+    basis: Vec<(String, handoff_store::subjects::Basis)>,
 }
 
 impl Plan {
     fn apply(self, r: &mut Routing<'_>) -> Result<Routed, StoreError> {
+        for (subject, basis) in &self.basis {
+            if r.subject_basis(subject)?.as_ref() != Some(basis) {
+                return Err(StoreError::Conflict(format!(
+                    "subject {subject} changed while its events were decided"
+                )));
+            }
+        }
         for (subject, json) in &self.preferences {
             r.set_preferences(subject, json)?;
         }
@@ -412,7 +428,9 @@ fn decide_batch(
         blocks: Vec::new(),
         entries: Vec::with_capacity(events.len() * lanes.len()),
         preferences: Vec::new(),
+        basis: Vec::new(),
     };
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Preferences as this batch left them (an identify changes what later events see).
     let mut changed: std::collections::HashMap<String, StoredPreferences> =
         std::collections::HashMap::new();
@@ -434,6 +452,14 @@ fn decide_batch(
             continue;
         };
         let subject_id = subject.as_ref().map_or("", |s| s.id.as_str()).to_owned();
+        if let Some(s) = &subject
+            && seen.insert(s.id.clone())
+        {
+            plan.basis.push((
+                s.id.clone(),
+                (None, s.suppressed_at_ms, s.preferences.clone()),
+            ));
+        }
         let stored = changed.get(&subject_id).cloned().or_else(|| {
             subject
                 .as_ref()
@@ -583,33 +609,55 @@ async fn erasures(
                 .target
                 .as_deref()
                 .and_then(|t| serde_json::from_str(t).ok());
-            let outcome: Result<(), String> = match (delivery.lane(&task.destination), target) {
-                (None, _) => Err("the destination is no longer configured".into()),
-                (_, None) => Err("the request's target is unreadable".into()),
+            // Ok: the vendor confirmed. Retry: try again later (not before `after`). Manual:
+            // Handoff cannot do it; an operator must (the reason says what to do).
+            enum Step {
+                Done,
+                Retry(String, Option<Duration>),
+                Manual(String),
+            }
+            let step = match (delivery.lane(&task.destination), target) {
+                (None, _) => Step::Manual(format!(
+                    "{} is no longer configured: ask the vendor to erase the person by hand, then confirm",
+                    task.destination
+                )),
+                (_, None) => Step::Manual(
+                    "the request's target is unreadable; ask the vendor by hand, then confirm"
+                        .into(),
+                ),
                 (Some(lane), Some(target)) => {
                     match lane
                         .connector
                         .erasure(&target, time::OffsetDateTime::now_utc())
                     {
                         Erasure::Calls(calls) => {
-                            let mut failed = None;
+                            let mut step = Step::Done;
                             for call in calls {
                                 match send_with(lane, call, true).await.0 {
                                     Classification::Delivered => {}
-                                    Classification::Retry { why, .. }
-                                    | Classification::Permanent { why }
+                                    Classification::Retry { why, after } => {
+                                        step = Step::Retry(why, after);
+                                        break;
+                                    }
+                                    Classification::Permanent { why }
                                     | Classification::Credentials { why } => {
-                                        failed = Some(why);
+                                        step = Step::Manual(format!(
+                                            "the vendor refused the deletion call ({why}); fix the destination's settings and ask again, or erase by hand and confirm"
+                                        ));
                                         break;
                                     }
                                 }
                             }
-                            failed.map_or(Ok(()), Err)
+                            step
                         }
-                        Erasure::NothingHeld(_) => Ok(()),
-                        Erasure::Manual(how) => Err(format!("needs an operator: {how}")),
+                        Erasure::NothingHeld(why) | Erasure::Manual(why) => Step::Manual(why),
                     }
                 }
+            };
+            let outcome: Result<(), (String, Option<Duration>, bool)> = match step {
+                Step::Done => Ok(()),
+                Step::Retry(why, after) => Err((why, after, false)),
+                Step::Manual(why) => Err((why, None, true)),
             };
             let store = delivery.store.clone();
             let now = handoff_store::sqlite::now_ms();
@@ -624,11 +672,13 @@ async fn erasures(
                                 |r| r.get(0),
                             )?;
                             dsr::task_done(tx, &id, &task.destination, now)?;
-                            handoff_store::subjects::delete_vendor_ref(
-                                tx,
-                                &task.destination,
-                                &subject,
-                            )?;
+                            for alias in handoff_store::subjects::aliases(tx, &subject)? {
+                                handoff_store::subjects::delete_vendor_ref(
+                                    tx,
+                                    &task.destination,
+                                    &alias,
+                                )?;
+                            }
                             Ok((
                                 (),
                                 vec![Entry {
@@ -647,7 +697,14 @@ async fn erasures(
                     })
                     .await
                 }
-                Err(why) => {
+                Err((why, _, true)) => {
+                    tracing::warn!(dsr = %id, destination = %task.destination, "erasure needs an operator: {why}");
+                    blocking(move || {
+                        store.with_conn(|c| dsr::task_manual(c, &id, &task.destination, &why))
+                    })
+                    .await
+                }
+                Err((why, after, false)) => {
                     tracing::warn!(dsr = %id, destination = %task.destination, reason = %why, "erasure call failed; will retry");
                     app.metrics
                         .delivery
@@ -662,7 +719,8 @@ async fn erasures(
                         },
                         task.attempts,
                     )
-                    .max(Duration::from_millis(200));
+                    .max(Duration::from_millis(200))
+                    .max(after.unwrap_or_default());
                     let next = now + wait.as_millis() as i64;
                     blocking(move || {
                         store.with_conn(|c| dsr::task_retry(c, &id, &task.destination, next, &why))
@@ -1029,7 +1087,20 @@ async fn worker(
         if !delivered.is_empty() {
             let n = delivered.len() as u64;
             let store = store.clone();
-            let r = blocking(move || store.delivered(&delivered, &refs)).await;
+            let accepted: HashSet<i64> = delivered.iter().copied().collect();
+            let sent: Vec<Sent> = head
+                .iter()
+                .filter(|i| accepted.contains(&i.id))
+                .map(|i| Sent {
+                    id: i.id,
+                    destination: i.destination.clone(),
+                    vendor: lane.destination.vendor.id.clone(),
+                    seq: i.seq,
+                    message_id: i.message_id.clone(),
+                    subject: i.subject.clone(),
+                })
+                .collect();
+            let r = blocking(move || store.delivered(&sent, &refs)).await;
             if r.is_ok() {
                 app.metrics
                     .delivery

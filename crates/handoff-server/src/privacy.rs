@@ -205,7 +205,14 @@ impl Privacy {
                 .subject
                 .expect("identifiers given");
             if let Some(id) = dsr::existing(tx, &subject.id, kind)? {
-                return Ok(((id, false, Vec::new()), Vec::new()));
+                // The same request again: nothing new is filed, but the journal is erased
+                // again (in case erasing it failed the first time; it is idempotent).
+                let erase = if kind == "erasure" {
+                    dsr::event_seqs(tx, &subject.id)?
+                } else {
+                    Vec::new()
+                };
+                return Ok(((id, false, erase), Vec::new()));
             }
             let id: String = tx.query_row("SELECT 'dsr_' || lower(hex(randomblob(10)))", [], |r| {
                 r.get(0)
@@ -219,7 +226,6 @@ impl Privacy {
             };
             let mut entries = Vec::new();
             let mut tasks = Vec::new();
-            let mut nothing_held = Vec::new();
             let mut erase = Vec::new();
             match kind {
                 "erasure" => {
@@ -261,17 +267,22 @@ impl Privacy {
                             user_ids: user_id.into_iter().collect(),
                             anonymous_ids: anonymous_id.into_iter().collect(),
                             emails: email.into_iter().collect(),
-                            vendor_ref: subjects::vendor_ref(tx, &destination, &subject.id)?,
+                            vendor_refs: subjects::vendor_refs(tx, &destination, &subject.id)?,
                         };
                         let (manual, instructions) = match connector
                             .erasure(&target, time::OffsetDateTime::now_utc())
                         {
                             Erasure::Calls(_) => (false, String::new()),
                             Erasure::Manual(how) => (true, how),
-                            Erasure::NothingHeld(why) => {
-                                nothing_held.push(destination.clone());
-                                (false, why)
-                            }
+                            // The ledger says this vendor received the person's data, so
+                            // "nothing to name them by" needs a human.
+                            Erasure::NothingHeld(why) => (
+                                true,
+                                format!(
+                                    "Handoff cannot name this person to the vendor ({why}). Ask the vendor to erase the data it received (see `handoff report subject --id {}`), then confirm with `handoff dsr confirm DSR_ID {destination}`.",
+                                    subject.id
+                                ),
+                            ),
                         };
                         tasks.push(NewTask {
                             destination,
@@ -305,17 +316,6 @@ impl Privacy {
                 &tasks,
             )?;
             entries.push(entry);
-            for destination in nothing_held {
-                dsr::task_done(tx, &id, &destination, now)?;
-                entries.push(Entry {
-                    kind: ledger::kind::DSR,
-                    subject: subject.id.clone(),
-                    destination,
-                    outcome: "erasure.nothing_held".into(),
-                    detail: format!("request {id}"),
-                    ..Entry::default()
-                });
-            }
             Ok(((id, true, erase), entries))
         })?;
         if !erase.is_empty() {
@@ -370,6 +370,9 @@ impl Privacy {
             let now = now_ms();
             self.store.transact(|tx| {
                 dsr::task_done(tx, id, destination, now)?;
+                for alias in subjects::aliases(tx, &request.subject)? {
+                    subjects::delete_vendor_ref(tx, destination, &alias)?;
+                }
                 Ok((
                     (),
                     vec![Entry {
@@ -726,6 +729,15 @@ pub fn verify(
     store: &OutboxStore,
     public_key: &ed25519_dalek::VerifyingKey,
 ) -> Result<ledger::Verification, StoreError> {
-    let position = store.router_position()?;
-    store.with_conn(|c| ledger::verify(c, public_key, Some(position)))
+    // A connection of its own, in one read transaction: a consistent snapshot while the
+    // gateway keeps writing, and the outbox is not held for the walk.
+    let mut conn = rusqlite::Connection::open_with_flags(
+        store.path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let tx = conn.transaction()?;
+    let position: i64 =
+        tx.query_row("SELECT coalesce(max(seq), 0) FROM router", [], |r| r.get(0))?;
+    ledger::verify(&tx, public_key, Some(position as u64))
 }

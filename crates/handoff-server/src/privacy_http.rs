@@ -54,6 +54,22 @@ impl From<PrivacyError> for ApiError {
     }
 }
 
+/// Runs SQLite work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, PrivacyError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "privacy.failed",
+                "the request stopped unexpectedly",
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
@@ -73,29 +89,20 @@ async fn file(
     let input: DsrInput = json_body(&body)?;
     let p = privacy(&state)?;
     let by = format!("client:{}", claims.client_id);
-    let (request, new) = tokio::task::spawn_blocking({
-        let p = p.clone();
-        move || p.file(&input, &by)
+    let (view, new) = blocking(move || {
+        let (request, new) = p.file(&input, &by)?;
+        if new {
+            tracing::info!(dsr = %request.id, kind = %request.kind, subject = %request.subject, "data-subject request filed");
+        }
+        Ok((p.view(&request)?, new))
     })
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "dsr.failed",
-            "the request could not be filed",
-        )
-    })??;
-    if new && request.kind == "erasure" {
-        // The router drops anything of this subject still on its way; workers already
-        // lost their queued items.
-        tracing::info!(dsr = %request.id, subject = %request.subject, "erasure filed");
-    }
+    .await?;
     let status = if new {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(p.view(&request)?)).into_response())
+    Ok((status, Json(view)).into_response())
 }
 
 async fn show(
@@ -105,8 +112,8 @@ async fn show(
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Scope::DsrWrite)?;
     let p = privacy(&state)?;
-    let request = p.get(&id)?;
-    Ok(Json(p.view(&request)?).into_response())
+    let view = blocking(move || p.view(&p.get(&id)?)).await?;
+    Ok(Json(view).into_response())
 }
 
 async fn list(
@@ -115,14 +122,11 @@ async fn list(
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Scope::DsrWrite)?;
     let p = privacy(&state)?;
-    let all = p
-        .store
-        .with_conn(handoff_store::dsr::list)
-        .map_err(PrivacyError::from)?;
-    let views = all
-        .iter()
-        .map(|r| p.view(r))
-        .collect::<Result<Vec<_>, _>>()?;
+    let views = blocking(move || {
+        let all = p.store.with_conn(handoff_store::dsr::list)?;
+        all.iter().map(|r| p.view(r)).collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
     Ok(Json(json!({ "requests": views })).into_response())
 }
 
@@ -141,8 +145,9 @@ async fn confirm(
     let claims = require(&state, &headers, Scope::DsrWrite)?;
     let c: Confirm = json_body(&body)?;
     let p = privacy(&state)?;
-    let request = p.confirm(&id, &c.destination, &format!("client:{}", claims.client_id))?;
-    Ok(Json(p.view(&request)?).into_response())
+    let by = format!("client:{}", claims.client_id);
+    let view = blocking(move || p.view(&p.confirm(&id, &c.destination, &by)?)).await?;
+    Ok(Json(view).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -176,6 +181,16 @@ fn respond(report: Report, format: Option<&str>) -> Result<Response, ApiError> {
     }
 }
 
+fn range(q: &ReportQuery) -> Result<(i64, i64), PrivacyError> {
+    let from = q.from.as_deref().map(parse_time).transpose()?.unwrap_or(0);
+    let to =
+        q.to.as_deref()
+            .map(parse_time)
+            .transpose()?
+            .unwrap_or(i64::MAX);
+    Ok((from, to))
+}
+
 async fn report(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -191,45 +206,37 @@ async fn report(
         )
     })?;
     let p = privacy(&state)?;
-    let range = |q: &ReportQuery| -> Result<(i64, i64), ApiError> {
-        let from = q.from.as_deref().map(parse_time).transpose()?.unwrap_or(0);
-        let to =
-            q.to.as_deref()
-                .map(parse_time)
-                .transpose()?
-                .unwrap_or(i64::MAX);
-        Ok((from, to))
-    };
-    let report = match kind.as_str() {
-        "subject" => {
-            let query = match q.id.clone() {
-                Some(id) => SubjectQuery::Id(id),
-                None => SubjectQuery::Identity(Identity {
-                    user_id: q.user_id.clone(),
-                    anonymous_id: q.anonymous_id.clone(),
-                    email: q.email.clone(),
-                }),
-            };
-            p.subject_report(query)?
-        }
+    let format = q.format.clone();
+    let report = blocking(move || match kind.as_str() {
+        "subject" => p.subject_report(match q.id.clone() {
+            Some(id) => SubjectQuery::Id(id),
+            None => SubjectQuery::Identity(Identity {
+                user_id: q.user_id.clone(),
+                anonymous_id: q.anonymous_id.clone(),
+                email: q.email.clone(),
+            }),
+        }),
         "exposure" => {
-            let vendor = q.vendor.clone().ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "report.vendor.missing",
-                    "an exposure report needs vendor=ID",
-                )
+            let vendor = q.vendor.clone().ok_or_else(|| PrivacyError {
+                code: "report.vendor.missing",
+                message: "an exposure report needs vendor=ID".into(),
+                not_found: false,
             })?;
             let (from, to) = range(&q)?;
-            p.exposure(&vendor, from, to)?
+            p.exposure(&vendor, from, to)
         }
         "processing" => {
             let (from, to) = range(&q)?;
-            p.processing(from, to)?
+            p.processing(from, to)
         }
-        _ => return Err(ApiError::not_found()),
-    };
-    respond(report, q.format.as_deref())
+        _ => Err(PrivacyError {
+            code: "report.unknown",
+            message: format!("no report {kind:?}: subject, exposure or processing"),
+            not_found: true,
+        }),
+    })
+    .await?;
+    respond(report, format.as_deref())
 }
 
 async fn verify(
@@ -245,16 +252,7 @@ async fn verify(
             "the ledger key is not loaded",
         )
     })?;
-    let v = tokio::task::spawn_blocking(move || crate::privacy::verify(&p.store, &key))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "audit.failed",
-                "verification stopped",
-            )
-        })?
-        .map_err(PrivacyError::from)?;
+    let v = blocking(move || Ok(crate::privacy::verify(&p.store, &key)?)).await?;
     let status = if v.problem.is_none() {
         StatusCode::OK
     } else {

@@ -88,39 +88,51 @@ pub struct NewTask {
     pub instructions: String,
 }
 
-/// Destinations (and their vendor) that were handed data about `subject`, per the ledger.
+/// Destinations (and their vendor) that were handed data about `subject` (or a subject merged
+/// into it), per the ledger.
 pub fn recipients(conn: &Connection, subject: &str) -> Result<Vec<(String, String)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT destination, vendor FROM ledger
          WHERE kind = 'delivery' AND outcome = 'delivered' AND subject = ?1 AND event_seq IN
-           (SELECT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision')
-         ORDER BY 1",
+           (SELECT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision')",
     )?;
-    let rows = stmt
-        .query_map([subject], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    let mut out = std::collections::BTreeSet::new();
+    for id in crate::subjects::aliases(conn, subject)? {
+        for row in stmt.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))? {
+            out.insert(row?);
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
-/// Journal events of `subject`, per the router's decisions in the ledger.
+/// Journal events of `subject` (and subjects merged into it), per the router's decisions.
 pub fn event_seqs(conn: &Connection, subject: &str) -> Result<Vec<Seq>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision' ORDER BY 1",
+        "SELECT DISTINCT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision'",
     )?;
-    let rows = stmt
-        .query_map([subject], |r| r.get::<_, i64>(0).map(|s| s as Seq))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    let mut out = std::collections::BTreeSet::new();
+    for id in crate::subjects::aliases(conn, subject)? {
+        for seq in stmt.query_map([&id], |r| r.get::<_, i64>(0).map(|s| s as Seq))? {
+            out.insert(seq?);
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
-/// Deletes the subject's queued and dead-lettered payloads. Returns (queued, dead) removed.
+/// Deletes the queued and dead-lettered payloads of `subject` and subjects merged into it.
+/// Returns (queued, dead) removed.
 pub fn purge_queues(conn: &Connection, subject: &str) -> Result<(usize, usize), StoreError> {
-    let queued = conn.execute("DELETE FROM outbox WHERE subject = ?1", [subject])?;
-    let dead = conn.execute("DELETE FROM dead_letters WHERE subject = ?1", [subject])?;
+    let (mut queued, mut dead) = (0, 0);
+    for id in crate::subjects::aliases(conn, subject)? {
+        queued += conn.execute("DELETE FROM outbox WHERE subject = ?1", [&id])?;
+        dead += conn.execute("DELETE FROM dead_letters WHERE subject = ?1", [&id])?;
+    }
     Ok((queued, dead))
 }
 
-/// The request of this kind already filed for this subject (requests are idempotent).
+/// The request of this kind already filed for this subject: an erasure is filed once; an
+/// access or opt-out request again once the last one completed (an opt-out may have been
+/// withdrawn since, and an export should be current).
 pub fn existing(
     conn: &Connection,
     subject: &str,
@@ -128,11 +140,28 @@ pub fn existing(
 ) -> Result<Option<String>, StoreError> {
     Ok(conn
         .query_row(
-            "SELECT id FROM dsr WHERE subject = ?1 AND kind = ?2 ORDER BY created_at_ms LIMIT 1",
+            "SELECT id FROM dsr WHERE subject = ?1 AND kind = ?2 AND (kind = 'erasure' OR status = 'open')
+             ORDER BY created_at_ms LIMIT 1",
             [subject, kind],
             |r| r.get(0),
         )
         .optional()?)
+}
+
+/// Hands a vendor's part to an operator: Handoff cannot do it (the vendor refused for good, or
+/// has no deletion call). `why` says what to do.
+pub fn task_manual(
+    conn: &Connection,
+    id: &str,
+    destination: &str,
+    why: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE dsr_tasks SET status = 'manual', method = 'manual', instructions = ?3, last_error = NULL
+         WHERE dsr_id = ?1 AND destination = ?2 AND status = 'pending'",
+        params![id, destination, why],
+    )?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

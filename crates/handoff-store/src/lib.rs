@@ -108,6 +108,9 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("the journal is closed")]
     Closed,
+    /// What a decision was based on changed before it could be committed; decide again.
+    #[error("changed meanwhile: {0}")]
+    Conflict(String),
     #[error(
         "another Handoff process is using the data directory {0}; stop it or choose another --data-dir"
     )]
@@ -132,6 +135,7 @@ impl StoreError {
             StoreError::Sqlite(_) => "journal.database",
             StoreError::Io(_) => "journal.io",
             StoreError::Closed => "journal.closed",
+            StoreError::Conflict(_) => "store.conflict",
             StoreError::Locked(_) => "journal.locked",
             StoreError::IndexDamaged(_) => "journal.dedup.damaged",
             StoreError::CommitFailed { code, .. } => code,

@@ -82,6 +82,17 @@ const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
 /// sent and why, see [`ledger::Shape`]).
 const LEDGER_COLUMNS: &str = "destination, vendor, seq, message_id, subject, shape";
 
+/// What the ledger keeps of a dead-letter reason: its head ("HTTP 400", "not delivered within
+/// 3600 s after 9 attempt(s); last error"), never the vendor's answer after it, which may echo
+/// personal data back (the dead letter itself keeps that, and erasure purges it).
+fn ledger_reason(reason: &str) -> &str {
+    let head = reason.split(':').next().unwrap_or("");
+    match head.char_indices().nth(120) {
+        Some((i, _)) => &head[..i],
+        None => head,
+    }
+}
+
 /// The outcome entry of an item (its shape id second, to be filled in).
 fn outcome_entry(
     r: &rusqlite::Row<'_>,
@@ -116,6 +127,55 @@ pub struct NewItem {
     /// What is sent and why, for the ledger entry of the outcome.
     pub shape: ledger::Shape,
     pub payload: String,
+}
+
+/// An item a vendor accepted, as the worker sent it.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub id: i64,
+    pub destination: String,
+    pub vendor: String,
+    pub seq: Seq,
+    pub message_id: String,
+    pub subject: String,
+}
+
+/// A delivery that landed after its subject's erasure purged it: the erasure request gets (or
+/// gets again) a task for this destination, reopened if it had completed.
+fn late_for_erasure(
+    tx: &rusqlite::Transaction<'_>,
+    item: &Sent,
+    vendor_ref: Option<&String>,
+) -> Result<(), StoreError> {
+    if item.subject.is_empty() {
+        return Ok(());
+    }
+    let dsr: Option<String> = tx
+        .query_row(
+            "SELECT id FROM dsr WHERE subject = ?1 AND kind = 'erasure' ORDER BY created_at_ms LIMIT 1",
+            [&item.subject],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(dsr) = dsr else { return Ok(()) };
+    let target = serde_json::json!({
+        "dsr_id": dsr, "subject_id": item.subject,
+        "vendor_refs": vendor_ref.into_iter().collect::<Vec<_>>(),
+    });
+    let added = tx.execute(
+        "INSERT INTO dsr_tasks (dsr_id, destination, vendor, method, status, target, instructions)
+         VALUES (?1, ?2, ?3, 'api', 'pending', ?4, '')
+         ON CONFLICT (dsr_id, destination) DO UPDATE SET status = 'pending', done_at_ms = NULL,
+           target = excluded.target WHERE dsr_tasks.method = 'api'",
+        params![dsr, item.destination, item.vendor, target.to_string()],
+    )?;
+    if added > 0 {
+        tx.execute(
+            "UPDATE dsr SET status = 'open', completed_at_ms = NULL WHERE id = ?1",
+            [&dsr],
+        )?;
+    }
+    Ok(())
 }
 
 /// A payload in the outbox.
@@ -212,6 +272,11 @@ pub struct Routing<'c> {
 impl Routing<'_> {
     pub fn now_ms(&self) -> i64 {
         self.now
+    }
+
+    /// A subject's current [`subjects::Basis`], read in this transaction.
+    pub fn subject_basis(&mut self, id: &str) -> Result<Option<subjects::Basis>, StoreError> {
+        subjects::basis(&self.tx, id)
     }
 
     pub fn set_preferences(&mut self, subject: &str, json: &str) -> Result<(), StoreError> {
@@ -506,22 +571,41 @@ impl OutboxStore {
 
     /// Removes delivered items, records each handoff in the ledger, and keeps the ids the
     /// vendor gave (item id, vendor's id for the subject).
-    pub fn delivered(&self, ids: &[i64], refs: &[(i64, String)]) -> Result<(), StoreError> {
+    pub fn delivered(&self, sent: &[Sent], refs: &[(i64, String)]) -> Result<(), StoreError> {
         self.transact(|tx| {
-            let mut entries = Vec::with_capacity(ids.len());
+            let mut entries = Vec::with_capacity(sent.len());
             {
                 let mut take = tx.prepare_cached(&format!(
                     "DELETE FROM outbox WHERE id = ?1 RETURNING {LEDGER_COLUMNS}"
                 ))?;
-                for id in ids {
-                    let Some((mut entry, shape)) = take
-                        .query_row([id], |r| outcome_entry(r, "delivered", ""))
+                for item in sent {
+                    let vendor_ref = refs.iter().find(|(i, _)| *i == item.id).map(|(_, r)| r);
+                    let entry = match take
+                        .query_row([item.id], |r| outcome_entry(r, "delivered", ""))
                         .optional()?
-                    else {
-                        continue;
+                    {
+                        Some((mut entry, shape)) => {
+                            entry.set_shape(self.shapes.get(tx, shape)?);
+                            entry
+                        }
+                        // An erasure purged it while it was on its way: the vendor has it all
+                        // the same, so the ledger says so and the erasure gets this vendor.
+                        None => {
+                            late_for_erasure(tx, item, vendor_ref)?;
+                            Entry {
+                                kind: ledger::kind::DELIVERY,
+                                destination: item.destination.clone(),
+                                vendor: item.vendor.clone(),
+                                event_seq: item.seq,
+                                message_id: item.message_id.clone(),
+                                subject: item.subject.clone(),
+                                outcome: "delivered".into(),
+                                detail: "delivered while an erasure purged it".into(),
+                                ..Entry::default()
+                            }
+                        }
                     };
-                    entry.set_shape(self.shapes.get(tx, shape)?);
-                    if let Some((_, r)) = refs.iter().find(|(i, _)| i == id)
+                    if let Some(r) = vendor_ref
                         && !entry.subject.is_empty()
                     {
                         subjects::set_vendor_ref(tx, &entry.destination, &entry.subject, r)?;
@@ -564,7 +648,7 @@ impl OutboxStore {
                 for id in ids {
                     let moved = mv
                         .query_row(params![id, now, reason], |r| {
-                            outcome_entry(r, "dead_lettered", reason)
+                            outcome_entry(r, "dead_lettered", ledger_reason(reason))
                         })
                         .optional()?;
                     del.execute([id])?;
@@ -838,7 +922,18 @@ mod tests {
             ),
             (1, 12_345, Some("HTTP 503"))
         );
-        store.delivered(&ids[2..], &[]).unwrap();
+        let sent: Vec<Sent> = store.head("a", 10).unwrap()[2..]
+            .iter()
+            .map(|i| Sent {
+                id: i.id,
+                destination: i.destination.clone(),
+                vendor: "acme".into(),
+                seq: i.seq,
+                message_id: i.message_id.clone(),
+                subject: i.subject.clone(),
+            })
+            .collect();
+        store.delivered(&sent, &[]).unwrap();
         store
             .dead_letter(&ids[1..2], "HTTP 400: bad event")
             .unwrap();
@@ -869,6 +964,18 @@ mod tests {
         );
         assert_eq!(store.discard("a", None).unwrap(), 1);
         assert!(store.dead_letters(None, 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_ledger_keeps_a_dead_letters_reason_but_not_the_vendors_answer() {
+        assert_eq!(
+            ledger_reason(r#"HTTP 400: {"error":"jane@example.com is invalid"}"#),
+            "HTTP 400"
+        );
+        assert_eq!(
+            ledger_reason("the queued payload is not JSON"),
+            "the queued payload is not JSON"
+        );
     }
 
     #[test]

@@ -65,6 +65,19 @@ fn load(conn: &Connection, id: &str) -> Result<Option<Subject>, StoreError> {
         .optional()?)
 }
 
+/// What decisions about a subject depend on: (merged into, suppressed at, preferences).
+pub type Basis = (Option<String>, Option<i64>, Option<String>);
+
+/// The current [`Basis`] of a subject (`None` when there is no such subject).
+pub fn basis(conn: &Connection, id: &str) -> Result<Option<Basis>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT merged_into, suppressed_at_ms, preferences FROM subjects WHERE id = ?1",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?)
+}
+
 /// The subject an identifier hash belongs to, if any.
 pub fn find(conn: &Connection, hash: &str) -> Result<Option<Subject>, StoreError> {
     let id: Option<String> = conn
@@ -127,12 +140,8 @@ pub fn resolve(
                 "UPDATE subjects SET merged_into = ?1 WHERE id = ?2",
                 params![target.id, other.id],
             )?;
-            conn.execute(
-                "INSERT OR IGNORE INTO vendor_refs (destination, subject, ref)
-                 SELECT destination, ?1, ref FROM vendor_refs WHERE subject = ?2",
-                params![target.id, other.id],
-            )?;
-            conn.execute("DELETE FROM vendor_refs WHERE subject = ?1", [&other.id])?;
+            // The merged subject keeps its vendor ids and its history under its own id;
+            // [`aliases`] finds them (erasure, reports).
             if target.suppressed_at_ms.is_none() && other.suppressed_at_ms.is_some() {
                 target.suppressed_at_ms = other.suppressed_at_ms;
             }
@@ -151,6 +160,13 @@ pub fn resolve(
             )?;
             merged.push(other.id);
         }
+        if target.suppressed_at_ms.is_some() {
+            // One side was erased: what the other side still has queued must not leave.
+            for m in &merged {
+                crate::dsr::purge_queues(conn, m)?;
+            }
+            crate::dsr::purge_queues(conn, &target.id)?;
+        }
         target
     };
     let mut link = conn.prepare_cached(
@@ -164,6 +180,31 @@ pub fn resolve(
         subject: Some(subject),
         merged,
     })
+}
+
+/// A subject's id and the ids of every subject merged into it (at any depth).
+pub fn aliases(conn: &Connection, id: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "WITH RECURSIVE a(id) AS (SELECT ?1 UNION SELECT s.id FROM subjects s JOIN a ON s.merged_into = a.id)
+         SELECT id FROM a",
+    )?;
+    let ids = stmt
+        .query_map([id], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(ids)
+}
+
+/// The vendor's ids for a subject and its aliases.
+pub fn vendor_refs(
+    conn: &Connection,
+    destination: &str,
+    subject: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for id in aliases(conn, subject)? {
+        out.extend(vendor_ref(conn, destination, &id)?);
+    }
+    Ok(out)
 }
 
 pub fn set_preferences(conn: &Connection, subject: &str, json: &str) -> Result<(), StoreError> {
@@ -271,7 +312,8 @@ mod tests {
                 assert_eq!(r.merged, vec![user.id.clone()]);
                 assert_eq!(merged.suppressed_at_ms, Some(4));
                 assert_eq!(find(c, "h-user")?.unwrap().id, anon.id);
-                assert_eq!(vendor_ref(c, "stripe", &anon.id)?.as_deref(), Some("cus_1"));
+                assert_eq!(vendor_refs(c, "stripe", &anon.id)?, ["cus_1"]);
+                assert_eq!(aliases(c, &anon.id)?.len(), 2);
                 assert_eq!(
                     identifier_kinds(c, &anon.id)?,
                     vec![("anonymous_id".into(), 1), ("user_id".into(), 1)]
