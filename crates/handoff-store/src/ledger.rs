@@ -255,80 +255,29 @@ pub fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
-/// The canonical form an entry's hash covers.
-#[allow(clippy::too_many_arguments)]
-fn canonical(seq: u64, at_ms: i64, kind: &str, e: &EntryRef<'_>) -> String {
-    serde_json::to_string(&(
-        seq,
-        at_ms,
-        kind,
-        e.event_seq,
-        e.message_id,
-        e.subject,
-        e.destination,
-        e.vendor,
-        e.purposes,
-        e.legal_basis,
-        e.categories,
-        e.fields,
-        e.outcome,
-        e.reasons,
-        e.detail,
-    ))
-    .expect("a tuple of strings and numbers serialises")
-}
-
-struct EntryRef<'a> {
-    event_seq: Seq,
-    message_id: &'a str,
-    subject: &'a str,
-    destination: &'a str,
-    vendor: &'a str,
-    purposes: &'a str,
-    legal_basis: &'a str,
-    categories: &'a str,
-    fields: &'a str,
-    outcome: &'a str,
-    reasons: &'a str,
-    detail: &'a str,
-}
-
-impl<'a> From<&'a Entry> for EntryRef<'a> {
-    fn from(e: &'a Entry) -> Self {
-        EntryRef {
-            event_seq: e.event_seq,
-            message_id: &e.message_id,
-            subject: &e.subject,
-            destination: &e.destination,
-            vendor: &e.vendor,
-            purposes: &e.purposes,
-            legal_basis: &e.legal_basis,
-            categories: &e.categories,
-            fields: &e.fields,
-            outcome: &e.outcome,
-            reasons: &e.reasons,
-            detail: &e.detail,
-        }
-    }
-}
-
-impl<'a> From<&'a Row> for EntryRef<'a> {
-    fn from(e: &'a Row) -> Self {
-        EntryRef {
-            event_seq: e.event_seq,
-            message_id: &e.message_id,
-            subject: &e.subject,
-            destination: &e.destination,
-            vendor: &e.vendor,
-            purposes: &e.purposes,
-            legal_basis: &e.legal_basis,
-            categories: &e.categories,
-            fields: &e.fields,
-            outcome: &e.outcome,
-            reasons: &e.reasons,
-            detail: &e.detail,
-        }
-    }
+/// The canonical form an entry's hash covers: a JSON array of its fields in a fixed order.
+/// Works on an [`Entry`] being written and a [`Row`] being verified (same field names).
+macro_rules! canonical {
+    ($seq:expr, $at_ms:expr, $kind:expr, $e:expr) => {
+        serde_json::to_string(&(
+            $seq,
+            $at_ms,
+            $kind,
+            $e.event_seq,
+            &$e.message_id,
+            &$e.subject,
+            &$e.destination,
+            &$e.vendor,
+            &$e.purposes,
+            &$e.legal_basis,
+            &$e.categories,
+            &$e.fields,
+            &$e.outcome,
+            &$e.reasons,
+            &$e.detail,
+        ))
+        .expect("a tuple of strings and numbers serialises")
+    };
 }
 
 fn chain(prev_hash: &str, canonical: &str) -> String {
@@ -411,7 +360,7 @@ pub fn append(
     let (mut last_seq, last_at) = last.map_or((0, None), |(s, t)| (s, Some(t)));
     for e in entries {
         seq += 1;
-        let hash = chain(&prev, &canonical(seq, at_ms, e.kind, &e.into()));
+        let hash = chain(&prev, &canonical!(seq, at_ms, e.kind, e));
         let hash_bytes = unhex(&hash).expect("our own hex");
         let shape = shapes.id(tx, &e.shape())?;
         insert.execute(params![
@@ -555,11 +504,7 @@ pub fn verify(
                         row.seq - 1
                     ),
                 });
-            } else if chain(
-                &prev,
-                &canonical(row.seq, row.at_ms, &row.kind, &(&row).into()),
-            ) != row.hash
-            {
+            } else if chain(&prev, &canonical!(row.seq, row.at_ms, &row.kind, row)) != row.hash {
                 problem = Some(Problem {
                     seq: row.seq,
                     code: "ledger.entry.altered",
@@ -871,7 +816,7 @@ mod tests {
             if r.seq == 3 {
                 r.outcome = "block".into();
             }
-            let h = chain(&prev, &canonical(r.seq, r.at_ms, &r.kind, &(&r).into()));
+            let h = chain(&prev, &canonical!(r.seq, r.at_ms, &r.kind, r));
             tamper(
                 &store,
                 &format!(
