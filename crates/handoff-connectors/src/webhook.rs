@@ -72,7 +72,9 @@ impl Webhook {
         let id = delivery_id(&self.destination, &format!("erasure:{}", target.dsr_id));
         let body = serde_json::to_vec(&json!({
             "type": "subject.erasure",
-            "timestamp": crate::wire::rfc3339(now),
+            "timestamp": time::OffsetDateTime::from_unix_timestamp(now)
+                .map(handoff_core::time_fmt::format_millis)
+                .unwrap_or_default(),
             "data": {
                 "dsrId": target.dsr_id,
                 "subjectId": target.subject_id,

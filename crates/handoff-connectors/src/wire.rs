@@ -100,17 +100,6 @@ pub fn excerpt(body: &[u8], secrets: &[&str]) -> String {
 /// The id a delivery carries to the vendor (Meta `event_id`, Stripe `Idempotency-Key`,
 /// `webhook-id`): the same for every retry of the same event to the same destination, and
 /// different across destinations, so two vendors cannot join on it.
-/// A Unix time as RFC 3339 (UTC).
-pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 pub fn delivery_id(destination: &str, message_id: &str) -> String {
     let mut h = Sha256::new();
     h.update(destination.as_bytes());

@@ -12,6 +12,7 @@ use handoff_core::consent::StoredPreferences;
 use handoff_core::policy::identifiers_as_sent;
 use handoff_core::policy::model::{Destination, PolicySettings};
 use handoff_core::subject::{IdKind, Identifier, SubjectKey};
+use handoff_core::time_fmt::{format_millis, parse_client, unix_millis};
 use handoff_store::dsr::{self, NewTask};
 use handoff_store::ledger::{self, Entry, Row};
 use handoff_store::outbox::OutboxStore;
@@ -639,20 +640,17 @@ fn join(v: &Value) -> String {
 }
 
 pub fn rfc3339(ms: i64) -> String {
+    // Empty for an instant past the representable years (an open-ended `to`).
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .map(format_millis)
         .unwrap_or_default()
 }
 
-/// Parses `2026-11-01` (midnight UTC) or an RFC 3339 time, as Unix milliseconds.
+/// Parses `2026-11-01` (midnight UTC) or a time as clients send them (RFC 3339 / ISO 8601), as
+/// Unix milliseconds.
 pub fn parse_time(s: &str) -> Result<i64, PrivacyError> {
-    use time::format_description::well_known::Rfc3339;
-    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
-        return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    if let Some(t) = parse_client(s) {
+        return Ok(unix_millis(t));
     }
     let fmt = time::macros::format_description!("[year]-[month]-[day]");
     time::Date::parse(s, &fmt)
