@@ -280,32 +280,21 @@ macro_rules! canonical {
     };
 }
 
-fn chain(prev_hash: &str, canonical: &str) -> String {
+/// SHA-256 over the previous entry's hash (hex) and this entry's canonical form.
+fn chain(prev_hash: &str, canonical: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
     h.update(canonical.as_bytes());
-    hex(&h.finalize())
+    h.finalize().into()
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    base16ct::lower::encode_string(bytes)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    base16ct::mixed::decode_vec(s).ok()
 }
 
 /// What a checkpoint signature covers.
@@ -350,7 +339,9 @@ pub fn append(
            outcome, reasons, detail, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
-    let mut prev_bytes = unhex(&prev).unwrap_or_default();
+    let mut prev_bytes: [u8; 32] = unhex(&prev)
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or([0; 32]);
     // The last checkpoint: one is signed every CHECKPOINT_EVERY_ENTRIES entries (also inside a
     // batch), so `verify` can require that no longer stretch goes unsigned.
     let last: Option<(u64, i64)> = tx
@@ -360,8 +351,8 @@ pub fn append(
     let (mut last_seq, last_at) = last.map_or((0, None), |(s, t)| (s, Some(t)));
     for e in entries {
         seq += 1;
-        let hash = chain(&prev, &canonical!(seq, at_ms, e.kind, e));
-        let hash_bytes = unhex(&hash).expect("our own hex");
+        let hash_bytes = chain(&prev, &canonical!(seq, at_ms, e.kind, e));
+        let hash = hex(&hash_bytes);
         let shape = shapes.id(tx, &e.shape())?;
         insert.execute(params![
             seq as i64,
@@ -376,8 +367,8 @@ pub fn append(
             e.outcome,
             e.reasons,
             e.detail,
-            prev_bytes,
-            hash_bytes
+            &prev_bytes[..],
+            &hash_bytes[..]
         ])?;
         if let Some(key) = signer
             && seq - last_seq >= CHECKPOINT_EVERY_ENTRIES
@@ -504,7 +495,11 @@ pub fn verify(
                         row.seq - 1
                     ),
                 });
-            } else if chain(&prev, &canonical!(row.seq, row.at_ms, &row.kind, row)) != row.hash {
+            } else if hex(&chain(
+                &prev,
+                &canonical!(row.seq, row.at_ms, &row.kind, row),
+            )) != row.hash
+            {
                 problem = Some(Problem {
                     seq: row.seq,
                     code: "ledger.entry.altered",
@@ -816,7 +811,7 @@ mod tests {
             if r.seq == 3 {
                 r.outcome = "block".into();
             }
-            let h = chain(&prev, &canonical!(r.seq, r.at_ms, &r.kind, r));
+            let h = hex(&chain(&prev, &canonical!(r.seq, r.at_ms, &r.kind, r)));
             tamper(
                 &store,
                 &format!(
