@@ -466,12 +466,21 @@ pub fn verify(
     let mut problem: Option<Problem> = None;
     let mut hashes: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
     let mut last_decided: Seq = 0;
-    let mut checkpoint_seqs: Vec<u64> = conn
-        .prepare("SELECT seq FROM ledger_checkpoints")?
-        .query_map([], |r| r.get::<_, i64>(0))?
-        .map(|s| s.map(|s| s as u64))
-        .collect::<Result<_, _>>()?;
-    checkpoint_seqs.sort_unstable();
+    // (seq, hash, at_ms, public key, signature), in order.
+    let cps = conn
+        .prepare(
+            "SELECT seq, hash, at_ms, public_key, signature FROM ledger_checkpoints ORDER BY seq",
+        )?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
     while let Some(r) = rows.next()? {
         let row = read_row(r)?;
         entries += 1;
@@ -510,7 +519,7 @@ pub fn verify(
                 });
             }
         }
-        if checkpoint_seqs.binary_search(&row.seq).is_ok() {
+        if cps.binary_search_by_key(&row.seq, |c| c.0).is_ok() {
             hashes.insert(row.seq, row.hash.clone());
         }
         if row.kind == kind::DECISION {
@@ -522,20 +531,6 @@ pub fn verify(
     let head_seq = expected_seq - 1;
     let mut checkpoints = 0u64;
     if problem.is_none() {
-        let mut stmt = conn.prepare(
-            "SELECT seq, hash, at_ms, public_key, signature FROM ledger_checkpoints ORDER BY seq",
-        )?;
-        let cps = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
         let mut signed_up_to = 0u64;
         for (seq, hash, at_ms, public_key, signature) in cps {
             checkpoints += 1;
