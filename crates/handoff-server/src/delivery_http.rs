@@ -155,13 +155,7 @@ async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Scope::AdminRead)?;
-    let Query(q) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "request.query.invalid",
-            e.body_text(),
-        )
-    })?;
+    let Query(q) = query?;
     let store = store(&state)?;
     let rows = store
         .dead_letters(q.destination.as_deref(), q.after, q.limit.min(1000))

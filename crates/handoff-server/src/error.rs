@@ -19,6 +19,17 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
+/// A query string that does not parse into the route's parameters.
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "request.query.invalid",
+            e.body_text(),
+        )
+    }
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -102,13 +102,7 @@ async fn plan(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Scope::AdminRead)?;
-    let Query(q) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "request.query.invalid",
-            e.body_text(),
-        )
-    })?;
+    let Query(q) = query?;
     let p = &state.policy;
     let plan = policy::plan_message(
         &p.settings,

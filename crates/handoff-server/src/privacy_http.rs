@@ -198,13 +198,7 @@ async fn report(
     query: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Scope::AuditRead)?;
-    let Query(q) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "request.query.invalid",
-            e.body_text(),
-        )
-    })?;
+    let Query(q) = query?;
     let p = privacy(&state)?;
     let format = q.format.clone();
     let report = blocking(move || match kind.as_str() {
