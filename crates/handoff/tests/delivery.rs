@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::{BIN, Gateway, client};
+use common::{BIN, Gateway, client, until};
 use handoff_connectors::webhook::{Secret, sign};
 use serde_json::{Value, json};
 
@@ -200,15 +200,6 @@ async fn send(gw: &Gateway, from: usize, n: usize) {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-}
-
-/// Waits until `f` holds, for at most `secs`.
-async fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn cli(data: &std::path::Path, args: &[&str]) -> String {

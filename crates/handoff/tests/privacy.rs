@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::{BIN, Gateway, client, create_client, fetch_token, metric};
+use common::{BIN, Gateway, client, create_client, fetch_token, metric, until};
 use handoff_connectors::webhook::{Secret, sign};
 use serde_json::{Value, json};
 
@@ -158,14 +158,6 @@ fn track(user: &str, anon: &str, n: usize) -> Value {
     json!({"type": "track", "event": "Plan Chosen", "userId": user, "anonymousId": anon,
         "messageId": format!("{user}-{n}"), "properties": {"plan": "pro"},
         "context": {"consent": {"categoryPreferences": {"advertising": true}}}})
-}
-
-async fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 fn cli(data: &std::path::Path, args: &[&str]) -> (bool, String) {

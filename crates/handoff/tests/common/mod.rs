@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_handoff");
 
@@ -166,23 +166,31 @@ impl Drop for Gateway {
 }
 
 /// The value of the first sample whose name-and-labels start with `name` in a Prometheus page.
-pub fn metric(body: &str, name: &str) -> f64 {
+fn sample(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
 }
 
-/// Like [`metric`], 0 when the sample is not there yet.
+/// Like [`sample`], failing the test when it is not there.
+pub fn metric(body: &str, name: &str) -> f64 {
+    sample(body, name).unwrap_or_else(|| panic!("metric {name} not found in:\n{body}"))
+}
+
+/// Like [`sample`], 0 when the sample is not there yet.
 pub fn metric_or_zero(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    sample(body, name).unwrap_or(0.0)
+}
+
+/// Waits until `f` holds, for at most `secs`.
+pub async fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// `handoff journal dump` as parsed JSON lines.
