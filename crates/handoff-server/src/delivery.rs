@@ -43,7 +43,8 @@ pub const KILLED_REASON: &str = "destination.killed";
 /// One destination at run time.
 pub struct Lane {
     pub destination: Destination,
-    connector: Box<dyn Connector>,
+    /// Shared with data-subject requests, which call the same connector's erasure.
+    pub connector: Arc<dyn Connector>,
     client: reqwest::Client,
     state: AtomicU8,
     wake: Notify,
@@ -109,7 +110,7 @@ impl Delivery {
             let (state, _) = store.state(&d.id)?;
             let lane = Lane {
                 destination: d.clone(),
-                connector,
+                connector: connector.into(),
                 client,
                 state: AtomicU8::new(0),
                 wake: Notify::new(),

@@ -56,7 +56,7 @@ pub struct Privacy {
     pub store: Arc<OutboxStore>,
     pub data_dir: PathBuf,
     pub subject_key: SubjectKey,
-    pub destinations: Vec<(Destination, Box<dyn Connector>)>,
+    pub destinations: Vec<(Destination, Arc<dyn Connector>)>,
     /// Policy settings (the deadline of requests; how identifiers are read).
     pub settings: PolicySettings,
 }

@@ -482,13 +482,12 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         privacy_keys.subjects.clone(),
         data_dir,
     )?);
-    let mut connectors = Vec::new();
-    for d in &policy.destinations {
-        connectors.push((
-            d.clone(),
-            handoff_connectors::connector::for_destination(d)?,
-        ));
-    }
+    // Requests call the connectors delivery built.
+    let connectors = delivery
+        .lanes
+        .iter()
+        .map(|l| (l.destination.clone(), l.connector.clone()))
+        .collect();
     let privacy = Arc::new(handoff_server::privacy::Privacy {
         store: outbox.clone(),
         data_dir: data_dir.clone(),

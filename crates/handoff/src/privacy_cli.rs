@@ -162,7 +162,7 @@ fn privacy(state: &StateArgs, config: Option<&PathBuf>) -> Result<Privacy> {
             let mut list = Vec::new();
             for d in config.destinations {
                 let c = handoff_connectors::connector::for_destination(&d)?;
-                list.push((d, c));
+                list.push((d, c.into()));
             }
             (list, config.policy)
         }
