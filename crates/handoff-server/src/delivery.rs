@@ -45,6 +45,8 @@ pub struct Lane {
     pub destination: Destination,
     /// Shared with data-subject requests, which call the same connector's erasure.
     pub connector: Arc<dyn Connector>,
+    /// The destination's purposes as the ledger writes them ("advertising,analytics").
+    purposes: String,
     client: reqwest::Client,
     state: AtomicU8,
     wake: Notify,
@@ -111,6 +113,12 @@ impl Delivery {
             let lane = Lane {
                 destination: d.clone(),
                 connector: connector.into(),
+                purposes: d
+                    .purposes
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 client,
                 state: AtomicU8::new(0),
                 wake: Notify::new(),
@@ -348,7 +356,6 @@ struct Routed {
 struct Plan {
     routed: Routed,
     items: Vec<NewItem>,
-    blocks: Vec<(String, &'static str)>,
     entries: Vec<Entry>,
     /// Stored preferences changed by identify calls (subject, JSON), last one per subject.
     preferences: Vec<(String, String)>,
@@ -372,7 +379,7 @@ impl Plan {
         for item in &self.items {
             r.queue(item)?;
         }
-        for (destination, reason) in &self.blocks {
+        for (destination, reason) in &self.routed.blocked {
             r.block(destination, reason)?;
         }
         for e in self.entries {
@@ -390,7 +397,8 @@ fn parse_event(e: &handoff_store::StoredEvent) -> Option<Value> {
     serde_json::from_str(&e.payload).ok()
 }
 
-fn decision_entry(e: &handoff_store::StoredEvent, subject: &str, d: &Destination) -> Entry {
+fn decision_entry(e: &handoff_store::StoredEvent, subject: &str, lane: &Lane) -> Entry {
+    let d = &lane.destination;
     Entry {
         kind: ledger::kind::DECISION,
         event_seq: e.seq,
@@ -398,12 +406,7 @@ fn decision_entry(e: &handoff_store::StoredEvent, subject: &str, d: &Destination
         subject: subject.to_owned(),
         destination: d.id.clone(),
         vendor: d.vendor.id.clone(),
-        purposes: d
-            .purposes
-            .iter()
-            .map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
+        purposes: lane.purposes.clone(),
         legal_basis: d.legal_basis.as_str().to_owned(),
         ..Entry::default()
     }
@@ -426,7 +429,6 @@ fn decide_batch(
             erase: Vec::new(),
         },
         items: Vec::new(),
-        blocks: Vec::new(),
         entries: Vec::with_capacity(events.len() * lanes.len()),
         preferences: Vec::new(),
         basis: Vec::new(),
@@ -444,8 +446,10 @@ fn decide_batch(
                 "journal.unreadable"
             };
             for lane in lanes {
-                plan.blocks.push((lane.destination.id.clone(), reason));
-                let mut entry = decision_entry(e, "", &lane.destination);
+                plan.routed
+                    .blocked
+                    .push((lane.destination.id.clone(), reason));
+                let mut entry = decision_entry(e, "", lane);
                 entry.outcome = "block".into();
                 entry.reasons = reason.into();
                 plan.entries.push(entry);
@@ -487,9 +491,9 @@ fn decide_batch(
         let consent = ConsentContext::from_event(prepared.value(), &settings.consent_fields, state);
         for (i, lane) in lanes.iter().enumerate() {
             let d = &lane.destination;
-            let mut entry = decision_entry(e, &subject_id, d);
+            let mut entry = decision_entry(e, &subject_id, lane);
             if lane.state() == DestinationState::Killed {
-                plan.blocks.push((d.id.clone(), KILLED_REASON));
+                plan.routed.blocked.push((d.id.clone(), KILLED_REASON));
                 entry.outcome = "block".into();
                 entry.reasons = KILLED_REASON.into();
                 plan.entries.push(entry);
@@ -518,14 +522,15 @@ fn decide_batch(
                     plan.routed.wake[i] = true;
                 }
                 Outcome::Block => {
-                    plan.blocks.push((d.id.clone(), decision.reasons[0].code));
+                    plan.routed
+                        .blocked
+                        .push((d.id.clone(), decision.reasons[0].code));
                     entry.outcome = "block".into();
                 }
             }
             plan.entries.push(entry);
         }
     }
-    plan.routed.blocked = plan.blocks.clone();
     plan.preferences = changed.into_iter().map(|(s, p)| (s, p.to_json())).collect();
     plan
 }
