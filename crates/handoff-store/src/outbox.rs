@@ -263,7 +263,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// One routing transaction: the router resolves subjects, queues payloads and records its
 /// decisions through it; [`OutboxStore::route_with`] commits everything with the position.
 pub struct Routing<'c> {
-    tx: rusqlite::Transaction<'c>,
+    tx: &'c rusqlite::Transaction<'c>,
     shapes: &'c ledger::ShapeCache,
     now: i64,
     ledger: Vec<Entry>,
@@ -276,15 +276,15 @@ impl Routing<'_> {
 
     /// A subject's current [`subjects::Basis`], read in this transaction.
     pub fn subject_basis(&mut self, id: &str) -> Result<Option<subjects::Basis>, StoreError> {
-        subjects::basis(&self.tx, id)
+        subjects::basis(self.tx, id)
     }
 
     pub fn set_preferences(&mut self, subject: &str, json: &str) -> Result<(), StoreError> {
-        subjects::set_preferences(&self.tx, subject, json)
+        subjects::set_preferences(self.tx, subject, json)
     }
 
     pub fn queue(&mut self, item: &NewItem) -> Result<(), StoreError> {
-        let shape = self.shapes.id(&self.tx, &item.shape)?;
+        let shape = self.shapes.id(self.tx, &item.shape)?;
         self.tx
             .prepare_cached(
                 "INSERT INTO outbox (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms)
@@ -514,30 +514,20 @@ impl OutboxStore {
         upto: Seq,
         f: impl FnOnce(&mut Routing<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let mut routing = Routing {
-            tx,
-            shapes: &self.shapes,
-            now: now_ms(),
-            ledger: Vec::new(),
-        };
-        let result = f(&mut routing).and_then(|out| {
-            let Routing {
-                tx, now, ledger, ..
-            } = routing;
-            ledger::append(&tx, &self.shapes, &ledger, now, self.signer.get())?;
+        self.transact(|tx| {
+            let mut routing = Routing {
+                tx,
+                shapes: &self.shapes,
+                now: now_ms(),
+                ledger: Vec::new(),
+            };
+            let out = f(&mut routing)?;
             tx.execute(
                 "INSERT INTO router (id, seq) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
                 [upto as i64],
             )?;
-            tx.commit()?;
-            Ok(out)
-        });
-        if result.is_err() {
-            self.shapes.clear();
-        }
-        result
+            Ok((out, routing.ledger))
+        })
     }
 
     /// The first `limit` items of a destination's queue, in order.
