@@ -672,33 +672,15 @@ async fn erasures(
                     tracing::info!(dsr = %id, destination = %task.destination, "vendor confirmed the erasure");
                     blocking(move || {
                         store.transact(|tx| {
-                            let subject: String = tx.query_row(
-                                "SELECT subject FROM dsr WHERE id = ?1",
-                                [&id],
-                                |r| r.get(0),
+                            let entry = dsr::confirm_erasure(
+                                tx,
+                                &id,
+                                &task.destination,
+                                &task.vendor,
+                                "the vendor accepted the deletion",
+                                now,
                             )?;
-                            dsr::task_done(tx, &id, &task.destination, now)?;
-                            for alias in handoff_store::subjects::aliases(tx, &subject)? {
-                                handoff_store::subjects::delete_vendor_ref(
-                                    tx,
-                                    &task.destination,
-                                    &alias,
-                                )?;
-                            }
-                            Ok((
-                                (),
-                                vec![Entry {
-                                    kind: ledger::kind::DSR,
-                                    subject,
-                                    destination: task.destination.clone(),
-                                    vendor: task.vendor.clone(),
-                                    outcome: "erasure.confirmed".into(),
-                                    detail: format!(
-                                        "request {id}; the vendor accepted the deletion"
-                                    ),
-                                    ..Entry::default()
-                                }],
-                            ))
+                            Ok(((), vec![entry]))
                         })
                     })
                     .await

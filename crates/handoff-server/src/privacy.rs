@@ -370,22 +370,9 @@ impl Privacy {
         if task.status != dsr::status::DONE {
             let now = now_ms();
             self.store.transact(|tx| {
-                dsr::task_done(tx, id, destination, now)?;
-                for alias in subjects::aliases(tx, &request.subject)? {
-                    subjects::delete_vendor_ref(tx, destination, &alias)?;
-                }
-                Ok((
-                    (),
-                    vec![Entry {
-                        kind: ledger::kind::DSR,
-                        subject: request.subject.clone(),
-                        destination: destination.to_owned(),
-                        vendor: task.vendor.clone(),
-                        outcome: "erasure.confirmed".into(),
-                        detail: format!("request {id}; confirmed by {by}"),
-                        ..Entry::default()
-                    }],
-                ))
+                let how = format!("confirmed by {by}");
+                let entry = dsr::confirm_erasure(tx, id, destination, &task.vendor, &how, now)?;
+                Ok(((), vec![entry]))
             })?;
         }
         self.get(id)

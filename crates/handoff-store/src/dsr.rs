@@ -335,6 +335,34 @@ pub fn task_done(
     Ok(None)
 }
 
+/// A vendor's part of an erasure is done (the vendor accepted the call, or an operator
+/// confirmed it): marks it done, forgets the vendor's ids for the person, and returns the ledger
+/// entry to record, with `how` as its detail.
+pub fn confirm_erasure(
+    conn: &Connection,
+    id: &str,
+    destination: &str,
+    vendor: &str,
+    how: &str,
+    now_ms: i64,
+) -> Result<crate::ledger::Entry, StoreError> {
+    let subject: String =
+        conn.query_row("SELECT subject FROM dsr WHERE id = ?1", [id], |r| r.get(0))?;
+    task_done(conn, id, destination, now_ms)?;
+    for alias in crate::subjects::aliases(conn, &subject)? {
+        crate::subjects::delete_vendor_ref(conn, destination, &alias)?;
+    }
+    Ok(crate::ledger::Entry {
+        kind: crate::ledger::kind::DSR,
+        subject,
+        destination: destination.to_owned(),
+        vendor: vendor.to_owned(),
+        outcome: "erasure.confirmed".into(),
+        detail: format!("request {id}; {how}"),
+        ..crate::ledger::Entry::default()
+    })
+}
+
 pub fn task_retry(
     conn: &Connection,
     id: &str,
