@@ -270,10 +270,6 @@ pub struct Routing<'c> {
 }
 
 impl Routing<'_> {
-    pub fn now_ms(&self) -> i64 {
-        self.now
-    }
-
     /// A subject's current [`subjects::Basis`], read in this transaction.
     pub fn subject_basis(&mut self, id: &str) -> Result<Option<subjects::Basis>, StoreError> {
         subjects::basis(self.tx, id)
