@@ -38,6 +38,16 @@ KEY = "delivery-e2e-key-0123456789"
 STRIPE_KEY = "sk_test_e2e0123456789"
 
 
+LOCALSTRIPE_IN_MEMORY = """
+import sys
+import localstripe.resources
+from localstripe.server import start
+localstripe.resources.Store.dump_to_disk = lambda self: None
+sys.argv[0] = "localstripe"
+start()
+"""
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,8 +75,11 @@ def vendors():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stripe_port = free_port()
+    # localstripe keeps its customers in /tmp/localstripe.pickle and loads them at start: each
+    # test gets an empty one that keeps nothing on disk (a stale list of customers from an
+    # earlier run pushed this test's customer off the first page of /v1/customers).
     stripe = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "localstripe"), "--port", str(stripe_port)],
+        [sys.executable, "-c", LOCALSTRIPE_IN_MEMORY, "--from-scratch", "--port", str(stripe_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     stripe_url = f"http://127.0.0.1:{stripe_port}"
@@ -188,6 +201,14 @@ def wait_for(what, check, timeout=30):
         time.sleep(0.05)
 
 
+def stripe_customers(gateway, email):
+    """The customers localstripe holds with this e-mail (Stripe's list filter, one full page)."""
+    r = requests.get(gateway["stripe"] + "/v1/customers", params={"email": email, "limit": 100},
+                     auth=(STRIPE_KEY, ""), timeout=5)
+    r.raise_for_status()
+    return [c for c in r.json()["data"] if c.get("email") == email]
+
+
 def test_sdk_events_reach_each_vendor_in_its_own_format(gateway):
     client = analytics.Client(KEY, host=gateway["url"], sync_mode=True)
     consent = {"consent": {"categoryPreferences": {"Advertising": True, "Analytics": True}}}
@@ -235,8 +256,7 @@ def test_sdk_events_reach_each_vendor_in_its_own_format(gateway):
 
     # Stripe: the identify became a customer, read back through localstripe.
     def customers():
-        r = requests.get(gateway["stripe"] + "/v1/customers", auth=(STRIPE_KEY, ""), timeout=5).json()
-        return [c for c in r.get("data", []) if c.get("email") == "Jane.Doe@example.org"]
+        return stripe_customers(gateway, "Jane.Doe@example.org")
 
     found = wait_for("a Stripe customer", customers)
     assert found[0]["name"] == "Jane Doe"
@@ -256,8 +276,7 @@ def test_a_later_identify_updates_the_customer_and_erasure_reaches_every_vendor(
     client.flush()
 
     def customers():
-        r = requests.get(gateway["stripe"] + "/v1/customers", auth=(STRIPE_KEY, ""), timeout=5).json()
-        return [c for c in r.get("data", []) if c.get("email") == "sam@example.org"]
+        return stripe_customers(gateway, "sam@example.org")
 
     first = wait_for("Sam's customer", customers)
     client.identify("user-9", {"email": "sam@example.org", "name": "Sam Smith"})
