@@ -186,7 +186,7 @@ impl Connector for Webhook {
         classify_status(status, retry_after, body, &[])
     }
     fn erasure(&self, target: &ErasureTarget, now: OffsetDateTime) -> Erasure {
-        Erasure::Calls(vec![self.erasure_request(target, now.unix_timestamp())])
+        self.erasure_calls(target, now.unix_timestamp())
     }
 }
 

@@ -8,7 +8,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::erasure::ErasureTarget;
+use crate::erasure::{Erasure, ErasureTarget};
 use crate::wire::{Item, WireRequest, delivery_id};
 
 /// Secrets are `whsec_` followed by base64 of the key.
@@ -66,10 +66,29 @@ impl Webhook {
     /// The request for one item, signed at `now` (Unix seconds). The body follows the Standard
     /// Webhooks payload shape: `type`, `timestamp`, `data`.
     /// A signed `subject.erasure` event asking the receiver to erase a subject, with the
-    /// identifiers the request gave; its id is stable per request and destination, so
-    /// retries are deduplicated like deliveries.
-    pub fn erasure_request(&self, target: &ErasureTarget, now: i64) -> WireRequest {
-        let id = delivery_id(&self.destination, &format!("erasure:{}", target.dsr_id));
+    /// identifiers the request gave as this destination sent them; its id is stable per
+    /// request, destination and identifiers, so retries are deduplicated like deliveries.
+    /// Nothing to send when the request names none of them: the receiver could not tell whom.
+    pub fn erasure_calls(&self, target: &ErasureTarget, now: i64) -> Erasure {
+        if target.user_ids.is_empty() && target.anonymous_ids.is_empty() && target.emails.is_empty()
+        {
+            return Erasure::NothingHeld(
+                "the request names none of the user ids, anonymous ids or e-mails this webhook was sent".into(),
+            );
+        }
+        Erasure::Calls(vec![self.erasure_request(target, now)])
+    }
+
+    fn erasure_request(&self, target: &ErasureTarget, now: i64) -> WireRequest {
+        // Stable across retries; a request filed again naming more of the person is a new
+        // message (receivers deduplicate on webhook-id).
+        let named = [&target.user_ids, &target.anonymous_ids, &target.emails]
+            .map(|ids| ids.join("\u{1f}"))
+            .join("\u{1e}");
+        let id = delivery_id(
+            &self.destination,
+            &format!("erasure:{}:{named}", target.dsr_id),
+        );
         let body = serde_json::to_vec(&json!({
             "type": "subject.erasure",
             "timestamp": time::OffsetDateTime::from_unix_timestamp(now)
@@ -164,6 +183,39 @@ mod tests {
             )
             .contains("MfK")
         );
+    }
+
+    #[test]
+    fn an_erasure_is_one_message_per_set_of_identifiers() {
+        let hook = Webhook {
+            destination: "crm-webhook".into(),
+            url: "https://crm.example.com/hooks/handoff".into(),
+            secret: Secret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap(),
+        };
+        let target = ErasureTarget {
+            dsr_id: "dsr_1".into(),
+            subject_id: "sub_1".into(),
+            user_ids: vec!["user-1".into()],
+            ..ErasureTarget::default()
+        };
+        let id = |t: &ErasureTarget, now| match hook.erasure_calls(t, now) {
+            Erasure::Calls(calls) => calls[0].header("webhook-id").unwrap().to_owned(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(id(&target, 1), id(&target, 2), "retries keep the id");
+        let more = ErasureTarget {
+            emails: vec!["jane@example.com".into()],
+            ..target.clone()
+        };
+        assert_ne!(id(&target, 1), id(&more, 1), "naming more is a new message");
+        let none = ErasureTarget {
+            user_ids: vec![],
+            ..target
+        };
+        assert!(matches!(
+            hook.erasure_calls(&none, 1),
+            Erasure::NothingHeld(_)
+        ));
     }
 
     #[test]

@@ -672,15 +672,18 @@ async fn erasures(
                     tracing::info!(dsr = %id, destination = %task.destination, "vendor confirmed the erasure");
                     blocking(move || {
                         store.transact(|tx| {
+                            // Not if the request was filed again meanwhile, naming more:
+                            // the vendor is called again with the fuller target.
                             let entry = dsr::confirm_erasure(
                                 tx,
                                 &id,
                                 &task.destination,
                                 &task.vendor,
                                 "the vendor accepted the deletion",
+                                task.target.as_deref(),
                                 now,
                             )?;
-                            Ok(((), vec![entry]))
+                            Ok(((), entry.into_iter().collect()))
                         })
                     })
                     .await

@@ -207,13 +207,27 @@ impl Privacy {
                 .expect("identifiers given");
             if let Some(id) = dsr::existing(tx, &subject.id, kind)? {
                 // The same request again: nothing new is filed, but the journal is erased
-                // again (in case erasing it failed the first time; it is idempotent).
-                let erase = if kind == "erasure" {
-                    dsr::event_seqs(tx, &subject.id)?
-                } else {
-                    Vec::new()
-                };
-                return Ok(((id, false, erase), Vec::new()));
+                // again (in case erasing it failed the first time; it is idempotent), and
+                // vendors are asked about identifiers this filing names for the first time.
+                let mut entries = Vec::new();
+                let mut erase = Vec::new();
+                if kind == "erasure" {
+                    erase = dsr::event_seqs(tx, &subject.id)?;
+                    let asked = self.extend_erasure(tx, &id, &subject.id, &input.identity)?;
+                    if asked > 0 {
+                        dsr::reopen(tx, &id)?;
+                        entries.push(Entry {
+                            kind: ledger::kind::DSR,
+                            subject: subject.id.clone(),
+                            outcome: "erasure.extended".into(),
+                            detail: format!(
+                                "request {id} filed again by {requested_by}, naming more of the person: {asked} vendor(s) to ask"
+                            ),
+                            ..Entry::default()
+                        });
+                    }
+                }
+                return Ok(((id, false, erase), entries));
             }
             let id: String = tx.query_row("SELECT 'dsr_' || lower(hex(randomblob(10)))", [], |r| {
                 r.get(0)
@@ -238,61 +252,21 @@ impl Privacy {
                         entry.detail,
                         erase.len()
                     );
+                    let named = hashes
+                        .iter()
+                        .map(|(_, h)| h.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",");
                     for (destination, vendor) in dsr::recipients(tx, &subject.id)? {
-                        let Some((dest, connector)) =
-                            self.destinations.iter().find(|(d, _)| d.id == destination)
-                        else {
-                            tasks.push(NewTask {
-                                destination: destination.clone(),
-                                vendor,
-                                manual: true,
-                                target: String::new(),
-                                instructions: format!(
-                                    "{destination} received this person's data but is no longer configured: ask the vendor to erase it by hand, then confirm"
-                                ),
-                            });
-                            continue;
-                        };
-                        // The vendor knows the person by the identifiers as this destination
-                        // sent them (hashed or pseudonymised where it transforms them).
-                        let (user_id, anonymous_id, email) = identifiers_as_sent(
-                            dest,
-                            &self.settings,
-                            input.identity.user_id.as_deref(),
-                            input.identity.anonymous_id.as_deref(),
-                            input.identity.email.as_deref(),
-                        );
-                        let target = ErasureTarget {
-                            dsr_id: id.clone(),
-                            subject_id: subject.id.clone(),
-                            user_ids: user_id.into_iter().collect(),
-                            anonymous_ids: anonymous_id.into_iter().collect(),
-                            emails: email.into_iter().collect(),
-                            vendor_refs: subjects::vendor_refs(tx, &destination, &subject.id)?,
-                        };
-                        let (manual, instructions) = match connector
-                            .erasure(&target, time::OffsetDateTime::now_utc())
-                        {
-                            Erasure::Calls(_) => (false, String::new()),
-                            Erasure::Manual(how) => (true, how),
-                            // The ledger says this vendor received the person's data, so
-                            // "nothing to name them by" needs a human.
-                            Erasure::NothingHeld(why) => (
-                                true,
-                                format!(
-                                    "Handoff cannot name this person to the vendor ({why}). Ask the vendor to erase the data it received (see `handoff report subject --id {}`), then confirm with `handoff dsr confirm DSR_ID {destination}`.",
-                                    subject.id
-                                ),
-                            ),
-                        };
-                        tasks.push(NewTask {
-                            destination,
-                            vendor,
-                            manual,
-                            target: serde_json::to_string(&target)
-                                .expect("a target always serialises"),
-                            instructions,
-                        });
+                        tasks.push(self.erasure_task(
+                            tx,
+                            &id,
+                            &subject.id,
+                            (destination, vendor),
+                            &input.identity,
+                            named.clone(),
+                            None,
+                        )?);
                     }
                 }
                 "opt_out" => {
@@ -324,6 +298,174 @@ impl Privacy {
         }
         let request = self.get(&id)?;
         Ok((request, new))
+    }
+
+    /// A vendor's part of erasure `id`: naming the person by the identifiers in `identity` as
+    /// this destination sent them (hashed or pseudonymised where it transforms them), plus those
+    /// of an `earlier` call still to be made, and the vendor's own ids for them.
+    #[allow(clippy::too_many_arguments)]
+    fn erasure_task(
+        &self,
+        tx: &rusqlite::Connection,
+        id: &str,
+        subject: &str,
+        (destination, vendor): (String, String),
+        identity: &Identity,
+        named: String,
+        earlier: Option<&ErasureTarget>,
+    ) -> Result<NewTask, StoreError> {
+        let Some((dest, connector)) = self.destinations.iter().find(|(d, _)| d.id == destination)
+        else {
+            return Ok(NewTask {
+                instructions: format!(
+                    "{destination} received this person's data but is no longer configured: ask the vendor to erase it by hand, then confirm"
+                ),
+                destination,
+                vendor,
+                manual: true,
+                target: String::new(),
+                named,
+            });
+        };
+        let (user_id, anonymous_id, email) = identifiers_as_sent(
+            dest,
+            &self.settings,
+            identity.user_id.as_deref(),
+            identity.anonymous_id.as_deref(),
+            identity.email.as_deref(),
+        );
+        let mut target = ErasureTarget {
+            dsr_id: id.to_owned(),
+            subject_id: subject.to_owned(),
+            user_ids: user_id.into_iter().collect(),
+            anonymous_ids: anonymous_id.into_iter().collect(),
+            emails: email.into_iter().collect(),
+            vendor_refs: subjects::vendor_refs(tx, &destination, subject)?,
+        };
+        if let Some(e) = earlier {
+            for (ours, theirs) in [
+                (&mut target.user_ids, &e.user_ids),
+                (&mut target.anonymous_ids, &e.anonymous_ids),
+                (&mut target.emails, &e.emails),
+            ] {
+                for v in theirs {
+                    if !ours.contains(v) {
+                        ours.push(v.clone());
+                    }
+                }
+            }
+        }
+        let (manual, instructions) = match connector
+            .erasure(&target, time::OffsetDateTime::now_utc())
+        {
+            Erasure::Calls(_) => (false, String::new()),
+            Erasure::Manual(how) => (true, how),
+            // The ledger says this vendor received the person's data, so "nothing to name
+            // them by" needs a human.
+            Erasure::NothingHeld(why) => (
+                true,
+                format!(
+                    "Handoff cannot name this person to the vendor ({why}). Ask the vendor to erase the data it received (see `handoff report subject --id {subject}`), then confirm with `handoff dsr confirm DSR_ID {destination}`."
+                ),
+            ),
+        };
+        Ok(NewTask {
+            destination,
+            vendor,
+            manual,
+            target: serde_json::to_string(&target).expect("a target always serialises"),
+            instructions,
+            named,
+        })
+    }
+
+    /// Erasure `id` filed again: vendors that received the person's data and have no part yet
+    /// get one, and vendors called before are called again about the identifiers this filing
+    /// names for the first time (which they may know the person by). Returns how many.
+    fn extend_erasure(
+        &self,
+        tx: &rusqlite::Connection,
+        id: &str,
+        subject: &str,
+        identity: &Identity,
+    ) -> Result<usize, StoreError> {
+        let tasks = dsr::get(tx, id)?.map(|r| r.tasks).unwrap_or_default();
+        let given: Vec<(String, Identifier)> = identity
+            .identifiers()
+            .into_iter()
+            .map(|i| (self.subject_key.hash(&i), i))
+            .collect();
+        let mut asked = 0;
+        for (destination, vendor) in dsr::recipients(tx, subject)? {
+            let task = tasks.iter().find(|t| t.destination == destination);
+            let named: BTreeSet<&str> = task
+                .map(|t| t.named.split(',').filter(|h| !h.is_empty()).collect())
+                .unwrap_or_default();
+            // Only what this vendor has not been asked about yet.
+            let mut fresh = Identity::default();
+            for (hash, i) in &given {
+                if named.contains(hash.as_str()) {
+                    continue;
+                }
+                let field = match i.kind {
+                    IdKind::UserId => &mut fresh.user_id,
+                    IdKind::AnonymousId => &mut fresh.anonymous_id,
+                    IdKind::Email => &mut fresh.email,
+                };
+                *field = Some(i.value.clone());
+            }
+            if fresh.identifiers().is_empty() && task.is_some() {
+                continue;
+            }
+            let all_named = named
+                .iter()
+                .copied()
+                .chain(given.iter().map(|(h, _)| h.as_str()))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(",");
+            match task {
+                None => {
+                    let new = self.erasure_task(
+                        tx,
+                        id,
+                        subject,
+                        (destination, vendor),
+                        identity,
+                        all_named,
+                        None,
+                    )?;
+                    dsr::add_task(tx, id, &new)?;
+                    asked += 1;
+                }
+                Some(t) if t.method == "api" => {
+                    let earlier: Option<ErasureTarget> = t
+                        .target
+                        .as_deref()
+                        .and_then(|t| serde_json::from_str(t).ok());
+                    let again = self.erasure_task(
+                        tx,
+                        id,
+                        subject,
+                        (destination.clone(), vendor),
+                        &fresh,
+                        all_named,
+                        earlier.as_ref(),
+                    )?;
+                    if again.manual {
+                        // Nothing new to name them by at this vendor.
+                        dsr::rename_task(tx, id, &destination, &again.named, None)?;
+                    } else {
+                        dsr::rename_task(tx, id, &destination, &again.named, Some(&again.target))?;
+                        asked += 1;
+                    }
+                }
+                // Done by hand, or to be: the operator works from the subject report.
+                Some(_) => {}
+            }
+        }
+        Ok(asked)
     }
 
     pub fn get(&self, id: &str) -> Result<dsr::Request, PrivacyError> {
@@ -371,8 +513,9 @@ impl Privacy {
             let now = now_ms();
             self.store.transact(|tx| {
                 let how = format!("confirmed by {by}");
-                let entry = dsr::confirm_erasure(tx, id, destination, &task.vendor, &how, now)?;
-                Ok(((), vec![entry]))
+                let entry =
+                    dsr::confirm_erasure(tx, id, destination, &task.vendor, &how, None, now)?;
+                Ok(((), entry.into_iter().collect()))
             })?;
         }
         self.get(id)

@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS dsr_tasks (
     done_at_ms   INTEGER,
     target       TEXT,
     instructions TEXT NOT NULL DEFAULT '',
+    named        TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (dsr_id, destination)
 ) WITHOUT ROWID;
 ";
@@ -74,6 +75,9 @@ pub struct Task {
     /// What the deletion call needs (identifiers as given, the vendor's id); removed once done.
     #[serde(skip)]
     pub target: Option<String>,
+    /// The identifiers this vendor has been asked about, as subject hashes (see [`NewTask`]).
+    #[serde(skip)]
+    pub named: String,
     #[serde(skip)]
     pub next_at_ms: i64,
 }
@@ -86,6 +90,9 @@ pub struct NewTask {
     pub manual: bool,
     pub target: String,
     pub instructions: String,
+    /// Keyed hashes (as subjects store them) of the identifiers the request named, comma
+    /// separated: filing the erasure again naming others asks the vendor again about those.
+    pub named: String,
 }
 
 /// Destinations (and their vendor) that were handed data about `subject` (or a subject merged
@@ -190,31 +197,72 @@ pub fn insert(
             requested_by
         ],
     )?;
-    let mut ins = conn.prepare_cached(
-        "INSERT INTO dsr_tasks (dsr_id, destination, vendor, method, status, target, instructions)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
     for t in tasks {
-        ins.execute(params![
-            id,
-            t.destination,
-            t.vendor,
-            if t.manual { "manual" } else { "api" },
-            if t.manual {
-                status::MANUAL
-            } else {
-                status::PENDING
-            },
-            if t.manual { None } else { Some(&t.target) },
-            t.instructions
-        ])?;
+        add_task(conn, id, t)?;
     }
+    Ok(())
+}
+
+/// Adds a vendor's part to a request (one that is open, or reopened with [`reopen`]).
+pub fn add_task(conn: &Connection, id: &str, t: &NewTask) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO dsr_tasks (dsr_id, destination, vendor, method, status, target, instructions, named)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        id,
+        t.destination,
+        t.vendor,
+        if t.manual { "manual" } else { "api" },
+        if t.manual {
+            status::MANUAL
+        } else {
+            status::PENDING
+        },
+        if t.manual { None } else { Some(&t.target) },
+        t.instructions,
+        t.named
+    ])?;
+    Ok(())
+}
+
+/// The request is being worked on again (filed again naming more of the person, or a vendor
+/// that received them has no part yet).
+pub fn reopen(conn: &Connection, id: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE dsr SET status = 'open', completed_at_ms = NULL WHERE id = ?1",
+        [id],
+    )?;
+    Ok(())
+}
+
+/// Records that a vendor has been asked about the identifiers in `named`, and, with a
+/// `target`, that Handoff must call it (again) with it: the task is pending once more.
+pub fn rename_task(
+    conn: &Connection,
+    id: &str,
+    destination: &str,
+    named: &str,
+    target: Option<&str>,
+) -> Result<(), StoreError> {
+    match target {
+        Some(target) => conn.execute(
+            "UPDATE dsr_tasks SET named = ?3, target = ?4, status = 'pending', attempts = 0,
+                 next_at_ms = 0, last_error = NULL, done_at_ms = NULL
+             WHERE dsr_id = ?1 AND destination = ?2",
+            params![id, destination, named, target],
+        )?,
+        None => conn.execute(
+            "UPDATE dsr_tasks SET named = ?3 WHERE dsr_id = ?1 AND destination = ?2",
+            params![id, destination, named],
+        )?,
+    };
     Ok(())
 }
 
 fn tasks(conn: &Connection, id: &str) -> Result<Vec<Task>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT destination, vendor, method, status, attempts, last_error, done_at_ms, instructions, target, next_at_ms
+        "SELECT destination, vendor, method, status, attempts, last_error, done_at_ms, instructions, target, next_at_ms, named
          FROM dsr_tasks WHERE dsr_id = ?1 ORDER BY destination",
     )?;
     let rows = stmt
@@ -230,6 +278,7 @@ fn tasks(conn: &Connection, id: &str) -> Result<Vec<Task>, StoreError> {
                 instructions: r.get(7)?,
                 target: r.get(8)?,
                 next_at_ms: r.get(9)?,
+                named: r.get(10)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -303,20 +352,23 @@ pub fn due(
 }
 
 /// Marks a vendor's part done (forgetting the identifiers kept for the call) and completes the
-/// request when it was the last. Returns the request's subject when it completed.
-pub fn task_done(
+/// request when it was the last. With `called_with`, only if the task's target is still the one
+/// the vendor was called with (the request may have been filed again meanwhile, naming more).
+/// Returns whether the task was marked done.
+fn task_done(
     conn: &Connection,
     id: &str,
     destination: &str,
+    called_with: Option<&str>,
     now_ms: i64,
-) -> Result<Option<String>, StoreError> {
+) -> Result<bool, StoreError> {
     let n = conn.execute(
         "UPDATE dsr_tasks SET status = 'done', done_at_ms = ?3, target = NULL, last_error = NULL
-         WHERE dsr_id = ?1 AND destination = ?2 AND status != 'done'",
-        params![id, destination, now_ms],
+         WHERE dsr_id = ?1 AND destination = ?2 AND status != 'done' AND (?4 IS NULL OR target = ?4)",
+        params![id, destination, now_ms, called_with],
     )?;
     if n == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     let left: i64 = conn.query_row(
         "SELECT count(*) FROM dsr_tasks WHERE dsr_id = ?1 AND status != 'done'",
@@ -328,31 +380,33 @@ pub fn task_done(
             "UPDATE dsr SET status = 'completed', completed_at_ms = ?2 WHERE id = ?1",
             params![id, now_ms],
         )?;
-        return Ok(conn
-            .query_row("SELECT subject FROM dsr WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?);
     }
-    Ok(None)
+    Ok(true)
 }
 
-/// A vendor's part of an erasure is done (the vendor accepted the call, or an operator
-/// confirmed it): marks it done, forgets the vendor's ids for the person, and returns the ledger
-/// entry to record, with `how` as its detail.
+/// A vendor's part of an erasure is done (the vendor accepted the call made with target
+/// `called_with`, or an operator confirmed it, `None`): marks it done, forgets the vendor's ids
+/// for the person, and returns the ledger entry to record, with `how` as its detail. `None`
+/// when there was nothing to confirm: already done, or filed again since the call, naming
+/// more (the task stays pending, with the fuller target).
 pub fn confirm_erasure(
     conn: &Connection,
     id: &str,
     destination: &str,
     vendor: &str,
     how: &str,
+    called_with: Option<&str>,
     now_ms: i64,
-) -> Result<crate::ledger::Entry, StoreError> {
+) -> Result<Option<crate::ledger::Entry>, StoreError> {
     let subject: String =
         conn.query_row("SELECT subject FROM dsr WHERE id = ?1", [id], |r| r.get(0))?;
-    task_done(conn, id, destination, now_ms)?;
+    if !task_done(conn, id, destination, called_with, now_ms)? {
+        return Ok(None);
+    }
     for alias in crate::subjects::aliases(conn, &subject)? {
         crate::subjects::delete_vendor_ref(conn, destination, &alias)?;
     }
-    Ok(crate::ledger::Entry {
+    Ok(Some(crate::ledger::Entry {
         kind: crate::ledger::kind::DSR,
         subject,
         destination: destination.to_owned(),
@@ -360,7 +414,7 @@ pub fn confirm_erasure(
         outcome: "erasure.confirmed".into(),
         detail: format!("request {id}; {how}"),
         ..crate::ledger::Entry::default()
-    })
+    }))
 }
 
 pub fn task_retry(
@@ -394,4 +448,68 @@ pub fn open_count(conn: &Connection) -> Result<u64, StoreError> {
             r.get::<_, i64>(0)
         })? as u64,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_made_before_the_request_named_more_does_not_complete_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::outbox::OutboxStore::open(dir.path()).unwrap();
+        store
+            .with_conn(|c| {
+                let task = NewTask {
+                    destination: "hook".into(),
+                    vendor: "acme".into(),
+                    manual: false,
+                    target: r#"{"user_ids":["u"]}"#.into(),
+                    instructions: String::new(),
+                    named: "h1".into(),
+                };
+                insert(c, "dsr_1", "erasure", "sub_1", "dpo", 1, 2, &[task])?;
+                // Filed again naming an e-mail while the first call was on its way.
+                let fuller = r#"{"user_ids":["u"],"emails":["e"]}"#;
+                rename_task(c, "dsr_1", "hook", "h1,h2", Some(fuller))?;
+                let stale = r#"{"user_ids":["u"]}"#;
+                assert_eq!(
+                    confirm_erasure(c, "dsr_1", "hook", "acme", "accepted", Some(stale), 3)?,
+                    None
+                );
+                let r = get(c, "dsr_1")?.unwrap();
+                assert_eq!(
+                    (r.status.as_str(), r.tasks[0].status.as_str()),
+                    ("open", "pending")
+                );
+                assert_eq!(r.tasks[0].target.as_deref(), Some(fuller));
+                assert_eq!(r.tasks[0].named, "h1,h2");
+                let entry =
+                    confirm_erasure(c, "dsr_1", "hook", "acme", "accepted", Some(fuller), 4)?;
+                assert_eq!(entry.unwrap().outcome, "erasure.confirmed");
+                let r = get(c, "dsr_1")?.unwrap();
+                assert_eq!(
+                    (r.status.as_str(), r.completed_at_ms),
+                    ("completed", Some(4))
+                );
+                assert_eq!(r.tasks[0].target, None, "identifiers forgotten once done");
+                // Reopened: pending again, the request open again.
+                rename_task(
+                    c,
+                    "dsr_1",
+                    "hook",
+                    "h1,h2,h3",
+                    Some(r#"{"anonymous_ids":["a"]}"#),
+                )?;
+                reopen(c, "dsr_1")?;
+                let r = get(c, "dsr_1")?.unwrap();
+                assert_eq!((r.status.as_str(), r.completed_at_ms), ("open", None));
+                assert_eq!(
+                    (r.tasks[0].status.as_str(), r.tasks[0].done_at_ms),
+                    ("pending", None)
+                );
+                Ok(())
+            })
+            .unwrap();
+    }
 }

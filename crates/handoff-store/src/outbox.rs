@@ -69,13 +69,14 @@ CREATE TABLE IF NOT EXISTS destination_state (
 ";
 
 /// Columns added after the first release, added to older files on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
     ("outbox", "subject", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "vendor", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "shape", "INTEGER NOT NULL DEFAULT 0"),
     ("dead_letters", "subject", "TEXT NOT NULL DEFAULT ''"),
     ("dead_letters", "vendor", "TEXT NOT NULL DEFAULT ''"),
     ("dead_letters", "shape", "INTEGER NOT NULL DEFAULT 0"),
+    ("dsr_tasks", "named", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// The ledger columns an item carries from its decision to its outcome (`shape`: what was
@@ -378,6 +379,9 @@ impl OutboxStore {
         // made it spill pages into the WAL mid-transaction (and write some twice).
         conn.pragma_update(None, "cache_size", -32_768)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(subjects::SCHEMA)?;
+        conn.execute_batch(ledger::SCHEMA)?;
+        conn.execute_batch(crate::dsr::SCHEMA)?;
         for (table, column, decl) in ADDED_COLUMNS {
             let present: bool = conn.query_row(
                 &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
@@ -388,9 +392,6 @@ impl OutboxStore {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
             }
         }
-        conn.execute_batch(subjects::SCHEMA)?;
-        conn.execute_batch(ledger::SCHEMA)?;
-        conn.execute_batch(crate::dsr::SCHEMA)?;
         conn.execute_batch(
             // Erasure finds a subject's items by scanning the queues (rare, and queues are
             // short when vendors keep up); an index would cost every item a write.

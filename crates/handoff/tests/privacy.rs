@@ -113,6 +113,7 @@ purposes = ["support"]
 legal_basis = "contract"
 event_types = ["track", "identify"]
 allow = ["event", "userId", "traits.email", "properties.plan"]
+pii_expected = ["traits.email"]
 endpoint = "{base}/hook"
 settings = {{ secret = "{SECRET}" }}
 
@@ -372,6 +373,61 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
                 "id": {"type": "USER_ID", "userId": "jane-1"}, "propertyId": "123456789"})]
     );
 
+    // Filed again naming more of her: the same request, reopened for the vendors that were
+    // sent those identifiers (GA4 her client id, support her e-mail) and only about them;
+    // ads-hook was sent neither, so it is not asked again.
+    let resp = client()
+        .post(format!("{}/v1/dsr", gw.url))
+        .bearer_auth(&token)
+        .json(
+            &json!({"type": "erasure", "userId": "jane-1", "anonymousId": "anon-j",
+            "email": "Jane@Example.com"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let reopened: Value = resp.json().await.unwrap();
+    assert_eq!(reopened["id"], id.as_str());
+    assert_eq!(reopened["status"], "open", "{reopened}");
+    let pending: Vec<&str> = reopened["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] == "pending")
+        .map(|t| t["destination"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, ["ga4", "support-hook"]);
+    until(20, "the request completed again", || {
+        count(&seen, |p, _| p == "/deletion") == 2
+            && count(&seen, |p, b| p == "/hook" && b["type"] == "subject.erasure") == 3
+    })
+    .await;
+    let last = |path: &str| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(p, b)| p == path && (path != "/hook" || b["type"] == "subject.erasure"))
+            .map(|(_, b)| b.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        last("/deletion")["id"],
+        json!({"type": "CLIENT_ID", "userId": "anon-j"})
+    );
+    let again = last("/hook");
+    assert_eq!(
+        (&again["data"]["emails"], &again["data"]["userIds"]),
+        (&json!(["Jane@Example.com"]), &json!([])),
+        "only what is new to this vendor (a new webhook-id, or the receiver would drop it)"
+    );
+    until(10, "the request completed", || {
+        let (ok, out) = cli(&data, &["dsr", "status", &id]);
+        ok && out.contains("completed")
+    })
+    .await;
+
     // Nothing of Jane is left in the journal; Bob's events are untouched.
     let events = common::dump(&data, &[]);
     let text = serde_json::to_string(&events).unwrap();
@@ -454,6 +510,7 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         "\"send\"",
         "\"delivered\"",
         "erasure.filed",
+        "erasure.extended",
         "erasure.confirmed",
         "subject.suppressed",
     ] {
