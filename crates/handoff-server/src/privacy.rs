@@ -296,6 +296,21 @@ impl Privacy {
         if !erase.is_empty() {
             handoff_store::sqlite::erase_events(&self.data_dir, &erase)?;
         }
+        if kind == "erasure" {
+            let given = input.identity.identifiers();
+            let of = |email: bool| -> Vec<&str> {
+                given
+                    .iter()
+                    .filter(|i| (i.kind == IdKind::Email) == email)
+                    .map(|i| i.value.as_str())
+                    .collect()
+            };
+            let (ids, emails) = (of(false), of(true));
+            let n = handoff_store::sqlite::erase_quarantined(&self.data_dir, &ids, &emails)?;
+            if n > 0 {
+                tracing::info!(dsr = %id, messages = n, "erased quarantined messages that named the person");
+            }
+        }
         let request = self.get(&id)?;
         Ok((request, new))
     }

@@ -168,6 +168,45 @@ pub fn erase_events(data_dir: &Path, seqs: &[Seq]) -> Result<usize, StoreError> 
     Ok(n)
 }
 
+/// Overwrites the quarantined messages that mention the person (erasure). Refused input is
+/// not parsed, so it cannot be attributed to a subject: it is found by the identifiers as
+/// they appear in it, JSON strings (`"user-42"`), e-mails in any case. Their `raw` becomes
+/// [`ERASED_PAYLOAD`] and their `message` (which may quote the input) `erased`; the code and
+/// time stay. Returns how many were erased.
+pub fn erase_quarantined(
+    data_dir: &Path,
+    ids: &[&str],
+    emails: &[&str],
+) -> Result<usize, StoreError> {
+    if ids.is_empty() && emails.is_empty() {
+        return Ok(0);
+    }
+    let mut conn = Connection::open(data_dir.join(DB_FILE))?;
+    configure(&conn)?;
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut n = 0;
+    {
+        let quoted = |v: &str| serde_json::to_string(v).expect("a string serialises");
+        let mut exact = tx.prepare(
+            "UPDATE quarantine SET raw = ?2, message = 'erased' WHERE raw != ?2 AND instr(raw, ?1) > 0",
+        )?;
+        for v in ids {
+            n += exact.execute(params![quoted(v), ERASED_PAYLOAD])?;
+        }
+        let mut any_case = tx.prepare(
+            "UPDATE quarantine SET raw = ?2, message = 'erased'
+             WHERE raw != ?2 AND instr(lower(raw), lower(?1)) > 0",
+        )?;
+        for v in emails {
+            n += any_case.execute(params![quoted(v), ERASED_PAYLOAD])?;
+        }
+    }
+    tx.commit()?;
+    Ok(n)
+}
+
 /// The payloads of the events `seqs` (for a data-subject access export).
 pub fn read_events_at(data_dir: &Path, seqs: &[Seq]) -> Result<Vec<StoredEvent>, StoreError> {
     let conn = Connection::open_with_flags(

@@ -293,6 +293,23 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     let opt_out: Value = resp.json().await.unwrap();
     assert_eq!(opt_out["status"], "completed");
 
+    // Two messages refused at ingest (no event name) sit in quarantine, one naming Jane by her
+    // client id and e-mail (in another case), one naming Bob.
+    for refused in [
+        json!({"type": "track", "anonymousId": "anon-j", "traits": {"email": "jane@EXAMPLE.com"}}),
+        json!({"type": "track", "userId": "bob-2"}),
+    ] {
+        let resp = client()
+            .post(format!("{}/v1/track", gw.url))
+            .basic_auth(KEY, Some(""))
+            .json(&refused)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(common::dump(&data, &["--quarantine"]).len(), 2);
+
     // Jane asks to be erased; asking twice is the same request.
     let file = || async {
         client()
@@ -427,6 +444,14 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         ok && out.contains("completed")
     })
     .await;
+    // Quarantined input that named her by those is erased too; Bob's is not.
+    let raws: Vec<String> = common::dump(&data, &["--quarantine"])
+        .iter()
+        .map(|m| m["raw"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(raws.len(), 2);
+    assert_eq!(raws[0], r#"{"erased":true}"#);
+    assert!(raws[1].contains("bob-2"), "{raws:?}");
 
     // Nothing of Jane is left in the journal; Bob's events are untouched.
     let events = common::dump(&data, &[]);
