@@ -197,36 +197,121 @@ pub fn data_category(path: &str) -> &'static str {
     }
 }
 
-/// The field names of a payload as the ledger records them: dotted paths of the leaves, arrays
-/// collapsed (`properties.products.price`), sorted, each once. Never values.
-pub fn field_names(payload: &Value) -> Vec<String> {
-    fn walk(v: &Value, path: &mut String, out: &mut Vec<String>) {
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                for (k, v) in m {
-                    let len = path.len();
-                    if !path.is_empty() {
-                        path.push('.');
-                    }
-                    path.push_str(k);
-                    walk(v, path, out);
-                    path.truncate(len);
-                }
+/// The field names of a JSON payload as the ledger records them: dotted paths of the leaves,
+/// arrays collapsed (`properties.products.price`), sorted, each once. Never values. Read as the
+/// JSON streams by, without building the document (the router does this for every handoff).
+/// An unreadable payload has none.
+pub fn field_names(json: &str) -> Vec<String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    /// A value at `path`: records the path of each leaf under it.
+    struct Walk<'a> {
+        path: &'a mut String,
+        out: &'a mut Vec<String>,
+    }
+    impl Walk<'_> {
+        fn leaf(self) {
+            if !self.path.is_empty() {
+                self.out.push(self.path.clone());
             }
-            Value::Array(a) if !a.is_empty() => {
-                for v in a {
-                    walk(v, path, out);
-                }
-            }
-            _ => {
-                if !path.is_empty() {
-                    out.push(path.clone());
-                }
+        }
+        fn under(&mut self) -> Walk<'_> {
+            Walk {
+                path: self.path,
+                out: self.out,
             }
         }
     }
-    let mut out = Vec::new();
-    walk(payload, &mut String::new(), &mut out);
+    /// A key: appended to the path.
+    struct Key<'a>(&'a mut String);
+
+    impl<'de> DeserializeSeed<'de> for Key<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Key<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E>(self, k: &str) -> Result<(), E> {
+            if !self.0.is_empty() {
+                self.0.push('.');
+            }
+            self.0.push_str(k);
+            Ok(())
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            self.leaf();
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            self.leaf();
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            self.leaf();
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            self.leaf();
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            self.leaf();
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            self.leaf();
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+            let mut any = false;
+            while seq.next_element_seed(self.under())?.is_some() {
+                any = true;
+            }
+            if !any {
+                self.leaf();
+            }
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+            let mut any = false;
+            let len = self.path.len();
+            while map.next_key_seed(Key(self.path))?.is_some() {
+                any = true;
+                map.next_value_seed(self.under())?;
+                self.path.truncate(len);
+            }
+            if !any {
+                self.leaf();
+            }
+            Ok(())
+        }
+    }
+    let (mut path, mut out) = (String::new(), Vec::new());
+    let mut de = serde_json::Deserializer::from_str(json);
+    let walk = Walk {
+        path: &mut path,
+        out: &mut out,
+    };
+    if walk.deserialize(&mut de).and_then(|()| de.end()).is_err() {
+        return Vec::new();
+    }
     out.sort_unstable();
     out.dedup();
     out
@@ -291,11 +376,42 @@ mod tests {
     }
 
     #[test]
+    fn field_names_of_odd_payloads() {
+        assert_eq!(
+            field_names(r#"{"a": {}, "b": [], "c": null, "d\"e": {"f": [1, {"g": true}]}}"#),
+            ["a", "b", "c", "d\"e.f", "d\"e.f.g"]
+        );
+        assert!(field_names("{\"a\": ").is_empty(), "unreadable: none");
+        assert!(field_names("{} trailing").is_empty());
+    }
+
+    proptest::proptest! {
+        /// Streamed, the names are those of the parsed document's leaves.
+        #[test]
+        fn field_names_match_the_parsed_document(v in crate::policy::tests::json_tree()) {
+            fn walk(v: &Value, path: &str, out: &mut Vec<String>) {
+                let at = |k: &str| if path.is_empty() { k.to_owned() } else { format!("{path}.{k}") };
+                match v {
+                    Value::Object(m) if !m.is_empty() => m.iter().for_each(|(k, c)| walk(c, &at(k), out)),
+                    Value::Array(a) if !a.is_empty() => a.iter().for_each(|c| walk(c, path, out)),
+                    _ if !path.is_empty() => out.push(path.to_owned()),
+                    _ => {}
+                }
+            }
+            let mut expected = Vec::new();
+            walk(&v, "", &mut expected);
+            expected.sort_unstable();
+            expected.dedup();
+            proptest::prop_assert_eq!(field_names(&v.to_string()), expected);
+        }
+    }
+
+    #[test]
     fn field_names_and_categories() {
         let p = json!({"userId": "u", "traits": {"email": "x", "address": {"city": "c"}},
             "properties": {"revenue": 1, "products": [{"price": 1}, {"price": 2, "sku": "s"}]},
             "context": {"ip": "1.2.3.4"}, "event": "Order Completed"});
-        let f = field_names(&p);
+        let f = field_names(&p.to_string());
         assert_eq!(
             f,
             [

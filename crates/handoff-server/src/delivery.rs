@@ -37,6 +37,10 @@ const ROUTE_BATCH: usize = 500;
 const STATE_POLL: Duration = Duration::from_millis(250);
 /// Requests in flight at once to a destination that takes one event per request.
 const PARALLEL: usize = 16;
+/// Items a one-event destination sends per round (PARALLEL at a time), recorded together:
+/// each round reads the queue and records its deliveries once, so rounds of only PARALLEL
+/// items spent most of their time waiting for the store while the router wrote.
+const ROUND: usize = 256;
 /// Reason recorded when a killed destination is not decided for.
 pub const KILLED_REASON: &str = "destination.killed";
 
@@ -434,6 +438,9 @@ fn decide_batch(
         basis: Vec::new(),
     };
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Data categories per list of field names.
+    let mut categories: std::collections::HashMap<String, String> =
+        std::collections::HashMap::new();
     // Preferences as this batch left them (an identify changes what later events see).
     let mut changed: std::collections::HashMap<String, StoredPreferences> =
         std::collections::HashMap::new();
@@ -504,11 +511,15 @@ fn decide_batch(
             entry.reasons = reasons.join(",");
             match decision.outcome {
                 Outcome::Send(payload) => {
-                    let fields = serde_json::from_str::<Value>(&payload.0)
-                        .map(|v| field_names(&v))
-                        .unwrap_or_default();
-                    entry.categories = categories_of(fields.iter().map(String::as_str)).join(",");
+                    let fields = field_names(&payload.0);
                     entry.fields = fields.join(",");
+                    // Most events of a batch share a few shapes.
+                    entry.categories = categories
+                        .entry(entry.fields.clone())
+                        .or_insert_with(|| {
+                            categories_of(fields.iter().map(String::as_str)).join(",")
+                        })
+                        .clone();
                     entry.outcome = "send".into();
                     plan.items.push(NewItem {
                         destination: d.id.clone(),
@@ -803,7 +814,7 @@ async fn worker(
         let limit = if breaker == Breaker::HalfOpen {
             1
         } else if single {
-            PARALLEL * 4
+            ROUND * 2
         } else {
             lane.connector.max_batch()
         };
@@ -866,7 +877,7 @@ async fn worker(
         }
         // What to send this round. Connectors that take batches get one batch: consecutive due
         // items sharing the first one's batch key. One-event connectors (webhooks, Stripe) get
-        // up to PARALLEL requests at once, never two for the same subject, and never one that
+        // up to ROUND requests, PARALLEL at once, never two for the same subject, and never one that
         // would overtake an earlier item of its subject still waiting for a retry.
         let parsed: Vec<(&OutboxItem, Option<Value>)> = head
             .iter()
@@ -909,7 +920,7 @@ async fn worker(
                 }
                 taken.insert(subject);
                 groups.push(vec![(item, p)]);
-                if groups.len() == PARALLEL {
+                if groups.len() == ROUND {
                     break;
                 }
             }
@@ -960,8 +971,12 @@ async fn worker(
             groups.push(batch);
         }
 
-        // Build every request, then send them together.
+        // Build every request, then send them, PARALLEL at a time. Once the vendor fails one
+        // (unavailable, throttling, credentials), the rest of the round is not sent: it stays
+        // queued as it was, and the breaker decides what happens next.
         let mut calls = tokio::task::JoinSet::new();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut mapping_failures: Vec<(Vec<i64>, String)> = Vec::new();
         for group in &groups {
             let items: Vec<Item<'_>> = group
@@ -987,8 +1002,22 @@ async fn worker(
                     if let Some(limiter) = &lane.limiter {
                         limiter.until_ready().await;
                     }
-                    let lane = lane.clone();
-                    calls.spawn(async move { (ids, oldest, attempts, send(&lane, request).await) });
+                    let (lane, in_flight, failing) =
+                        (lane.clone(), in_flight.clone(), failing.clone());
+                    calls.spawn(async move {
+                        let _permit = in_flight.acquire_owned().await;
+                        if failing.load(Ordering::Relaxed) {
+                            return None;
+                        }
+                        let answer = send(&lane, request).await;
+                        if matches!(
+                            answer.0,
+                            Classification::Retry { .. } | Classification::Credentials { .. }
+                        ) {
+                            failing.store(true, Ordering::Relaxed);
+                        }
+                        Some((ids, oldest, attempts, answer))
+                    });
                 }
                 Err(why) => mapping_failures.push((ids, why)),
             }
@@ -998,7 +1027,7 @@ async fn worker(
             results.push((ids, now_ms, 0, (Classification::Permanent { why }, None)));
         }
         while let Some(r) = calls.join_next().await {
-            if let Ok(r) = r {
+            if let Ok(Some(r)) = r {
                 results.push(r);
             }
         }

@@ -762,4 +762,4 @@ pub fn plan_message(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
