@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 
 use super::{Kind, Proc, WRITE_KEY, load};
 
-const SINKS: [&str; 4] = ["webhook", "meta-capi", "ga4", "segment"];
+pub const SINKS: [&str; 4] = ["webhook", "meta-capi", "ga4", "segment"];
 
 /// Events received per sink.
 #[derive(Default)]
@@ -70,7 +70,18 @@ async fn sinks(counts: Arc<Counts>) -> Result<String> {
     Ok(url)
 }
 
-fn config(sink: &str) -> String {
+/// The configuration, with only the destinations whose id is in `only`.
+fn config(sink: &str, only: &[usize]) -> String {
+    config_all(sink)
+        .split("\n[[destinations]]\n")
+        .enumerate()
+        .filter(|(i, _)| *i == 0 || only.contains(&(i - 1)))
+        .map(|(_, part)| part)
+        .collect::<Vec<_>>()
+        .join("\n[[destinations]]\n")
+}
+
+fn config_all(sink: &str) -> String {
     // The vendor's security assessment must be recent for the destinations to be approved.
     let today = time::OffsetDateTime::now_utc().date();
     format!(
@@ -139,13 +150,27 @@ pub async fn run(
     secs: Duration,
     connections: usize,
     rate: Option<f64>,
+    destinations: &[String],
 ) -> Result<()> {
+    let mut only = Vec::new();
+    for d in destinations {
+        match SINKS.iter().position(|s| s == d) {
+            Some(i) if !only.contains(&i) => only.push(i),
+            Some(_) => {}
+            None => bail!(
+                "unknown destination {d:?}; choose from {}",
+                SINKS.join(", ")
+            ),
+        }
+    }
+    only.sort_unstable();
+    let names: Vec<&str> = only.iter().map(|&i| SINKS[i]).collect();
     let counts = Arc::new(Counts::default());
     let sink = sinks(counts.clone()).await?;
     let tmp = std::env::temp_dir().join(format!("handoff-delivery-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let config_path = tmp.join("handoff.toml");
-    std::fs::write(&config_path, config(&sink))?;
+    std::fs::write(&config_path, config(&sink, &only))?;
     let mut cmd = Command::new(&handoff);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config_path)
@@ -155,10 +180,12 @@ pub async fn run(
     let gw = Proc::start(cmd).with_context(|| format!("starting {}", handoff.display()))?;
     println!(
         "Handoff delivery benchmark: {} cores; ingest /v1/batch x100 from {connections} connections for {}s{}; \
-         4 destinations (webhook, Meta CAPI, GA4, Segment forward) on local sinks.",
+         {} destination(s) ({}) on local sinks.",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         secs.as_secs(),
-        rate.map_or(String::new(), |r| format!(" at {r:.0} events/s"))
+        rate.map_or(String::new(), |r| format!(" at {r:.0} events/s")),
+        only.len(),
+        names.join(", ")
     );
 
     let start = Instant::now();
@@ -176,8 +203,13 @@ pub async fn run(
         })
     };
     println!(
-        "\n{:>6}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
-        "t (s)", "webhook", "meta-capi", "ga4", "segment", "slowest"
+        "\n{:>6}{}  {:>10}",
+        "t (s)",
+        names
+            .iter()
+            .map(|n| format!("  {n:>10}"))
+            .collect::<String>(),
+        "slowest"
     );
     let mut sent: Option<u64> = None;
     let mut last_print = Instant::now();
@@ -196,39 +228,39 @@ pub async fn run(
             break;
         }
         if last_print.elapsed() >= Duration::from_secs(2) {
-            print_row(start, &counts);
+            print_row(start, &counts, &only);
             last_print = Instant::now();
         }
     }
     let sent = sent.unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let min = counts
-            .0
+        let min = only
             .iter()
-            .map(|c| c.load(Ordering::Relaxed))
+            .map(|&i| counts.0[i].load(Ordering::Relaxed))
             .min()
             .unwrap_or(0);
         if min >= sent {
             break;
         }
         if Instant::now() > deadline {
-            print_row(start, &counts);
+            print_row(start, &counts, &only);
             bail!("not everything was delivered within 10 minutes");
         }
         if last_print.elapsed() >= Duration::from_secs(2) {
-            print_row(start, &counts);
+            print_row(start, &counts, &only);
             last_print = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all = start.elapsed();
-    print_row(start, &counts);
+    print_row(start, &counts, &only);
     println!(
-        "\nall {sent} events delivered to all 4 destinations in {:.1} s: {:.0} events/s end to end ({:.0} deliveries/s)",
+        "\nall {sent} events delivered to all {} destinations in {:.1} s: {:.0} events/s end to end ({:.0} deliveries/s)",
+        only.len(),
         all.as_secs_f64(),
         sent as f64 / all.as_secs_f64(),
-        4.0 * sent as f64 / all.as_secs_f64()
+        only.len() as f64 * sent as f64 / all.as_secs_f64()
     );
     let (rss, hwm) = gw.rss_kib();
     println!(
@@ -236,8 +268,8 @@ pub async fn run(
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
-    for (name, c) in SINKS.iter().zip(counts.0.iter()) {
-        let n = c.load(Ordering::Relaxed);
+    for &i in &only {
+        let (name, n) = (SINKS[i], counts.0[i].load(Ordering::Relaxed));
         if n != sent {
             println!(
                 "note: {name} received {n} (sent {sent}): retries after a lost answer are deduplicated by the vendor"
@@ -249,15 +281,15 @@ pub async fn run(
     Ok(())
 }
 
-fn print_row(start: Instant, counts: &Counts) {
-    let c: Vec<u64> = counts.0.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+fn print_row(start: Instant, counts: &Counts, only: &[usize]) {
+    let c: Vec<u64> = only
+        .iter()
+        .map(|&i| counts.0[i].load(Ordering::Relaxed))
+        .collect();
     println!(
-        "{:>6.1}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+        "{:>6.1}{}  {:>10}",
         start.elapsed().as_secs_f64(),
-        c[0],
-        c[1],
-        c[2],
-        c[3],
+        c.iter().map(|n| format!("  {n:>10}")).collect::<String>(),
         c.iter().min().unwrap_or(&0)
     );
 }

@@ -81,6 +81,11 @@ enum Cmd {
         /// Ingest rate in events/s (default: as fast as ingest answers).
         #[arg(long)]
         rate: Option<f64>,
+        /// The destinations to deliver to (default: all four). `meta-capi,segment` are the
+        /// batching connectors; `webhook` and `ga4` (one user per request) send one event per
+        /// request.
+        #[arg(long, value_delimiter = ',', default_values_t = delivery::SINKS.map(String::from))]
+        destinations: Vec<String>,
     },
     /// A bare HTTP server that reads each body and answers 200, for comparison.
     Bare {
@@ -101,11 +106,13 @@ fn main() -> Result<()> {
             seconds,
             connections,
             rate,
+            destinations,
         } => rt.block_on(delivery::run(
             handoff,
             Duration::from_secs(seconds),
             connections,
             rate,
+            &destinations,
         )),
         Cmd::Load {
             addr,
