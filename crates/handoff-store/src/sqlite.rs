@@ -151,19 +151,28 @@ pub fn erase_events(data_dir: &Path, seqs: &[Seq]) -> Result<usize, StoreError> 
     if seqs.is_empty() {
         return Ok(0);
     }
+    erasing(data_dir, |tx| {
+        let mut up =
+            tx.prepare("UPDATE events SET payload = ?2 WHERE seq = ?1 AND payload != ?2")?;
+        let mut n = 0;
+        for seq in seqs {
+            n += up.execute(params![*seq as i64, ERASED_PAYLOAD])?;
+        }
+        Ok(n)
+    })
+}
+
+/// Runs `f` in one durable transaction on the journal of `data_dir`, freed content overwritten.
+fn erasing(
+    data_dir: &Path,
+    f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<usize, StoreError>,
+) -> Result<usize, StoreError> {
     let mut conn = Connection::open(data_dir.join(DB_FILE))?;
     configure(&conn)?;
     conn.pragma_update(None, "secure_delete", "ON")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut n = 0;
-    {
-        let mut up =
-            tx.prepare("UPDATE events SET payload = ?2 WHERE seq = ?1 AND payload != ?2")?;
-        for seq in seqs {
-            n += up.execute(params![*seq as i64, ERASED_PAYLOAD])?;
-        }
-    }
+    let n = f(&tx)?;
     tx.commit()?;
     Ok(n)
 }
@@ -181,13 +190,8 @@ pub fn erase_quarantined(
     if ids.is_empty() && emails.is_empty() {
         return Ok(0);
     }
-    let mut conn = Connection::open(data_dir.join(DB_FILE))?;
-    configure(&conn)?;
-    conn.pragma_update(None, "secure_delete", "ON")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut n = 0;
-    {
+    erasing(data_dir, |tx| {
+        let mut n = 0;
         let quoted = |v: &str| serde_json::to_string(v).expect("a string serialises");
         let mut exact = tx.prepare(
             "UPDATE quarantine SET raw = ?2, message = 'erased' WHERE raw != ?2 AND instr(raw, ?1) > 0",
@@ -202,9 +206,8 @@ pub fn erase_quarantined(
         for v in emails {
             n += any_case.execute(params![quoted(v), ERASED_PAYLOAD])?;
         }
-    }
-    tx.commit()?;
-    Ok(n)
+        Ok(n)
+    })
 }
 
 /// The payloads of the events `seqs` (for a data-subject access export).
