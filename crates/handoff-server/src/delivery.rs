@@ -22,7 +22,9 @@ use handoff_core::policy::model::{DeliverySettings, Destination};
 use handoff_core::policy::{Outcome, PreparedEvent, decide};
 use handoff_core::subject::{SubjectKey, categories_of, field_names, identifiers};
 use handoff_store::ledger::{self, Entry};
-use handoff_store::outbox::{DestinationState, NewItem, OutboxItem, OutboxStore, Routing, Sent};
+use handoff_store::outbox::{
+    DestinationState, NewItem, OutboxItem, OutboxStore, Routing, Sent, SentIds,
+};
 use handoff_store::{Journal, StoreError};
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
@@ -702,7 +704,15 @@ async fn erasures(
                 Err((why, _, true)) => {
                     tracing::warn!(dsr = %id, destination = %task.destination, "erasure needs an operator: {why}");
                     blocking(move || {
-                        store.with_conn(|c| dsr::task_manual(c, &id, &task.destination, &why))
+                        store.with_conn(|c| {
+                            dsr::task_manual(
+                                c,
+                                &id,
+                                &task.destination,
+                                &why,
+                                task.target.as_deref(),
+                            )
+                        })
                     })
                     .await
                 }
@@ -725,7 +735,16 @@ async fn erasures(
                     .max(after.unwrap_or_default());
                     let next = now + wait.as_millis() as i64;
                     blocking(move || {
-                        store.with_conn(|c| dsr::task_retry(c, &id, &task.destination, next, &why))
+                        store.with_conn(|c| {
+                            dsr::task_retry(
+                                c,
+                                &id,
+                                &task.destination,
+                                next,
+                                &why,
+                                task.target.as_deref(),
+                            )
+                        })
                     })
                     .await
                 }
@@ -971,9 +990,10 @@ async fn worker(
             groups.push(batch);
         }
 
-        // Build every request, then send them, PARALLEL at a time. Once the vendor fails one
-        // (unavailable, throttling, credentials), the rest of the round is not sent: it stays
-        // queued as it was, and the breaker decides what happens next.
+        // Build every request, then send them, PARALLEL at a time, each within the rate limit.
+        // What is not sent yet when the vendor fails one (unavailable, throttling,
+        // credentials), the destination is paused or killed, or the gateway stops, stays queued
+        // as it was; the breaker decides what happens next.
         let mut calls = tokio::task::JoinSet::new();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -999,15 +1019,27 @@ async fn worker(
                 .request(&items, time::OffsetDateTime::now_utc())
             {
                 Ok(request) => {
-                    if let Some(limiter) = &lane.limiter {
-                        limiter.until_ready().await;
-                    }
-                    let (lane, in_flight, failing) =
-                        (lane.clone(), in_flight.clone(), failing.clone());
+                    let (lane, in_flight, failing, stop) = (
+                        lane.clone(),
+                        in_flight.clone(),
+                        failing.clone(),
+                        stop.clone(),
+                    );
                     calls.spawn(async move {
                         let _permit = in_flight.acquire_owned().await;
-                        if failing.load(Ordering::Relaxed) {
+                        let go = || {
+                            !failing.load(Ordering::Relaxed)
+                                && lane.state() == DestinationState::Active
+                                && !*stop.borrow()
+                        };
+                        if !go() {
                             return None;
+                        }
+                        if let Some(limiter) = &lane.limiter {
+                            limiter.until_ready().await;
+                            if !go() {
+                                return None;
+                            }
                         }
                         let answer = send(&lane, request).await;
                         if matches!(
@@ -1108,16 +1140,17 @@ async fn worker(
             let n = delivered.len() as u64;
             let store = store.clone();
             let accepted: HashSet<i64> = delivered.iter().copied().collect();
-            let sent: Vec<Sent> = head
+            let sent: Vec<Sent> = parsed
                 .iter()
-                .filter(|i| accepted.contains(&i.id))
-                .map(|i| Sent {
+                .filter(|(i, _)| accepted.contains(&i.id))
+                .map(|(i, payload)| Sent {
                     id: i.id,
                     destination: i.destination.clone(),
                     vendor: lane.destination.vendor.id.clone(),
                     seq: i.seq,
                     message_id: i.message_id.clone(),
                     subject: i.subject.clone(),
+                    ids: payload.as_ref().map(SentIds::of).unwrap_or_default(),
                 })
                 .collect();
             let r = blocking(move || store.delivered(&sent, &refs)).await;

@@ -123,6 +123,11 @@ impl Identity {
     }
 }
 
+/// How a task records that its vendor was asked about an identifier: its kind and keyed hash.
+fn named_as(kind: &str, hash: &str) -> String {
+    format!("{kind}:{hash}")
+}
+
 /// `POST /v1/dsr`'s body.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,6 +216,7 @@ impl Privacy {
                 // vendors are asked about identifiers this filing names for the first time.
                 let mut entries = Vec::new();
                 let mut erase = Vec::new();
+                dsr::set_subject(tx, &id, &subject.id)?;
                 if kind == "erasure" {
                     erase = dsr::event_seqs(tx, &subject.id)?;
                     let asked = self.extend_erasure(tx, &id, &subject.id, &input.identity)?;
@@ -254,7 +260,7 @@ impl Privacy {
                     );
                     let named = hashes
                         .iter()
-                        .map(|(_, h)| h.as_str())
+                        .map(|(kind, h)| named_as(kind, h))
                         .collect::<Vec<_>>()
                         .join(",");
                     for (destination, vendor) in dsr::recipients(tx, &subject.id)? {
@@ -408,7 +414,7 @@ impl Privacy {
         let given: Vec<(String, Identifier)> = identity
             .identifiers()
             .into_iter()
-            .map(|i| (self.subject_key.hash(&i), i))
+            .map(|i| (named_as(i.kind.as_str(), &self.subject_key.hash(&i)), i))
             .collect();
         let mut asked = 0;
         for (destination, vendor) in dsr::recipients(tx, subject)? {
@@ -454,7 +460,10 @@ impl Privacy {
                     dsr::add_task(tx, id, &new)?;
                     asked += 1;
                 }
-                Some(t) if t.method == "api" => {
+                // Called before (pending or done), or left to an operator who has not confirmed
+                // yet (the vendor was sent none of the identifiers, or refused the call): the
+                // new identifiers may let Handoff call it.
+                Some(t) if t.method == "api" || t.status != dsr::status::DONE => {
                     let earlier: Option<ErasureTarget> = t
                         .target
                         .as_deref()
@@ -468,7 +477,7 @@ impl Privacy {
                         all_named,
                         earlier.as_ref(),
                     )?;
-                    if again.manual {
+                    if again.manual || t.target.as_deref() == Some(again.target.as_str()) {
                         // Nothing new to name them by at this vendor.
                         dsr::rename_task(tx, id, &destination, &again.named, None)?;
                     } else {
@@ -476,7 +485,7 @@ impl Privacy {
                         asked += 1;
                     }
                 }
-                // Done by hand, or to be: the operator works from the subject report.
+                // Done by hand: the operator worked from the subject report.
                 Some(_) => {}
             }
         }

@@ -145,28 +145,42 @@ pub fn existing(
     subject: &str,
     kind: &str,
 ) -> Result<Option<String>, StoreError> {
+    // Filed for the subject, or for one merged into it since.
     Ok(conn
-        .query_row(
-            "SELECT id FROM dsr WHERE subject = ?1 AND kind = ?2 AND (kind = 'erasure' OR status = 'open')
-             ORDER BY created_at_ms LIMIT 1",
-            [subject, kind],
-            |r| r.get(0),
-        )
+        .prepare_cached(
+            "WITH RECURSIVE a(id) AS (SELECT ?1 UNION SELECT s.id FROM subjects s JOIN a ON s.merged_into = a.id)
+             SELECT d.id FROM dsr d JOIN a ON d.subject = a.id
+             WHERE d.kind = ?2 AND (d.kind = 'erasure' OR d.status = 'open')
+             ORDER BY d.created_at_ms LIMIT 1",
+        )?
+        .query_row([subject, kind], |r| r.get(0))
         .optional()?)
 }
 
+/// The request is about `subject` now (the one it was filed for was merged into it): its
+/// vendors' ids and history are found through the subject it became.
+pub fn set_subject(conn: &Connection, id: &str, subject: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE dsr SET subject = ?2 WHERE id = ?1",
+        params![id, subject],
+    )?;
+    Ok(())
+}
+
 /// Hands a vendor's part to an operator: Handoff cannot do it (the vendor refused for good, or
-/// has no deletion call). `why` says what to do.
+/// has no deletion call). `why` says what to do. Not if the task's target is no longer the one
+/// the vendor refused (`called_with`): the request was filed again meanwhile, naming more.
 pub fn task_manual(
     conn: &Connection,
     id: &str,
     destination: &str,
     why: &str,
+    called_with: Option<&str>,
 ) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE dsr_tasks SET status = 'manual', method = 'manual', instructions = ?3, last_error = NULL
-         WHERE dsr_id = ?1 AND destination = ?2 AND status = 'pending'",
-        params![id, destination, why],
+         WHERE dsr_id = ?1 AND destination = ?2 AND status = 'pending' AND target IS ?4",
+        params![id, destination, why, called_with],
     )?;
     Ok(())
 }
@@ -247,8 +261,9 @@ pub fn rename_task(
 ) -> Result<(), StoreError> {
     match target {
         Some(target) => conn.execute(
-            "UPDATE dsr_tasks SET named = ?3, target = ?4, status = 'pending', attempts = 0,
-                 next_at_ms = 0, last_error = NULL, done_at_ms = NULL
+            "UPDATE dsr_tasks SET named = ?3, target = ?4, method = 'api', status = 'pending',
+                 attempts = 0, next_at_ms = 0, last_error = NULL, done_at_ms = NULL,
+                 instructions = ''
              WHERE dsr_id = ?1 AND destination = ?2",
             params![id, destination, named, target],
         )?,
@@ -417,17 +432,20 @@ pub fn confirm_erasure(
     }))
 }
 
+/// The call with `called_with` failed; the next is due at `next_at_ms` (unless the request was
+/// filed again meanwhile: the fuller target is called at once).
 pub fn task_retry(
     conn: &Connection,
     id: &str,
     destination: &str,
     next_at_ms: i64,
     error: &str,
+    called_with: Option<&str>,
 ) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE dsr_tasks SET attempts = attempts + 1, next_at_ms = ?3, last_error = ?4
-         WHERE dsr_id = ?1 AND destination = ?2",
-        params![id, destination, next_at_ms, error],
+         WHERE dsr_id = ?1 AND destination = ?2 AND target IS ?5",
+        params![id, destination, next_at_ms, error, called_with],
     )?;
     Ok(())
 }
@@ -473,6 +491,14 @@ mod tests {
                 let fuller = r#"{"user_ids":["u"],"emails":["e"]}"#;
                 rename_task(c, "dsr_1", "hook", "h1,h2", Some(fuller))?;
                 let stale = r#"{"user_ids":["u"]}"#;
+                // Whatever the vendor answered the stale call, the fuller one is still to make.
+                task_retry(c, "dsr_1", "hook", 99, "HTTP 503", Some(stale))?;
+                task_manual(c, "dsr_1", "hook", "refused", Some(stale))?;
+                let t = get(c, "dsr_1")?.unwrap().tasks.remove(0);
+                assert_eq!(
+                    (t.status.as_str(), t.attempts, t.next_at_ms),
+                    ("pending", 0, 0)
+                );
                 assert_eq!(
                     confirm_erasure(c, "dsr_1", "hook", "acme", "accepted", Some(stale), 3)?,
                     None

@@ -139,44 +139,99 @@ pub struct Sent {
     pub seq: Seq,
     pub message_id: String,
     pub subject: String,
+    /// The person's identifiers as the vendor was sent them: what an erasure that purged the
+    /// item while it was on its way names the person by.
+    pub ids: SentIds,
+}
+
+/// A payload's `userId`, `anonymousId` and e-mail (`traits.email`, `context.traits.email`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentIds {
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    pub email: Option<String>,
+}
+
+impl SentIds {
+    pub fn of(payload: &serde_json::Value) -> Self {
+        let text = |v: Option<&serde_json::Value>| match v? {
+            serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
+        let traits = |at: Option<&serde_json::Value>| text(at?.get("traits")?.get("email"));
+        SentIds {
+            user_id: text(payload.get("userId")),
+            anonymous_id: text(payload.get("anonymousId")),
+            email: traits(Some(payload)).or_else(|| traits(payload.get("context"))),
+        }
+    }
 }
 
 /// A delivery that landed after its subject's erasure purged it: the erasure request gets (or
-/// gets again) a task for this destination, reopened if it had completed.
+/// gets again) a task for this destination, reopened if it had completed, naming the person as
+/// this item did (added to what a pending call already names). Manual tasks stay with the
+/// operator.
 fn late_for_erasure(
     tx: &rusqlite::Transaction<'_>,
     item: &Sent,
     vendor_ref: Option<&String>,
 ) -> Result<(), StoreError> {
+    use serde_json::{Value, json};
     if item.subject.is_empty() {
         return Ok(());
     }
-    let dsr: Option<String> = tx
+    let root = subjects::root(tx, &item.subject)?;
+    let Some(dsr) = crate::dsr::existing(tx, &root, "erasure")? else {
+        return Ok(());
+    };
+    let task: Option<(String, String, Option<String>)> = tx
         .query_row(
-            "SELECT id FROM dsr WHERE subject = ?1 AND kind = 'erasure' ORDER BY created_at_ms LIMIT 1",
-            [&item.subject],
-            |r| r.get(0),
+            "SELECT method, status, target FROM dsr_tasks WHERE dsr_id = ?1 AND destination = ?2",
+            params![dsr, item.destination],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    let Some(dsr) = dsr else { return Ok(()) };
-    let target = serde_json::json!({
-        "dsr_id": dsr, "subject_id": item.subject,
-        "vendor_refs": vendor_ref.into_iter().collect::<Vec<_>>(),
-    });
-    let added = tx.execute(
+    let pending = match &task {
+        Some((method, _, _)) if method != "api" => return Ok(()),
+        Some((_, status, target)) if status == crate::dsr::status::PENDING => target.as_deref(),
+        _ => None,
+    };
+    let mut target = match pending.and_then(|t| serde_json::from_str(t).ok()) {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    target.insert("dsr_id".into(), json!(dsr));
+    target.insert("subject_id".into(), json!(item.subject));
+    for (key, value) in [
+        ("user_ids", item.ids.user_id.as_ref()),
+        ("anonymous_ids", item.ids.anonymous_id.as_ref()),
+        ("emails", item.ids.email.as_ref()),
+        ("vendor_refs", vendor_ref),
+    ] {
+        if let Some(v) = value
+            && let Some(list) = target
+                .entry(key)
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+            && !list.contains(&json!(v))
+        {
+            list.push(json!(v));
+        }
+    }
+    tx.execute(
         "INSERT INTO dsr_tasks (dsr_id, destination, vendor, method, status, target, instructions)
          VALUES (?1, ?2, ?3, 'api', 'pending', ?4, '')
          ON CONFLICT (dsr_id, destination) DO UPDATE SET status = 'pending', done_at_ms = NULL,
-           target = excluded.target WHERE dsr_tasks.method = 'api'",
-        params![dsr, item.destination, item.vendor, target.to_string()],
+           attempts = 0, next_at_ms = 0, last_error = NULL, target = excluded.target",
+        params![
+            dsr,
+            item.destination,
+            item.vendor,
+            Value::Object(target).to_string()
+        ],
     )?;
-    if added > 0 {
-        tx.execute(
-            "UPDATE dsr SET status = 'open', completed_at_ms = NULL WHERE id = ?1",
-            [&dsr],
-        )?;
-    }
-    Ok(())
+    crate::dsr::reopen(tx, &dsr)
 }
 
 /// A payload in the outbox.
@@ -264,28 +319,45 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// checkpoints never rewind it while writes keep coming, and a WAL that only grows costs the
 /// kernel a zeroed block per frame (5.5 GB of WAL after 280k events, before this).
 const REWIND_WAL_AFTER_FRAMES: i64 = 8192;
-/// The longest the checkpointer holds new writers back while it rewinds the WAL (a reader on
-/// an old snapshot, such as `audit verify`, makes it give up and try again later).
+/// How long the checkpointer waits for the writer or a reader before giving a rewind up.
 const REWIND_WAIT: Duration = Duration::from_millis(50);
+/// After a rewind that a reader on an old snapshot (such as `audit verify`) kept from
+/// finishing, the next is tried this much later, so that writers are not held back again and
+/// again while that reader lasts.
+const REWIND_RETRY: Duration = Duration::from_secs(5);
 
-/// One pass of the checkpointer; true when it is behind (more than 1024 frames left to copy).
+/// What one pass of the checkpointer found.
+#[derive(Debug, PartialEq, Eq)]
+enum Pass {
+    /// More than 1024 frames are left to copy: go again at once.
+    Behind,
+    /// Copied what there was (and rewound the WAL when it was long).
+    CaughtUp,
+    /// Caught up, but a reader kept the WAL from being rewound.
+    RewindBusy,
+}
+
+/// One pass of the checkpointer.
 ///
 /// Passive, so it never waits for the router or the workers. When it has caught up but the
 /// WAL is longer than `rewind_after` frames, it copies the last few frames while new writers
-/// wait (at most [`REWIND_WAIT`]), so that the next commit starts the WAL from its beginning
+/// wait (a few frames' copy and the database's fsync, after waiting at most [`REWIND_WAIT`]
+/// for the writer and for readers), so that the next commit starts the WAL from its beginning
 /// and overwrites blocks the file already has.
-fn checkpoint(conn: &Connection, rewind_after: i64) -> rusqlite::Result<bool> {
+fn checkpoint(conn: &Connection, rewind_after: i64) -> rusqlite::Result<Pass> {
     let (frames, done) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
     })?;
     if frames - done > 1024 {
-        return Ok(true);
+        return Ok(Pass::Behind);
     }
     if frames > rewind_after {
-        // Busy (a reader on an old snapshot): the next pass tries again.
-        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get(0))?;
+        if busy != 0 {
+            return Ok(Pass::RewindBusy);
+        }
     }
-    Ok(false)
+    Ok(Pass::CaughtUp)
 }
 
 /// One routing transaction: the router resolves subjects, queues payloads and records its
@@ -424,13 +496,22 @@ impl OutboxStore {
             .name("outbox-checkpoint".into())
             .spawn(move || {
                 let mut wait = CHECKPOINT_EVERY;
+                let mut rewind_from = std::time::Instant::now();
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(wait)
                 {
-                    wait = match checkpoint(&conn, REWIND_WAL_AFTER_FRAMES) {
-                        // Behind: go again at once.
-                        Ok(true) => Duration::ZERO,
-                        Ok(false) => CHECKPOINT_EVERY,
+                    let rewind_after = if std::time::Instant::now() >= rewind_from {
+                        REWIND_WAL_AFTER_FRAMES
+                    } else {
+                        i64::MAX
+                    };
+                    wait = match checkpoint(&conn, rewind_after) {
+                        Ok(Pass::Behind) => Duration::ZERO,
+                        Ok(Pass::CaughtUp) => CHECKPOINT_EVERY,
+                        Ok(Pass::RewindBusy) => {
+                            rewind_from = std::time::Instant::now() + REWIND_RETRY;
+                            CHECKPOINT_EVERY
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "outbox checkpoint failed; will retry");
                             CHECKPOINT_EVERY
@@ -903,7 +984,7 @@ mod tests {
         });
         is_pinned.recv().unwrap();
         write(5);
-        assert!(!checkpoint(&checkpointer, 8).unwrap(), "not behind");
+        assert_eq!(checkpoint(&checkpointer, 8).unwrap(), Pass::CaughtUp);
         RELEASE.store(true, Ordering::SeqCst);
         reader.join().unwrap();
         let long = std::fs::metadata(&wal).unwrap().len();
@@ -912,6 +993,16 @@ mod tests {
             std::fs::metadata(&wal).unwrap().len() <= long,
             "the second round of writes reused the WAL from its start"
         );
+        // A reader that does not let go: the rewind gives up (and is tried again later).
+        let stuck = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        stuck.execute_batch("BEGIN").unwrap();
+        let _: i64 = stuck
+            .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))
+            .unwrap();
+        write(5);
+        let impatient = Connection::open(dir.path().join(OUTBOX_FILE)).unwrap();
+        impatient.busy_timeout(Duration::from_millis(10)).unwrap();
+        assert_eq!(checkpoint(&impatient, 8).unwrap(), Pass::RewindBusy);
     }
 
     fn item(dest: &str, seq: Seq) -> NewItem {
@@ -948,6 +1039,107 @@ mod tests {
                 Ok(())
             })
         }
+    }
+
+    #[test]
+    fn a_delivery_that_lands_after_the_erasure_purged_it_reopens_the_request() {
+        use crate::dsr::{self, NewTask};
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        store
+            .route(2, &[item("hook", 1), item("stripe", 2)], &[])
+            .unwrap();
+        let queued = |d: &str| store.head(d, 1).unwrap().remove(0);
+        let (hook, stripe) = (queued("hook"), queued("stripe"));
+        // The two items are on their way when the erasure is filed: it purges them; the
+        // webhook's part is done at once, Stripe's call is still to be made.
+        let task = |destination: &str, target: &str| NewTask {
+            destination: destination.into(),
+            vendor: "acme".into(),
+            manual: false,
+            target: target.into(),
+            instructions: String::new(),
+            named: String::new(),
+        };
+        store
+            .transact(|tx| {
+                dsr::insert(
+                    tx,
+                    "dsr_1",
+                    "erasure",
+                    "sub_1",
+                    "dpo",
+                    1,
+                    2,
+                    &[
+                        task("hook", r#"{"user_ids":["u-1"]}"#),
+                        task("stripe", r#"{"vendor_refs":["cus_1"]}"#),
+                    ],
+                )?;
+                dsr::purge_queues(tx, "sub_1")?;
+                dsr::purge_queues(tx, "sub_2")?;
+                let done = dsr::confirm_erasure(tx, "dsr_1", "hook", "acme", "ok", None, 3)?;
+                Ok(((), done.into_iter().collect()))
+            })
+            .unwrap();
+        assert_eq!(
+            store
+                .with_conn(|c| dsr::get(c, "dsr_1"))
+                .unwrap()
+                .unwrap()
+                .tasks[0]
+                .status,
+            "done"
+        );
+        let sent = |i: &OutboxItem, user: &str| Sent {
+            id: i.id,
+            destination: i.destination.clone(),
+            vendor: "acme".into(),
+            seq: i.seq,
+            message_id: i.message_id.clone(),
+            subject: "sub_1".into(),
+            ids: SentIds::of(
+                &serde_json::json!({"userId": user, "context": {"traits": {"email": "j@example.com"}}}),
+            ),
+        };
+        store
+            .delivered(
+                &[sent(&hook, "u-1"), sent(&stripe, "u-1")],
+                &[(stripe.id, "cus_2".to_owned())],
+            )
+            .unwrap();
+        let request = store.with_conn(|c| dsr::get(c, "dsr_1")).unwrap().unwrap();
+        assert_eq!(request.status, "open");
+        let target = |i: usize| -> serde_json::Value {
+            serde_json::from_str(request.tasks[i].target.as_deref().unwrap()).unwrap()
+        };
+        assert_eq!(
+            request.tasks[0].status, "pending",
+            "the webhook is asked again"
+        );
+        assert_eq!(
+            (&target(0)["user_ids"], &target(0)["emails"]),
+            (
+                &serde_json::json!(["u-1"]),
+                &serde_json::json!(["j@example.com"])
+            ),
+            "by the ids this delivery carried"
+        );
+        assert_eq!(
+            target(1)["vendor_refs"],
+            serde_json::json!(["cus_1", "cus_2"]),
+            "the pending call also deletes the customer the late create made"
+        );
+        let late: i64 = store
+            .with_conn(|c| {
+                Ok(c.query_row(
+                    "SELECT count(*) FROM ledger WHERE kind = 'delivery' AND detail = ?1",
+                    ["delivered while an erasure purged it"],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(late, 2, "the ledger says both vendors have it");
     }
 
     #[test]
@@ -1008,6 +1200,7 @@ mod tests {
                 seq: i.seq,
                 message_id: i.message_id.clone(),
                 subject: i.subject.clone(),
+                ids: SentIds::default(),
             })
             .collect();
         store.delivered(&sent, &[]).unwrap();

@@ -177,11 +177,12 @@ fn erasing(
     Ok(n)
 }
 
-/// Overwrites the quarantined messages that mention the person (erasure). Refused input is
-/// not parsed, so it cannot be attributed to a subject: it is found by the identifiers as
-/// they appear in it, JSON strings (`"user-42"`), e-mails in any case. Their `raw` becomes
-/// [`ERASED_PAYLOAD`] and their `message` (which may quote the input) `erased`; the code and
-/// time stay. Returns how many were erased.
+/// Overwrites the quarantined messages that name the person (erasure). Refused input is not
+/// parsed, so it cannot be attributed to a subject: it is found by the identifiers the request
+/// gives, in the message's `userId`, `anonymousId` or `previousId` (as text, blanks trimmed) or
+/// e-mail (`traits.email`, `context.traits.email`, any case); in a message that is not JSON,
+/// as a JSON string anywhere in it. Their `raw` becomes [`ERASED_PAYLOAD`] and their `message`
+/// (which may quote the input) `erased`; the code and time stay. Returns how many were erased.
 pub fn erase_quarantined(
     data_dir: &Path,
     ids: &[&str],
@@ -190,21 +191,60 @@ pub fn erase_quarantined(
     if ids.is_empty() && emails.is_empty() {
         return Ok(0);
     }
-    erasing(data_dir, |tx| {
-        let mut n = 0;
+    // Found first on a reader (ingest keeps writing meanwhile), then overwritten by id.
+    let mut found: Vec<i64> = Vec::new();
+    {
+        let conn = Connection::open_with_flags(
+            data_dir.join(DB_FILE),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&conn)?;
         let quoted = |v: &str| serde_json::to_string(v).expect("a string serialises");
-        let mut exact = tx.prepare(
-            "UPDATE quarantine SET raw = ?2, message = 'erased' WHERE raw != ?2 AND instr(raw, ?1) > 0",
-        )?;
-        for v in ids {
-            n += exact.execute(params![quoted(v), ERASED_PAYLOAD])?;
+        let text = |path: &str| format!("trim(CAST(json_extract(raw, '{path}') AS TEXT))");
+        for (values, test, anywhere) in [
+            (
+                ids,
+                format!(
+                    "?2 IN ({}, {}, {})",
+                    text("$.userId"),
+                    text("$.anonymousId"),
+                    text("$.previousId")
+                ),
+                "instr(raw, ?3) > 0",
+            ),
+            (
+                emails,
+                format!(
+                    "lower(?2) IN (lower({}), lower({}))",
+                    text("$.traits.email"),
+                    text("$.context.traits.email")
+                ),
+                "instr(lower(raw), lower(?3)) > 0",
+            ),
+        ] {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT id FROM quarantine WHERE raw != ?1
+                   AND CASE WHEN json_valid(raw) THEN {test} ELSE {anywhere} END"
+            ))?;
+            for v in values {
+                let rows = stmt.query_map(params![ERASED_PAYLOAD, v, quoted(v)], |r| r.get(0))?;
+                for id in rows {
+                    found.push(id?);
+                }
+            }
         }
-        let mut any_case = tx.prepare(
-            "UPDATE quarantine SET raw = ?2, message = 'erased'
-             WHERE raw != ?2 AND instr(lower(raw), lower(?1)) > 0",
-        )?;
-        for v in emails {
-            n += any_case.execute(params![quoted(v), ERASED_PAYLOAD])?;
+    }
+    found.sort_unstable();
+    found.dedup();
+    if found.is_empty() {
+        return Ok(0);
+    }
+    erasing(data_dir, |tx| {
+        let mut up =
+            tx.prepare("UPDATE quarantine SET raw = ?2, message = 'erased' WHERE id = ?1")?;
+        let mut n = 0;
+        for id in &found {
+            n += up.execute(params![id, ERASED_PAYLOAD])?;
         }
         Ok(n)
     })

@@ -182,6 +182,20 @@ pub fn resolve(
     })
 }
 
+/// The subject `id` was merged into (at any depth), or `id` itself.
+pub fn root(conn: &Connection, id: &str) -> Result<String, StoreError> {
+    let root: Option<String> = conn
+        .prepare_cached(
+            "WITH RECURSIVE up(id, into_id) AS (
+                SELECT id, merged_into FROM subjects WHERE id = ?1
+                UNION SELECT s.id, s.merged_into FROM subjects s JOIN up ON s.id = up.into_id)
+             SELECT id FROM up WHERE into_id IS NULL",
+        )?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(root.unwrap_or_else(|| id.to_owned()))
+}
+
 /// A subject's id and the ids of every subject merged into it (at any depth).
 pub fn aliases(conn: &Connection, id: &str) -> Result<Vec<String>, StoreError> {
     let mut stmt = conn.prepare_cached(
@@ -314,6 +328,15 @@ mod tests {
                 assert_eq!(find(c, "h-user")?.unwrap().id, anon.id);
                 assert_eq!(vendor_refs(c, "stripe", &anon.id)?, ["cus_1"]);
                 assert_eq!(aliases(c, &anon.id)?.len(), 2);
+                assert_eq!(root(c, &user.id)?, anon.id);
+                assert_eq!(root(c, &anon.id)?, anon.id);
+                // An erasure filed for the user before the merge is the person's erasure.
+                crate::dsr::insert(c, "dsr_1", "erasure", &user.id, "dpo", 4, 5, &[])?;
+                assert_eq!(
+                    crate::dsr::existing(c, &anon.id, "erasure")?.as_deref(),
+                    Some("dsr_1")
+                );
+                assert_eq!(crate::dsr::existing(c, &anon.id, "access")?, None);
                 assert_eq!(
                     identifier_kinds(c, &anon.id)?,
                     vec![("anonymous_id".into(), 1), ("user_id".into(), 1)]

@@ -264,3 +264,56 @@ fn one_gateway_per_data_directory() {
     assert_eq!(err.code(), "journal.locked");
     assert!(err.to_string().contains("another Handoff process"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_finds_quarantined_messages_by_the_person_s_identifiers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    let refused = |raw: &str| QuarantineEntry {
+        source: SourceId::parse("web").unwrap(),
+        received_at_ms: t0(),
+        index: 0,
+        code: "message.event.missing",
+        message: format!("refused {raw}"),
+        raw: raw.into(),
+    };
+    let raws = [
+        r#"{"type": "track", "userId": "u-1"}"#,
+        r#"{"type": "track", "userId": 42}"#,
+        r#"{"type": "track", "anonymousId": "a-7", "context": {"traits": {"email": " Jane@Example.COM "}}}"#,
+        // Not the person: their id is only a value elsewhere, or a longer id.
+        r#"{"type": "track", "userId": "u-10", "properties": {"ref": "u-1", "n": "42"}}"#,
+        // Not JSON: found by the id as a JSON string.
+        r#"{"type": "track", "userId": "u-1", "#,
+    ];
+    j.append(vec![], raws.iter().map(|r| refused(r)).collect())
+        .await
+        .unwrap();
+    j.close().await;
+    let erased =
+        handoff_store::sqlite::erase_quarantined(dir.path(), &["u-1", "42"], &["jane@example.com"])
+            .unwrap();
+    assert_eq!(erased, 4);
+    let mut left = Vec::new();
+    JournalReader::open(dir.path())
+        .unwrap()
+        .for_each_quarantined(0, |m| {
+            left.push((m.raw.clone(), m.message.clone()));
+            Ok(())
+        })
+        .unwrap();
+    let erased_at: Vec<bool> = left
+        .iter()
+        .map(|(r, _)| r == r#"{"erased":true}"#)
+        .collect();
+    assert_eq!(erased_at, [true, true, true, false, true], "{left:?}");
+    assert!(
+        left.iter()
+            .all(|(r, m)| m == "erased" || r.contains("u-10"))
+    );
+    assert_eq!(
+        handoff_store::sqlite::erase_quarantined(dir.path(), &["u-1"], &[]).unwrap(),
+        0,
+        "once"
+    );
+}
