@@ -116,10 +116,12 @@ pub fn resolve(
     }
     let mut merged = Vec::new();
     let subject = if found.is_empty() {
-        let id: String =
-            conn.query_row("SELECT 'sub_' || lower(hex(randomblob(12)))", [], |r| {
-                r.get(0)
-            })?;
+        // Time first, then random: new subjects sort after older ones, so what is indexed by
+        // subject (identities, decisions in the ledger) is appended for them rather than
+        // written into pages all over the indexes.
+        let id: String = conn
+            .prepare_cached("SELECT 'sub_' || printf('%012x', ?1) || lower(hex(randomblob(6)))")?
+            .query_row([now_ms.max(0)], |r| r.get(0))?;
         conn.prepare_cached("INSERT INTO subjects (id, created_at_ms) VALUES (?1, ?2)")?
             .execute(params![id, now_ms])?;
         Subject {
@@ -310,6 +312,7 @@ mod tests {
                     .subject
                     .unwrap();
                 assert_ne!(user.id, anon.id);
+                assert!(user.id > anon.id, "ids sort by creation: {} {}", user.id, anon.id);
                 suppress(c, &user.id, 4)?;
                 set_vendor_ref(c, "stripe", &user.id, "cus_1")?;
                 // …then an event names both: one person, the older subject, suppressed.
