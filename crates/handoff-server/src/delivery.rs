@@ -227,28 +227,106 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<bool>, wake: Option<&Noti
     }
 }
 
+/// The router, in two stages that overlap: one reads the journal and decides the next batch
+/// while the other commits the previous one (the commit waits for the outbox, which the
+/// workers share; deciding does not).
 async fn router(
     delivery: Arc<Delivery>,
     journal: Arc<dyn Journal>,
     app: Arc<crate::AppState>,
+    stop: watch::Receiver<bool>,
+) {
+    let (decided, to_commit) = tokio::sync::mpsc::channel::<Decided>(1);
+    tokio::join!(
+        decide_stage(
+            delivery.clone(),
+            journal.clone(),
+            app.clone(),
+            stop.clone(),
+            decided
+        ),
+        commit_stage(delivery, journal, app, stop, to_commit),
+    );
+}
+
+/// A batch of journal events, decided, to be committed.
+struct Decided {
+    events: Arc<Vec<handoff_store::StoredEvent>>,
+    upto: handoff_store::Seq,
+    plan: Plan,
+}
+
+/// Resolves the subjects of `events` (one short transaction) and decides them for every lane
+/// without holding the outbox.
+fn decide_events(
+    delivery: &Delivery,
+    settings: &handoff_core::policy::model::PolicySettings,
+    events: &[handoff_store::StoredEvent],
+) -> Result<Plan, StoreError> {
+    let parsed: Vec<Option<Value>> = events.iter().map(parse_event).collect();
+    let ids: Vec<Vec<(&str, String)>> = parsed
+        .iter()
+        .map(|v| {
+            v.as_ref().map_or_else(Vec::new, |v| {
+                identifiers(v)
+                    .iter()
+                    .map(|i| (i.kind.as_str(), delivery.subject_key.hash(i)))
+                    .collect()
+            })
+        })
+        .collect();
+    let subjects = delivery.store.resolve_subjects(&ids)?;
+    let today = time::OffsetDateTime::now_utc().date();
+    Ok(decide_batch(
+        events,
+        parsed,
+        subjects,
+        &delivery.lanes,
+        settings,
+        today,
+    ))
+}
+
+/// Decides `events` off the async threads.
+async fn decide_off_thread(
+    delivery: &Arc<Delivery>,
+    app: &crate::AppState,
+    events: &Arc<Vec<handoff_store::StoredEvent>>,
+) -> Result<Plan, StoreError> {
+    let (delivery, events) = (delivery.clone(), events.clone());
+    let settings = app.policy.settings.clone();
+    tokio::task::spawn_blocking(move || decide_events(&delivery, &settings, &events))
+        .await
+        .unwrap_or(Err(StoreError::Closed))
+}
+
+/// Reads the journal from the router's position and decides batch after batch, at most one
+/// ahead of what is committed.
+async fn decide_stage(
+    delivery: Arc<Delivery>,
+    journal: Arc<dyn Journal>,
+    app: Arc<crate::AppState>,
     mut stop: watch::Receiver<bool>,
+    decided: tokio::sync::mpsc::Sender<Decided>,
 ) {
     let mut head = journal.subscribe();
-    let store = delivery.store.clone();
-    let mut failures = 0u32;
+    let mut next: Option<handoff_store::Seq> = None;
     while !*stop.borrow() {
-        let position = {
-            let store = store.clone();
-            blocking(move || store.router_position()).await
-        };
-        let position = match position {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "router cannot read its position; retrying");
-                pause(Duration::from_secs(1), &mut stop, None).await;
-                continue;
+        let position = match next {
+            Some(p) => p,
+            None => {
+                let store = delivery.store.clone();
+                match blocking(move || store.router_position()).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "router cannot read its position; retrying");
+                        pause(Duration::from_secs(1), &mut stop, None).await;
+                        continue;
+                    }
+                }
             }
         };
+        next = Some(position);
         let events = match journal.read(position, ROUTE_BATCH).await {
             Ok(e) => e,
             Err(e) => {
@@ -257,95 +335,116 @@ async fn router(
                 continue;
             }
         };
-        if events.is_empty() {
+        let Some(upto) = events.last().map(|e| e.seq) else {
             tokio::select! {
                 _ = head.changed() => {}
                 _ = stop.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
-        }
-        let upto = events.last().map_or(position, |e| e.seq);
-        let lanes = delivery.lanes.clone();
-        let settings = app.policy.settings.clone();
-        let key = delivery.subject_key.clone();
-        let today = time::OffsetDateTime::now_utc().date();
-        let committed = {
-            let store = store.clone();
-            // Off the async threads: subjects are resolved (one short transaction), then
-            // decided without holding the outbox (workers keep recording deliveries), then
-            // queued with their ledger entries and the new position in one transaction.
-            tokio::task::spawn_blocking(move || {
-                let parsed: Vec<Option<Value>> = events.iter().map(parse_event).collect();
-                let ids: Vec<Vec<(&str, String)>> = parsed
-                    .iter()
-                    .map(|v| {
-                        v.as_ref().map_or_else(Vec::new, |v| {
-                            identifiers(v)
-                                .iter()
-                                .map(|i| (i.kind.as_str(), key.hash(i)))
-                                .collect()
-                        })
-                    })
-                    .collect();
-                let subjects = store.resolve_subjects(&ids)?;
-                let plan = decide_batch(&events, parsed, subjects, &lanes, &settings, today);
-                store.route_with(upto, |r| plan.apply(r))
-            })
-            .await
-            .unwrap_or(Err(StoreError::Closed))
         };
-        if let Err(StoreError::Conflict(why)) = &committed {
-            // An erasure, opt-out or merge landed between resolving and committing: decide
-            // the batch again with what is stored now.
-            tracing::debug!(reason = %why, "routing batch decided again");
-            continue;
-        }
-        match committed {
-            Ok(Routed {
-                blocked,
-                wake,
-                erase,
-            }) => {
-                failures = 0;
-                if !erase.is_empty() {
-                    // Events of suppressed subjects are kept no longer than deciding took.
-                    let dir = delivery.data_dir.clone();
-                    if let Err(e) =
-                        blocking(move || handoff_store::sqlite::erase_events(&dir, &erase)).await
-                    {
-                        tracing::error!(error = %e, "cannot erase the events of suppressed subjects; the next erasure request for them will");
-                    }
+        let events = Arc::new(events);
+        match decide_off_thread(&delivery, &app, &events).await {
+            Ok(plan) => {
+                if decided.send(Decided { events, upto, plan }).await.is_err() {
+                    return;
                 }
-                for (destination, reason) in &blocked {
-                    app.metrics
-                        .delivery
-                        .blocked
-                        .get_or_create(&BlockedLabel {
-                            destination: destination.clone(),
-                            reason: (*reason).into(),
-                        })
-                        .inc();
-                }
-                for (lane, wake) in delivery.lanes.iter().zip(wake) {
-                    if wake {
-                        lane.wake.notify_one();
-                    }
-                }
-                // For the consumer-lag metric; the position that counts is in the outbox.
-                let _ = journal.ack("router", upto).await;
+                next = Some(upto);
             }
             Err(e) => {
-                failures += 1;
-                tracing::error!(error = %e, failures, "router cannot commit its decisions; retrying");
-                pause(
-                    Duration::from_millis(200 * u64::from(failures.min(25))),
-                    &mut stop,
-                    None,
-                )
-                .await;
+                tracing::error!(error = %e, "router cannot resolve subjects; retrying");
+                pause(Duration::from_secs(1), &mut stop, None).await;
             }
         }
+    }
+}
+
+/// Commits each decided batch with its ledger entries and the router's new position, in
+/// order. A batch that cannot be committed as decided (an erasure, opt-out or merge landed
+/// meanwhile, or the previous batch changed a subject it decided on) is decided again with
+/// what is stored now; one that fails is tried again, and nothing after it is committed first.
+async fn commit_stage(
+    delivery: Arc<Delivery>,
+    journal: Arc<dyn Journal>,
+    app: Arc<crate::AppState>,
+    mut stop: watch::Receiver<bool>,
+    mut to_commit: tokio::sync::mpsc::Receiver<Decided>,
+) {
+    let mut failures = 0u32;
+    while let Some(Decided {
+        events,
+        upto,
+        mut plan,
+    }) = to_commit.recv().await
+    {
+        let routed = loop {
+            let store = delivery.store.clone();
+            let committed =
+                tokio::task::spawn_blocking(move || store.route_with(upto, |r| plan.apply(r)))
+                    .await
+                    .unwrap_or(Err(StoreError::Closed));
+            match committed {
+                Ok(routed) => break routed,
+                Err(StoreError::Conflict(why)) => {
+                    tracing::debug!(reason = %why, "routing batch decided again");
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, failures, "router cannot commit its decisions; retrying");
+                    pause(
+                        Duration::from_millis(200 * u64::from(failures.min(25))),
+                        &mut stop,
+                        None,
+                    )
+                    .await;
+                }
+            }
+            plan = loop {
+                if *stop.borrow() {
+                    // Not committed: decided again after the restart.
+                    return;
+                }
+                match decide_off_thread(&delivery, &app, &events).await {
+                    Ok(p) => break p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "router cannot resolve subjects; retrying");
+                        pause(Duration::from_secs(1), &mut stop, None).await;
+                    }
+                }
+            };
+        };
+        failures = 0;
+        let Routed {
+            blocked,
+            wake,
+            erase,
+        } = routed;
+        if !erase.is_empty() {
+            // Events of suppressed subjects are kept no longer than deciding took.
+            let dir = delivery.data_dir.clone();
+            if let Err(e) =
+                blocking(move || handoff_store::sqlite::erase_events(&dir, &erase)).await
+            {
+                tracing::error!(error = %e, "cannot erase the events of suppressed subjects; the next erasure request for them will");
+            }
+        }
+        for (destination, reason) in &blocked {
+            app.metrics
+                .delivery
+                .blocked
+                .get_or_create(&BlockedLabel {
+                    destination: destination.clone(),
+                    reason: (*reason).into(),
+                })
+                .inc();
+        }
+        for (lane, wake) in delivery.lanes.iter().zip(wake) {
+            if wake {
+                lane.wake.notify_one();
+            }
+        }
+        // For the consumer-lag metric; the position that counts is in the outbox.
+        let _ = journal.ack("router", upto).await;
     }
 }
 
