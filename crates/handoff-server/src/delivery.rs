@@ -327,6 +327,10 @@ async fn decide_stage(
             }
         };
         next = Some(position);
+        // At most one batch decided ahead of the one being committed.
+        let Ok(slot) = decided.reserve().await else {
+            return;
+        };
         let events = match journal.read(position, ROUTE_BATCH).await {
             Ok(e) => e,
             Err(e) => {
@@ -346,9 +350,7 @@ async fn decide_stage(
         let events = Arc::new(events);
         match decide_off_thread(&delivery, &app, &events).await {
             Ok(plan) => {
-                if decided.send(Decided { events, upto, plan }).await.is_err() {
-                    return;
-                }
+                slot.send(Decided { events, upto, plan });
                 next = Some(upto);
             }
             Err(e) => {

@@ -193,6 +193,17 @@ fn late_for_erasure(
         )
         .optional()?;
     let pending = match &task {
+        // An operator confirmed this vendor erased the person by hand; it has data of theirs
+        // again, so the operator must ask again.
+        Some((method, status, _)) if method != "api" && status == crate::dsr::status::DONE => {
+            tx.execute(
+                "UPDATE dsr_tasks SET status = 'manual', done_at_ms = NULL,
+                   instructions = 'Delivered again after the erasure was confirmed (it was on its way): ask the vendor again to erase this person, then confirm again. ' || instructions
+                 WHERE dsr_id = ?1 AND destination = ?2",
+                params![dsr, item.destination],
+            )?;
+            return crate::dsr::reopen(tx, &dsr);
+        }
         Some((method, _, _)) if method != "api" => return Ok(()),
         Some((_, status, target)) if status == crate::dsr::status::PENDING => target.as_deref(),
         _ => None,
@@ -321,10 +332,11 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 const REWIND_WAL_AFTER_FRAMES: i64 = 8192;
 /// How long the checkpointer waits for the writer or a reader before giving a rewind up.
 const REWIND_WAIT: Duration = Duration::from_millis(50);
-/// After a rewind that a reader on an old snapshot (such as `audit verify`) kept from
-/// finishing, the next is tried this much later, so that writers are not held back again and
-/// again while that reader lasts.
-const REWIND_RETRY: Duration = Duration::from_secs(5);
+/// After a rewind that the writer or a reader on an old snapshot (such as `audit verify`) kept
+/// from finishing, the next is tried this much later, doubling while it keeps failing (up to
+/// 5 s), so that writers are not held back again and again while that reader lasts.
+const REWIND_RETRY: Duration = Duration::from_millis(250);
+const REWIND_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What one pass of the checkpointer found.
 #[derive(Debug, PartialEq, Eq)]
@@ -333,7 +345,7 @@ enum Pass {
     Behind,
     /// Copied what there was (and rewound the WAL when it was long).
     CaughtUp,
-    /// Caught up, but a reader kept the WAL from being rewound.
+    /// Caught up, but the writer or a reader kept the WAL from being rewound.
     RewindBusy,
 }
 
@@ -497,6 +509,7 @@ impl OutboxStore {
             .spawn(move || {
                 let mut wait = CHECKPOINT_EVERY;
                 let mut rewind_from = std::time::Instant::now();
+                let mut rewind_retry = REWIND_RETRY;
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(wait)
                 {
@@ -507,9 +520,13 @@ impl OutboxStore {
                     };
                     wait = match checkpoint(&conn, rewind_after) {
                         Ok(Pass::Behind) => Duration::ZERO,
-                        Ok(Pass::CaughtUp) => CHECKPOINT_EVERY,
+                        Ok(Pass::CaughtUp) => {
+                            rewind_retry = REWIND_RETRY;
+                            CHECKPOINT_EVERY
+                        }
                         Ok(Pass::RewindBusy) => {
-                            rewind_from = std::time::Instant::now() + REWIND_RETRY;
+                            rewind_from = std::time::Instant::now() + rewind_retry;
+                            rewind_retry = (rewind_retry * 2).min(REWIND_RETRY_MAX);
                             CHECKPOINT_EVERY
                         }
                         Err(e) => {
@@ -1047,10 +1064,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = OutboxStore::open(dir.path()).unwrap();
         store
-            .route(2, &[item("hook", 1), item("stripe", 2)], &[])
+            .route(
+                3,
+                &[item("hook", 1), item("stripe", 2), item("meta", 3)],
+                &[],
+            )
             .unwrap();
         let queued = |d: &str| store.head(d, 1).unwrap().remove(0);
-        let (hook, stripe) = (queued("hook"), queued("stripe"));
+        let (hook, stripe, meta) = (queued("hook"), queued("stripe"), queued("meta"));
         // The two items are on their way when the erasure is filed: it purges them; the
         // webhook's part is done at once, Stripe's call is still to be made.
         let task = |destination: &str, target: &str| NewTask {
@@ -1074,12 +1095,21 @@ mod tests {
                     &[
                         task("hook", r#"{"user_ids":["u-1"]}"#),
                         task("stripe", r#"{"vendor_refs":["cus_1"]}"#),
+                        NewTask {
+                            manual: true,
+                            ..task("meta", "")
+                        },
                     ],
                 )?;
-                dsr::purge_queues(tx, "sub_1")?;
-                dsr::purge_queues(tx, "sub_2")?;
-                let done = dsr::confirm_erasure(tx, "dsr_1", "hook", "acme", "ok", None, 3)?;
-                Ok(((), done.into_iter().collect()))
+                for subject in ["sub_1", "sub_2", "sub_3"] {
+                    dsr::purge_queues(tx, subject)?;
+                }
+                // The webhook confirmed at once, Meta by hand.
+                let mut done = Vec::new();
+                for d in ["hook", "meta"] {
+                    done.extend(dsr::confirm_erasure(tx, "dsr_1", d, "acme", "ok", None, 3)?);
+                }
+                Ok(((), done))
             })
             .unwrap();
         assert_eq!(
@@ -1104,7 +1134,7 @@ mod tests {
         };
         store
             .delivered(
-                &[sent(&hook, "u-1"), sent(&stripe, "u-1")],
+                &[sent(&hook, "u-1"), sent(&stripe, "u-1"), sent(&meta, "u-1")],
                 &[(stripe.id, "cus_2".to_owned())],
             )
             .unwrap();
@@ -1113,6 +1143,12 @@ mod tests {
         let target = |i: usize| -> serde_json::Value {
             serde_json::from_str(request.tasks[i].target.as_deref().unwrap()).unwrap()
         };
+        // Tasks in destination order: hook, meta, stripe.
+        assert_eq!(
+            request.tasks[1].status, "manual",
+            "Meta must be asked again"
+        );
+        assert!(request.tasks[1].instructions.starts_with("Delivered again"));
         assert_eq!(
             request.tasks[0].status, "pending",
             "the webhook is asked again"
@@ -1126,7 +1162,7 @@ mod tests {
             "by the ids this delivery carried"
         );
         assert_eq!(
-            target(1)["vendor_refs"],
+            target(2)["vendor_refs"],
             serde_json::json!(["cus_1", "cus_2"]),
             "the pending call also deletes the customer the late create made"
         );
@@ -1139,7 +1175,7 @@ mod tests {
                 )?)
             })
             .unwrap();
-        assert_eq!(late, 2, "the ledger says both vendors have it");
+        assert_eq!(late, 3, "the ledger says each vendor has it");
     }
 
     #[test]

@@ -179,10 +179,11 @@ fn erasing(
 
 /// Overwrites the quarantined messages that name the person (erasure). Refused input is not
 /// parsed, so it cannot be attributed to a subject: it is found by the identifiers the request
-/// gives, in the message's `userId`, `anonymousId` or `previousId` (as text, blanks trimmed) or
-/// e-mail (`traits.email`, `context.traits.email`, any case); in a message that is not JSON,
-/// as a JSON string anywhere in it. Their `raw` becomes [`ERASED_PAYLOAD`] and their `message`
-/// (which may quote the input) `erased`; the code and time stay. Returns how many were erased.
+/// gives, as values under a `userId`, `anonymousId` or `previousId` key at any depth (also in
+/// arrays and objects under them, as refused messages have them; as text, blanks trimmed),
+/// e-mails as any value in any case; in a message that is not JSON, as a JSON string anywhere
+/// in it. Their `raw` becomes [`ERASED_PAYLOAD`] and their `message` (which may quote the
+/// input) `erased`; the code and time stay. Returns how many were erased.
 pub fn erase_quarantined(
     data_dir: &Path,
     ids: &[&str],
@@ -200,31 +201,33 @@ pub fn erase_quarantined(
         )?;
         configure(&conn)?;
         let quoted = |v: &str| serde_json::to_string(v).expect("a string serialises");
-        let text = |path: &str| format!("trim(CAST(json_extract(raw, '{path}') AS TEXT))");
+        let under_id_key = [
+            "userId",
+            "anonymousId",
+            "previousId",
+            "user_id",
+            "anonymous_id",
+        ]
+        .map(|k| format!("instr(t.fullkey || '.', '.{k}.') > 0 OR instr(t.fullkey, '.{k}[') > 0"))
+        .join(" OR ");
+        let value = "trim(CAST(t.atom AS TEXT))";
         for (values, test, anywhere) in [
             (
                 ids,
-                format!(
-                    "?2 IN ({}, {}, {})",
-                    text("$.userId"),
-                    text("$.anonymousId"),
-                    text("$.previousId")
-                ),
+                format!("({under_id_key}) AND {value} = ?2"),
                 "instr(raw, ?3) > 0",
             ),
             (
                 emails,
-                format!(
-                    "lower(?2) IN (lower({}), lower({}))",
-                    text("$.traits.email"),
-                    text("$.context.traits.email")
-                ),
+                format!("lower({value}) = lower(trim(?2))"),
                 "instr(lower(raw), lower(?3)) > 0",
             ),
         ] {
             let mut stmt = conn.prepare(&format!(
                 "SELECT id FROM quarantine WHERE raw != ?1
-                   AND CASE WHEN json_valid(raw) THEN {test} ELSE {anywhere} END"
+                   AND CASE WHEN json_valid(raw)
+                       THEN EXISTS (SELECT 1 FROM json_tree(raw) t WHERE t.atom IS NOT NULL AND {test})
+                       ELSE {anywhere} END"
             ))?;
             for v in values {
                 let rows = stmt.query_map(params![ERASED_PAYLOAD, v, quoted(v)], |r| r.get(0))?;

@@ -312,7 +312,12 @@ mod tests {
                     .subject
                     .unwrap();
                 assert_ne!(user.id, anon.id);
-                assert!(user.id > anon.id, "ids sort by creation: {} {}", user.id, anon.id);
+                assert!(
+                    user.id > anon.id,
+                    "ids sort by creation: {} {}",
+                    user.id,
+                    anon.id
+                );
                 suppress(c, &user.id, 4)?;
                 set_vendor_ref(c, "stripe", &user.id, "cus_1")?;
                 // …then an event names both: one person, the older subject, suppressed.

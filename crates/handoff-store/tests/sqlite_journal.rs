@@ -285,6 +285,11 @@ async fn erasure_finds_quarantined_messages_by_the_person_s_identifiers_only() {
         r#"{"type": "track", "userId": "u-10", "properties": {"ref": "u-1", "n": "42"}}"#,
         // Not JSON: found by the id as a JSON string.
         r#"{"type": "track", "userId": "u-1", "#,
+        // Refused for their shape: the id is still theirs.
+        r#"[{"type": "track", "userId": "u-1"}]"#,
+        r#"{"type": "track", "userId": ["u-1"]}"#,
+        r#"{"type": "track", "userId": {"id": "u-1"}}"#,
+        r#"{"type": "track", "userIdentity": "u-1"}"#,
     ];
     j.append(vec![], raws.iter().map(|r| refused(r)).collect())
         .await
@@ -293,7 +298,7 @@ async fn erasure_finds_quarantined_messages_by_the_person_s_identifiers_only() {
     let erased =
         handoff_store::sqlite::erase_quarantined(dir.path(), &["u-1", "42"], &["jane@example.com"])
             .unwrap();
-    assert_eq!(erased, 4);
+    assert_eq!(erased, 7);
     let mut left = Vec::new();
     JournalReader::open(dir.path())
         .unwrap()
@@ -306,10 +311,14 @@ async fn erasure_finds_quarantined_messages_by_the_person_s_identifiers_only() {
         .iter()
         .map(|(r, _)| r == r#"{"erased":true}"#)
         .collect();
-    assert_eq!(erased_at, [true, true, true, false, true], "{left:?}");
+    assert_eq!(
+        erased_at,
+        [true, true, true, false, true, true, true, true, false],
+        "{left:?}"
+    );
     assert!(
         left.iter()
-            .all(|(r, m)| m == "erased" || r.contains("u-10"))
+            .all(|(r, m)| m == "erased" || r.contains("u-10") || r.contains("userIdentity"))
     );
     assert_eq!(
         handoff_store::sqlite::erase_quarantined(dir.path(), &["u-1"], &[]).unwrap(),
