@@ -30,15 +30,7 @@ fn start(dir: &std::path::Path) -> Gateway {
 }
 
 async fn post(gw: &Gateway, path: &str, body: Value) -> (StatusCode, Value) {
-    let resp = client()
-        .post(format!("{}{path}", gw.url))
-        .basic_auth(KEY, Some(""))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap())
+    common::post_json(gw, KEY, path, &body).await
 }
 
 async fn post_raw(

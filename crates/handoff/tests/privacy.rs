@@ -145,14 +145,8 @@ settings = {{ measurement_id = "G-TEST", api_secret = "mp-secret", property_id =
 }
 
 async fn send(gw: &Gateway, batch: Vec<Value>) {
-    let resp = client()
-        .post(format!("{}/v1/batch", gw.url))
-        .basic_auth(KEY, Some(""))
-        .json(&json!({ "batch": batch }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    let (status, body) = common::post_json(gw, KEY, "/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 fn track(user: &str, anon: &str, n: usize) -> Value {
@@ -299,14 +293,8 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         json!({"type": "track", "anonymousId": "anon-j", "traits": {"email": "jane@EXAMPLE.com"}}),
         json!({"type": "track", "userId": "bob-2"}),
     ] {
-        let resp = client()
-            .post(format!("{}/v1/track", gw.url))
-            .basic_auth(KEY, Some(""))
-            .json(&refused)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let (status, body) = common::post_json(&gw, KEY, "/v1/track", &refused).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     }
     assert_eq!(common::dump(&data, &["--quarantine"]).len(), 2);
 

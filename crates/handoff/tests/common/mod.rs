@@ -266,6 +266,24 @@ pub fn stored_ids(data_dir: &Path) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// POSTs `body` as JSON to the gateway's `path` with a source's write key; the answer.
+pub async fn post_json(
+    gw: &Gateway,
+    write_key: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let resp = client()
+        .post(format!("{}{path}", gw.url))
+        .basic_auth(write_key, Some(""))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or_default())
+}
+
 pub fn client() -> reqwest::Client {
     // reqwest is built with TLS support for the connectors, which leaves the crypto provider
     // to the application: the tests use the gateway's own (ring).
