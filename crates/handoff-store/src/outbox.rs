@@ -144,7 +144,8 @@ pub struct Sent {
     pub ids: SentIds,
 }
 
-/// A payload's `userId`, `anonymousId` and e-mail (`traits.email`, `context.traits.email`).
+/// A sent payload's `userId`, `anonymousId` and e-mail, as the vendor got them (see
+/// [`handoff_core::policy::identifiers_in_payload`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SentIds {
     pub user_id: Option<String>,
@@ -154,16 +155,11 @@ pub struct SentIds {
 
 impl SentIds {
     pub fn of(payload: &serde_json::Value) -> Self {
-        let text = |v: Option<&serde_json::Value>| match v? {
-            serde_json::Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        };
-        let traits = |at: Option<&serde_json::Value>| text(at?.get("traits")?.get("email"));
+        let (user_id, anonymous_id, email) = handoff_core::policy::identifiers_in_payload(payload);
         SentIds {
-            user_id: text(payload.get("userId")),
-            anonymous_id: text(payload.get("anonymousId")),
-            email: traits(Some(payload)).or_else(|| traits(payload.get("context"))),
+            user_id,
+            anonymous_id,
+            email,
         }
     }
 }

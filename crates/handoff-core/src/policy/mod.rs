@@ -506,18 +506,28 @@ pub fn identifiers_as_sent(
     });
     let written = payload::write(&PreparedEvent::new(event, settings), dest);
     let out: Value = serde_json::from_str(&written.json).unwrap_or(Value::Null);
-    let text = |v: Option<&Value>| {
-        v.and_then(Value::as_str)
-            .filter(|s| !s.starts_with("[redacted"))
-            .map(str::to_owned)
+    let (user, anonymous, mail) = identifiers_in_payload(&out);
+    (
+        user_id.and(user),
+        anonymous_id.and(anonymous),
+        email.and(mail),
+    )
+}
+
+/// The person's identifiers in a payload as written for a destination: `userId`,
+/// `anonymousId` and the e-mail (`traits.email`, else `context.traits.email`), as the vendor
+/// got them (hashed where the destination hashes them). Redacted, blank and non-text values
+/// are none. Returns (userId, anonymousId, e-mail).
+pub fn identifiers_in_payload(out: &Value) -> (Option<String>, Option<String>, Option<String>) {
+    let text = |v: Option<&Value>| match v? {
+        Value::String(s) if !s.trim().is_empty() && !s.starts_with("[redacted") => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
     };
     (
-        user_id.and(text(out.get("userId"))),
-        anonymous_id.and(text(out.get("anonymousId"))),
-        email.and(
-            text(get_path(&out, "traits.email"))
-                .or_else(|| text(get_path(&out, "context.traits.email"))),
-        ),
+        text(out.get("userId")),
+        text(out.get("anonymousId")),
+        text(get_path(out, "traits.email")).or_else(|| text(get_path(out, "context.traits.email"))),
     )
 }
 
