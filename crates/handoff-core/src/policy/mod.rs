@@ -484,8 +484,6 @@ fn residency(event: &PreparedEvent, dest: &Destination) -> Option<Reason> {
     None
 }
 
-/// Decides what `dest` may receive of `event`. `today` is the day the decision is made (vendor
-/// assessments age).
 /// The identifiers as `dest` sends them, after its allowlist, transforms and PII handling:
 /// what the vendor knows the person by, for its deletion call (a destination that hashes or
 /// pseudonymises `userId` must be asked to delete the hash). `None` where it does not send
@@ -531,6 +529,8 @@ pub fn identifiers_in_payload(out: &Value) -> (Option<String>, Option<String>, O
     )
 }
 
+/// Decides what `dest` may receive of `event`. `today` is the day the decision is made (vendor
+/// assessments age).
 pub fn decide(
     event: &PreparedEvent,
     consent: &ConsentContext,
