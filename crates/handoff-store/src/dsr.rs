@@ -75,7 +75,7 @@ pub struct Task {
     /// What the deletion call needs (identifiers as given, the vendor's id); removed once done.
     #[serde(skip)]
     pub target: Option<String>,
-    /// The identifiers this vendor has been asked about, as subject hashes (see [`NewTask`]).
+    /// The identifiers this vendor has been asked about (see [`NewTask`]).
     #[serde(skip)]
     pub named: String,
     #[serde(skip)]
@@ -90,8 +90,9 @@ pub struct NewTask {
     pub manual: bool,
     pub target: String,
     pub instructions: String,
-    /// Keyed hashes (as subjects store them) of the identifiers the request named, comma
-    /// separated: filing the erasure again naming others asks the vendor again about those.
+    /// The identifiers the request named, each as its kind and keyed hash (as subjects store
+    /// them: `user_id:…`), comma separated: filing the erasure again naming others asks the
+    /// vendor again about those.
     pub named: String,
 }
 
@@ -237,6 +238,22 @@ pub fn add_task(conn: &Connection, id: &str, t: &NewTask) -> Result<(), StoreErr
         t.instructions,
         t.named
     ])?;
+    Ok(())
+}
+
+/// A manual part an operator confirmed must be done by hand again; `why` goes before its
+/// instructions.
+pub fn ask_operator_again(
+    conn: &Connection,
+    id: &str,
+    destination: &str,
+    why: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE dsr_tasks SET status = 'manual', done_at_ms = NULL, instructions = ?3 || ' ' || instructions
+         WHERE dsr_id = ?1 AND destination = ?2",
+        params![id, destination, why],
+    )?;
     Ok(())
 }
 

@@ -181,22 +181,20 @@ fn late_for_erasure(
     let Some(dsr) = crate::dsr::existing(tx, &root, "erasure")? else {
         return Ok(());
     };
-    let task: Option<(String, String, Option<String>)> = tx
-        .query_row(
-            "SELECT method, status, target FROM dsr_tasks WHERE dsr_id = ?1 AND destination = ?2",
-            params![dsr, item.destination],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    let pending = match &task {
+    let task = crate::dsr::get(tx, &dsr)?.and_then(|r| {
+        r.tasks
+            .into_iter()
+            .find(|t| t.destination == item.destination)
+    });
+    let pending = match task.as_ref().map(|t| (&t.method, &t.status, &t.target)) {
         // An operator confirmed this vendor erased the person by hand; it has data of theirs
         // again, so the operator must ask again.
         Some((method, status, _)) if method != "api" && status == crate::dsr::status::DONE => {
-            tx.execute(
-                "UPDATE dsr_tasks SET status = 'manual', done_at_ms = NULL,
-                   instructions = 'Delivered again after the erasure was confirmed (it was on its way): ask the vendor again to erase this person, then confirm again. ' || instructions
-                 WHERE dsr_id = ?1 AND destination = ?2",
-                params![dsr, item.destination],
+            crate::dsr::ask_operator_again(
+                tx,
+                &dsr,
+                &item.destination,
+                "Delivered again after the erasure was confirmed (it was on its way): ask the vendor again to erase this person, then confirm again.",
             )?;
             return crate::dsr::reopen(tx, &dsr);
         }
@@ -226,18 +224,22 @@ fn late_for_erasure(
             list.push(json!(v));
         }
     }
-    tx.execute(
-        "INSERT INTO dsr_tasks (dsr_id, destination, vendor, method, status, target, instructions)
-         VALUES (?1, ?2, ?3, 'api', 'pending', ?4, '')
-         ON CONFLICT (dsr_id, destination) DO UPDATE SET status = 'pending', done_at_ms = NULL,
-           attempts = 0, next_at_ms = 0, last_error = NULL, target = excluded.target",
-        params![
-            dsr,
-            item.destination,
-            item.vendor,
-            Value::Object(target).to_string()
-        ],
-    )?;
+    let target = Value::Object(target).to_string();
+    match task {
+        Some(t) => crate::dsr::rename_task(tx, &dsr, &item.destination, &t.named, Some(&target))?,
+        None => crate::dsr::add_task(
+            tx,
+            &dsr,
+            &crate::dsr::NewTask {
+                destination: item.destination.clone(),
+                vendor: item.vendor.clone(),
+                manual: false,
+                target,
+                instructions: String::new(),
+                named: String::new(),
+            },
+        )?,
+    }
     crate::dsr::reopen(tx, &dsr)
 }
 
