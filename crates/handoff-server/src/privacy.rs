@@ -219,7 +219,8 @@ impl Privacy {
                 dsr::set_subject(tx, &id, &subject.id)?;
                 if kind == "erasure" {
                     erase = dsr::event_seqs(tx, &subject.id)?;
-                    let asked = self.extend_erasure(tx, &id, &subject.id, &input.identity)?;
+                    let asked =
+                        self.extend_erasure(tx, &id, &subject.id, &input.identity, &hashes)?;
                     if asked > 0 {
                         dsr::reopen(tx, &id)?;
                         entries.push(Entry {
@@ -409,12 +410,15 @@ impl Privacy {
         id: &str,
         subject: &str,
         identity: &Identity,
+        hashes: &[(&str, String)],
     ) -> Result<usize, StoreError> {
         let tasks = dsr::get(tx, id)?.map(|r| r.tasks).unwrap_or_default();
+        // `hashes` are those of `identity.identifiers()`, in order.
         let given: Vec<(String, Identifier)> = identity
             .identifiers()
             .into_iter()
-            .map(|i| (named_as(i.kind.as_str(), &self.subject_key.hash(&i)), i))
+            .zip(hashes)
+            .map(|(i, (kind, hash))| (named_as(kind, hash), i))
             .collect();
         let mut asked = 0;
         for (destination, vendor) in dsr::recipients(tx, subject)? {
