@@ -265,6 +265,7 @@ mod tests {
         let req = ga4()
             .request(&[Item {
                 message_id: "m-1",
+                delivery_id: "hd_m-1",
                 vendor_ref: None,
                 payload: &payload,
             }])
@@ -298,6 +299,7 @@ mod tests {
             "properties": {"note": "y".repeat(300), "ok": true}});
         let e = Ga4::event(&Item {
             message_id: "m",
+            delivery_id: "hd_m",
             vendor_ref: None,
             payload: &payload,
         });
@@ -308,6 +310,7 @@ mod tests {
             ga4()
                 .request(&[Item {
                     message_id: "m",
+                    delivery_id: "hd_m",
                     vendor_ref: None,
                     payload: &no_client
                 }])

@@ -10,7 +10,7 @@ use time::format_description::well_known::Rfc3339;
 
 use handoff_core::consent::get_path;
 
-use crate::wire::{Classification, Item, WireRequest, classify_status, delivery_id, str_at};
+use crate::wire::{Classification, Item, WireRequest, classify_status, str_at};
 
 /// Meta takes up to 1,000 events per request.
 pub const MAX_BATCH: usize = 1000;
@@ -173,7 +173,7 @@ impl MetaCapi {
         let mut event = json!({
             "event_name": event_name,
             "event_time": event_time,
-            "event_id": delivery_id(&self.destination, item.message_id),
+            "event_id": item.delivery_id,
             "action_source": self.action_source,
             "user_data": Value::Object(user),
         });
@@ -264,6 +264,7 @@ mod tests {
         });
         let req = meta().request(&[Item {
             message_id: "m-1",
+            delivery_id: "hd_m-1",
             vendor_ref: None,
             payload: &payload,
         }]);
@@ -276,7 +277,7 @@ mod tests {
         let e = &body["data"][0];
         assert_eq!(e["event_name"], "Purchase");
         assert_eq!(e["event_time"], 1633552688);
-        assert_eq!(e["event_id"], delivery_id("meta-capi", "m-1"));
+        assert_eq!(e["event_id"], "hd_m-1");
         assert_eq!(
             e["event_source_url"],
             "http://jaspers-market.com/product/123"
@@ -305,6 +306,7 @@ mod tests {
             "context": {"traits": {"email": "jane@example.org", "firstName": "Jane"}}});
         let e = meta().event(&Item {
             message_id: "m",
+            delivery_id: "hd_m",
             vendor_ref: None,
             payload: &payload,
         });
@@ -314,6 +316,7 @@ mod tests {
         assert_eq!(
             meta().event(&Item {
                 message_id: "p",
+                delivery_id: "hd_p",
                 vendor_ref: None,
                 payload: &page
             })["event_name"],

@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
-use crate::wire::{Item, WireRequest, delivery_id};
+use crate::wire::{Item, WireRequest};
 
 /// Segment takes batches up to 500 KB; 100 typical messages stay well below.
 pub const MAX_BATCH: usize = 100;
@@ -27,7 +27,7 @@ impl SegmentForward {
             .iter()
             .map(|i| {
                 let mut m = i.payload.clone();
-                m["messageId"] = json!(delivery_id(&self.destination, i.message_id));
+                m["messageId"] = json!(i.delivery_id);
                 m
             })
             .collect();
@@ -63,6 +63,7 @@ mod tests {
         let req = fwd.request(
             &[Item {
                 message_id: "m-1",
+                delivery_id: "hd_m-1",
                 vendor_ref: None,
                 payload: &payload,
             }],
@@ -74,7 +75,7 @@ mod tests {
             Some("Basic d2tfMDEyMzQ1Njc4OWFiY2RlZjo=")
         );
         let body: Value = serde_json::from_slice(&req.body).unwrap();
-        assert_eq!(body["batch"][0]["messageId"], delivery_id("mirror", "m-1"));
+        assert_eq!(body["batch"][0]["messageId"], "hd_m-1");
         assert_eq!(body["batch"][0]["event"], "Viewed");
         assert_eq!(body["sentAt"], "2026-11-25T10:00:00.000Z");
     }

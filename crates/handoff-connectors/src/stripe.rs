@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::wire::{Item, WireRequest, delivery_id, str_at};
+use crate::wire::{Item, WireRequest, str_at};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.stripe.com";
 
@@ -107,10 +107,7 @@ impl Stripe {
                     "application/x-www-form-urlencoded".into(),
                 ),
                 ("authorization".into(), format!("Bearer {}", self.api_key)),
-                (
-                    "idempotency-key".into(),
-                    delivery_id(&self.destination, item.message_id),
-                ),
+                ("idempotency-key".into(), item.delivery_id.to_owned()),
             ],
             body: body.into_bytes(),
         }
@@ -136,15 +133,13 @@ mod tests {
             "address": {"street": "510 Townsend St", "city": "San Francisco", "state": "CA", "postalCode": "98140", "country": "US"}}});
         let req = stripe.create_customer(&Item {
             message_id: "m-1",
+            delivery_id: "hd_m-1",
             vendor_ref: None,
             payload: &payload,
         });
         assert_eq!(req.url, "https://api.stripe.com/v1/customers");
         assert_eq!(req.header("authorization"), Some("Bearer sk_test_123"));
-        assert_eq!(
-            req.header("idempotency-key"),
-            Some(delivery_id("stripe", "m-1").as_str())
-        );
+        assert_eq!(req.header("idempotency-key"), Some("hd_m-1"));
         let form: Vec<(String, String)> = serde_urlencoded::from_bytes(&req.body).unwrap();
         let get = |k: &str| {
             form.iter()
@@ -168,6 +163,7 @@ mod tests {
         let payload = json!({"type": "identify", "userId": "user-42", "traits": {"name": "Jenny"}});
         let item = Item {
             message_id: "m-2",
+            delivery_id: "hd_m-2",
             vendor_ref: Some("cus_NffrFeUfNV2Hib"),
             payload: &payload,
         };

@@ -122,7 +122,7 @@ impl Webhook {
     }
 
     pub fn request(&self, item: &Item<'_>, now: i64) -> WireRequest {
-        let id = delivery_id(&self.destination, item.message_id);
+        let id = item.delivery_id.to_owned();
         let kind = item
             .payload
             .get("type")
@@ -228,6 +228,7 @@ mod tests {
         let payload = json!({"type": "track", "messageId": "m-1", "timestamp": "2026-11-25T10:00:00.000Z", "event": "Order Completed"});
         let item = Item {
             message_id: "m-1",
+            delivery_id: "hd_m-1",
             vendor_ref: None,
             payload: &payload,
         };

@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 pub struct Item<'a> {
     /// The event's `messageId`.
     pub message_id: &'a str,
+    /// The id the vendor deduplicates this delivery on ([`DeliveryIdKey::id`]).
+    pub delivery_id: &'a str,
     /// The id this vendor gave the subject on an earlier delivery (a Stripe customer id).
     pub vendor_ref: Option<&'a str>,
     /// The payload the policy decided (a minimised, transformed Segment message).
@@ -97,21 +99,59 @@ pub fn excerpt(body: &[u8], secrets: &[&str]) -> String {
     s
 }
 
-/// The id a delivery carries to the vendor (Meta `event_id`, Stripe `Idempotency-Key`,
-/// `webhook-id`): the same for every retry of the same event to the same destination, and
-/// different across destinations, so two vendors cannot join on it.
-pub fn delivery_id(destination: &str, message_id: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(destination.as_bytes());
-    h.update([0]);
-    h.update(message_id.as_bytes());
-    let digest = h.finalize();
-    let mut s = String::with_capacity(36);
+/// The secret delivery ids are keyed with (one per installation, sealed under the master key).
+#[derive(Clone)]
+pub struct DeliveryIdKey([u8; 32]);
+
+impl DeliveryIdKey {
+    pub fn new(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+
+    /// The id a delivery carries to the vendor (Meta `event_id`, Stripe `Idempotency-Key`,
+    /// Segment `messageId`, `webhook-id`): the same for every retry of the same event to the
+    /// same destination; different across destinations, so two vendors cannot join on it;
+    /// different across sources, so one source's `messageId` never collides with another's
+    /// (by the vendors' rules the second would be dropped or refused); and keyed with a secret,
+    /// so nobody outside can compute it from a predictable `messageId` (an order number) and
+    /// send first under it with the public write key.
+    pub fn id(&self, destination: &str, source: &str, message_id: &str) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac =
+            hmac::Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any size");
+        for part in [destination, source, message_id] {
+            mac.update(part.as_bytes());
+            mac.update(&[0]);
+        }
+        hex_id(&mac.finalize().into_bytes())
+    }
+}
+
+impl std::fmt::Debug for DeliveryIdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeliveryIdKey(<secret>)")
+    }
+}
+
+/// `hd_` and the first 16 bytes of `digest` in hex.
+fn hex_id(digest: &[u8]) -> String {
+    let mut s = String::with_capacity(35);
     s.push_str("hd_");
     for b in &digest[..16] {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+/// An unkeyed id derived from `destination` and `name`: for ids the gateway makes up itself
+/// (an erasure's `webhook-id`, from the request's random id), and for items queued before
+/// delivery ids were keyed, so their retries keep the id their first attempt used.
+pub fn delivery_id(destination: &str, name: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(destination.as_bytes());
+    h.update([0]);
+    h.update(name.as_bytes());
+    hex_id(&h.finalize())
 }
 
 /// A string at a dotted `path`, if it is one.
@@ -154,6 +194,23 @@ mod tests {
             excerpt(&[b'x'; 1000], &[]).chars().count(),
             ERROR_EXCERPT_BYTES + 1
         );
+    }
+
+    #[test]
+    fn keyed_delivery_ids_differ_per_source_and_key() {
+        let key = DeliveryIdKey::new([7; 32]);
+        let a = key.id("meta-capi", "web", "order-1001");
+        assert_eq!(a, key.id("meta-capi", "web", "order-1001"));
+        assert_ne!(a, key.id("meta-capi", "backend", "order-1001"));
+        assert_ne!(a, key.id("ga4", "web", "order-1001"));
+        assert_ne!(
+            a,
+            DeliveryIdKey::new([8; 32]).id("meta-capi", "web", "order-1001")
+        );
+        // Parts are separated: ("a", "bc") and ("ab", "c") are different deliveries.
+        assert_ne!(key.id("d", "a", "bc"), key.id("d", "ab", "c"));
+        assert_ne!(a, delivery_id("meta-capi", "order-1001"));
+        assert!(a.starts_with("hd_") && a.len() == 35, "{a}");
     }
 
     #[test]

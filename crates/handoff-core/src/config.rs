@@ -33,6 +33,22 @@ pub const DEFAULT_DATA_DIR: &str = "./handoff-data";
 /// Longest drain delay accepted: beyond this an orchestrator's own kill timeout would cut it
 /// short anyway (Kubernetes' default grace period is 30 s; five minutes leaves room for more).
 pub const MAX_DRAIN_DELAY_SECS: i64 = 300;
+/// How long refused messages stay in quarantine by default: long enough to debug a client that
+/// sends bad events over a month's release cycle, short enough that refused personal data does
+/// not pile up.
+pub const DEFAULT_QUARANTINE_RETENTION_DAYS: i64 = 30;
+/// Longest quarantine retention accepted (one year).
+pub const MAX_QUARANTINE_RETENTION_DAYS: i64 = 366;
+/// How long a client may take to send a request's header block, counted from the connection's
+/// start or the end of the previous response, so it is also how long a keep-alive connection may
+/// sit idle. A real client sends its headers in one round trip; SDKs flush every few seconds
+/// (analytics-node every 10 s) and reconnect cheaply. 20 s frees a socket held half-open or idle
+/// well before it matters, and keeps a connection alive across an SDK's flush interval.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: i64 = 20;
+/// Longest header timeout accepted.
+pub const MAX_CONNECTION_TIMEOUT_SECS: i64 = 3600;
+/// Most concurrent connections that can be configured.
+pub const MAX_CONNECTIONS_LIMIT: i64 = 1_000_000;
 /// Shortest write key accepted: 16 characters, about 80 bits even for hex keys.
 pub const MIN_WRITE_KEY_LEN: usize = 16;
 
@@ -78,6 +94,14 @@ pub struct ServerConfig {
     pub master_key_file: Option<PathBuf>,
     /// `[server.tls]`: terminate TLS here.
     pub tls: Option<TlsSettings>,
+    /// How long refused messages stay in quarantine.
+    pub quarantine_retention: Duration,
+    /// Most concurrent client connections; `None`: derived from the file-descriptor limit at
+    /// start.
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send a request's headers (also the idle keep-alive
+    /// timeout: the time is counted from the end of the previous response).
+    pub header_timeout: Duration,
 }
 
 /// `[server.tls]`.
@@ -264,6 +288,11 @@ impl Config {
                 drain_delay: Duration::ZERO,
                 master_key_file: None,
                 tls: None,
+                quarantine_retention: Duration::from_secs(
+                    DEFAULT_QUARANTINE_RETENTION_DAYS as u64 * 86_400,
+                ),
+                max_connections: None,
+                header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS as u64),
             },
             auth: AuthSettings {
                 issuer: None,
@@ -332,8 +361,52 @@ impl Config {
                         "drain_delay_secs",
                         "master_key_file",
                         "tls",
+                        "quarantine_retention_days",
+                        "max_connections",
+                        "header_timeout_secs",
                     ],
                 );
+                let mut whole =
+                    |key: &str, code: &'static str, range: std::ops::RangeInclusive<i64>| {
+                        match server.get(key) {
+                            None => None,
+                            Some(Value::Integer(n)) if range.contains(n) => Some(*n as u64),
+                            Some(other) => {
+                                problems.add(
+                                    format!("server.{key}"),
+                                    code,
+                                    format!(
+                                        "must be a whole number from {} to {}, found {other}",
+                                        range.start(),
+                                        range.end()
+                                    ),
+                                );
+                                None
+                            }
+                        }
+                    };
+                if let Some(days) = whole(
+                    "quarantine_retention_days",
+                    "config.server.quarantine_retention.invalid",
+                    1..=MAX_QUARANTINE_RETENTION_DAYS,
+                ) {
+                    config.server.quarantine_retention = Duration::from_secs(days * 86_400);
+                }
+                if let Some(n) = whole(
+                    "max_connections",
+                    "config.server.max_connections.invalid",
+                    1..=MAX_CONNECTIONS_LIMIT,
+                ) {
+                    config.server.max_connections = Some(n as usize);
+                }
+                if let Some(secs) = whole(
+                    "header_timeout_secs",
+                    "config.server.header_timeout.invalid",
+                    1..=MAX_CONNECTION_TIMEOUT_SECS,
+                ) {
+                    config.server.header_timeout = Duration::from_secs(secs);
+                }
+
                 match server.get("tls") {
                     None => {}
                     Some(Value::Table(tls)) => {

@@ -23,6 +23,26 @@ pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
 /// Longest `messageId` we keep; ids are indexed for deduplication, so they must stay small.
 pub const MAX_MESSAGE_ID_LEN: usize = 256;
+/// Most messages in one batch. Segment limits a batch by bytes only (500 KB), but bytes alone
+/// let a body of `[1,1,1,…]` carry 250,000 entries, each costing a parse, a quarantine row and a
+/// line of the response. 2,500 is 200 bytes a message at the byte limit, less than any real
+/// event with its SDK context (≥ 400 bytes); SDKs flush at 20-100 messages.
+pub const MAX_BATCH_MESSAGES: usize = 2_500;
+/// Deepest nesting of objects and arrays in a stored message (the message itself is level 1).
+/// Every later stage parses stored messages with `serde_json`, whose limit is 128 levels; real
+/// events nest under 10. A message deeper than this is refused at ingest, never acknowledged and
+/// then found unreadable.
+pub const MAX_DEPTH: usize = 64;
+/// A batch's stored messages may take at most this many times the request's inflated size
+/// (plus [`STORED_OVERHEAD_PER_MESSAGE`] each): the envelope's `context` and `integrations` are
+/// copied into every message, and without a bound a 3 KB gzip request once stored 210 MB. SDKs
+/// put `context` in each message, not in the envelope; eight times leaves room for a hand-made
+/// envelope (a 200-byte `context` over 100 bare 60-byte tracks is about 4 times) and bounds a
+/// 500 KB request to under 5 MB stored.
+pub const STORED_EXPANSION: usize = 8;
+/// What ingest itself adds to each stored message (`type`, a generated `messageId`,
+/// `timestamp`, `receivedAt`, `sentAt`, `context.gpc`): about 200 bytes, rounded up.
+pub const STORED_OVERHEAD_PER_MESSAGE: usize = 320;
 
 /// Which ingest route a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +85,24 @@ pub enum RequestError {
     BatchEmpty,
     #[error("\"writeKey\" in the body must be a string")]
     WriteKeyInvalid,
+    #[error(
+        "the batch has more than {MAX_BATCH_MESSAGES} messages; send at most {MAX_BATCH_MESSAGES} per request"
+    )]
+    TooManyMessages,
+    #[error(
+        "the batch's \"context\"/\"integrations\", copied into each of its messages, would store more than {limit} bytes \
+         ({STORED_EXPANSION} times the request); put them in each message or send smaller batches"
+    )]
+    ExpansionTooLarge { limit: usize },
+    #[error(
+        "the batch's \"context\" and \"integrations\" are {0} bytes; copied into each message they must leave room within the {MAX_MESSAGE_BYTES}-byte message limit"
+    )]
+    EnvelopeTooLarge(usize),
+    #[error("the batch's \"{field}\" cannot be stored: {error}")]
+    EnvelopeInvalid {
+        field: &'static str,
+        error: MessageError,
+    },
 }
 
 impl RequestError {
@@ -77,8 +115,26 @@ impl RequestError {
             RequestError::BatchNotArray => "batch.not_array",
             RequestError::BatchEmpty => "batch.empty",
             RequestError::WriteKeyInvalid => "auth.write_key.invalid",
+            RequestError::TooManyMessages => "batch.too_many_messages",
+            RequestError::ExpansionTooLarge { .. } => "batch.expansion.too_large",
+            RequestError::EnvelopeInvalid { .. } => "batch.envelope.invalid",
+            RequestError::EnvelopeTooLarge(_) => "batch.envelope.too_large",
         }
     }
+
+    /// Every code a request can be refused with here.
+    pub const CODES: [&'static str; 10] = [
+        "request.json.malformed",
+        "request.body.not_object",
+        "batch.missing",
+        "batch.not_array",
+        "batch.empty",
+        "auth.write_key.invalid",
+        "batch.too_many_messages",
+        "batch.expansion.too_large",
+        "batch.envelope.invalid",
+        "batch.envelope.too_large",
+    ];
 }
 
 /// Why one message was refused. Refused messages are kept in quarantine with this code.
@@ -88,6 +144,18 @@ pub enum MessageError {
     NotObject,
     #[error("the message is {0} bytes; the limit is {MAX_MESSAGE_BYTES} bytes")]
     TooLarge(usize),
+    #[error(
+        "with the batch's \"context\" and \"integrations\" merged in, the message is {0} bytes; the limit is {MAX_MESSAGE_BYTES} bytes"
+    )]
+    TooLargeMerged(usize),
+    #[error("the message nests objects and arrays deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("the message holds a number outside the range of a 64-bit float (such as 1e400)")]
+    NumberOutOfRange,
+    #[error(
+        "the message holds a string that is not valid Unicode (a lone surrogate such as \"\\ud800\"): {0}"
+    )]
+    StringInvalid(String),
     #[error("the message has no \"type\"; use track, identify, page, screen, group or alias")]
     TypeMissing,
     #[error("\"type\" {0:?} is not one of track, identify, page, screen, group, alias")]
@@ -113,7 +181,10 @@ impl MessageError {
     pub fn code(&self) -> &'static str {
         match self {
             MessageError::NotObject => "message.not_object",
-            MessageError::TooLarge(_) => "message.too_large",
+            MessageError::TooLarge(_) | MessageError::TooLargeMerged(_) => "message.too_large",
+            MessageError::TooDeep => "message.depth.exceeded",
+            MessageError::NumberOutOfRange => "message.number.out_of_range",
+            MessageError::StringInvalid(_) => "message.string.invalid",
             MessageError::TypeMissing => "message.type.missing",
             MessageError::TypeUnknown(_) => "message.type.unknown",
             MessageError::IdentityMissing => "message.identity.missing",
@@ -127,9 +198,12 @@ impl MessageError {
     }
 
     /// Every code a message can be refused with (for metrics that list all of them).
-    pub const CODES: [&'static str; 11] = [
+    pub const CODES: [&'static str; 14] = [
         "message.not_object",
         "message.too_large",
+        "message.depth.exceeded",
+        "message.number.out_of_range",
+        "message.string.invalid",
         "message.type.missing",
         "message.type.unknown",
         "message.identity.missing",
@@ -215,18 +289,21 @@ pub fn parse_with_signals(
             let members: Members<'_> =
                 serde_json::from_str(raw.get()).map_err(|_| RequestError::NotObject)?;
             parsed.write_key = write_key_of(&members)?;
-            match normalise(
-                &members,
-                raw.get().len(),
-                Some(kind),
-                &BatchDefaults {
-                    gpc: signals.gpc,
-                    ..BatchDefaults::default()
-                },
-                received_at,
-                &received_at_text,
-                new_id,
-            ) {
+            let normalised = check_shape(raw.get(), 1).and_then(|()| {
+                normalise(
+                    &members,
+                    raw.get().len(),
+                    Some(kind),
+                    &BatchDefaults {
+                        gpc: signals.gpc,
+                        ..BatchDefaults::default()
+                    },
+                    received_at,
+                    &received_at_text,
+                    new_id,
+                )
+            });
+            match normalised {
                 Ok(a) => parsed.accepted.push(a),
                 Err(error) => parsed.rejected.push(Rejected {
                     index: 0,
@@ -242,8 +319,7 @@ pub fn parse_with_signals(
                 Err(e) => return Err(RequestError::MalformedJson(e.to_string())),
             };
             let raw_batch = top.get("batch").ok_or(RequestError::BatchMissing)?;
-            let messages: Vec<&RawValue> =
-                serde_json::from_str(raw_batch.get()).map_err(|_| RequestError::BatchNotArray)?;
+            let messages = batch_messages(raw_batch)?;
             if messages.is_empty() {
                 return Err(RequestError::BatchEmpty);
             }
@@ -254,10 +330,40 @@ pub fn parse_with_signals(
                 integrations: top.get("integrations"),
                 gpc: signals.gpc,
             };
+            // Copied into every message, an envelope larger than a message would make each one
+            // too large: refused before any is built.
+            let envelope: usize = [defaults.context, defaults.integrations]
+                .iter()
+                .flatten()
+                .map(|v| v.get().len())
+                .sum();
+            if envelope > MAX_MESSAGE_BYTES {
+                return Err(RequestError::EnvelopeTooLarge(envelope));
+            }
+            // The envelope's members sit at the same level in each message as in the envelope
+            // (`{"context": …}` in the envelope is `{"context": …}` in each message).
+            for (field, value) in [
+                ("context", defaults.context),
+                ("integrations", defaults.integrations),
+            ] {
+                if let Some(v) = value {
+                    check_shape(v.get(), 2)
+                        .map_err(|error| RequestError::EnvelopeInvalid { field, error })?;
+                }
+            }
+            let budget =
+                STORED_EXPANSION * body.len() + STORED_OVERHEAD_PER_MESSAGE * messages.len();
+            let mut stored = 0usize;
             parsed.accepted.reserve(messages.len());
             for (index, raw) in messages.into_iter().enumerate() {
                 match parse_batch_message(raw, &defaults, received_at, &received_at_text, new_id) {
-                    Ok(a) => parsed.accepted.push(a),
+                    Ok(a) => {
+                        stored += a.payload.len();
+                        if stored > budget {
+                            return Err(RequestError::ExpansionTooLarge { limit: budget });
+                        }
+                        parsed.accepted.push(a)
+                    }
                     Err(error) => parsed.rejected.push(Rejected {
                         index,
                         error,
@@ -283,6 +389,7 @@ fn parse_batch_message(
     }
     let members: Members<'_> =
         serde_json::from_str(raw.get()).map_err(|_| MessageError::NotObject)?;
+    check_shape(raw.get(), 1)?;
     // A `writeKey` inside a batch message is dropped (never stored) and never decides the
     // source: only the Authorization header or the envelope does, for the whole batch.
     normalise(
@@ -294,6 +401,124 @@ fn parse_batch_message(
         received_at_text,
         new_id,
     )
+}
+
+/// The messages of a batch, refusing more than [`MAX_BATCH_MESSAGES`] before any is parsed.
+fn batch_messages(raw: &RawValue) -> Result<Vec<&RawValue>, RequestError> {
+    struct Capped<'a>(&'a std::cell::Cell<bool>);
+    impl<'de> serde::de::Visitor<'de> for Capped<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of messages")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some(m) = seq.next_element::<&'de RawValue>()? {
+                if out.len() == MAX_BATCH_MESSAGES {
+                    self.0.set(true);
+                    return Err(serde::de::Error::custom("too many messages"));
+                }
+                out.push(m);
+            }
+            Ok(out)
+        }
+    }
+    let over = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    match serde::Deserializer::deserialize_seq(&mut de, Capped(&over)) {
+        Ok(messages) => Ok(messages),
+        Err(_) if over.get() => Err(RequestError::TooManyMessages),
+        Err(_) => Err(RequestError::BatchNotArray),
+    }
+}
+
+/// Checks that `raw` (valid JSON, sitting at nesting level `level` of the stored message) can be
+/// read by every later stage: objects and arrays at most [`MAX_DEPTH`] levels deep, every
+/// number within the range of an `f64`, every string valid Unicode. The syntax was checked
+/// already; this reads the values, so that what ingest accepts the router, `journal dump` and
+/// the data-subject export read too.
+pub fn check_shape(raw: &str, level: usize) -> Result<(), MessageError> {
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let fault = std::cell::Cell::new(None);
+    serde::de::DeserializeSeed::deserialize(
+        Shape {
+            level,
+            fault: &fault,
+        },
+        &mut de,
+    )
+    .map_err(|e| match fault.take() {
+        Some(error) => error,
+        None if e.to_string().starts_with("number out of range") => MessageError::NumberOutOfRange,
+        None => MessageError::StringInvalid(e.to_string()),
+    })
+}
+
+/// One value of [`check_shape`]'s walk, at nesting level `level` when it is an object or array.
+#[derive(Clone, Copy)]
+struct Shape<'a> {
+    level: usize,
+    fault: &'a std::cell::Cell<Option<MessageError>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Shape<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Shape<'_> {
+    fn nested<E: serde::de::Error>(self) -> Result<Self, E> {
+        if self.level > MAX_DEPTH {
+            self.fault.set(Some(MessageError::TooDeep));
+            return Err(E::custom("too deep"));
+        }
+        Ok(Shape {
+            level: self.level + 1,
+            fault: self.fault,
+        })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Shape<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.nested()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.nested()?;
+        while map.next_key::<Key<'de>>()?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
 }
 
 /// The `writeKey` member, if any. It is never copied into the stored message.
@@ -623,6 +848,9 @@ fn normalise(
         }
     }
     out.push('}');
+    if out.len() > MAX_MESSAGE_BYTES + STORED_OVERHEAD_PER_MESSAGE {
+        return Err(MessageError::TooLargeMerged(out.len()));
+    }
     Ok(Accepted {
         kind,
         message_id,
@@ -904,6 +1132,9 @@ mod tests {
         let all = [
             MessageError::NotObject,
             MessageError::TooLarge(0),
+            MessageError::TooDeep,
+            MessageError::NumberOutOfRange,
+            MessageError::StringInvalid(String::new()),
             MessageError::TypeMissing,
             MessageError::TypeUnknown(String::new()),
             MessageError::IdentityMissing,
@@ -919,6 +1150,131 @@ mod tests {
         let mut listed = MessageError::CODES.to_vec();
         listed.sort();
         assert_eq!(codes, listed);
+    }
+
+    #[test]
+    fn what_later_stages_cannot_read_is_refused_per_message() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        // The message is level 1, so `properties` at level 2 may hold 62 more levels.
+        let ok = format!(
+            r#"{{"type":"track","userId":"u","event":"e","properties":{{"a":{}}}}}"#,
+            deep(MAX_DEPTH - 2)
+        );
+        let too_deep = format!(
+            r#"{{"type":"track","userId":"u","event":"e","properties":{{"a":{}}}}}"#,
+            deep(MAX_DEPTH - 1)
+        );
+        let body = format!(
+            r#"{{"batch":[{ok},{too_deep},{{"type":"track","userId":"u","event":"e","properties":{{"n":1e400}}}},
+               {{"type":"track","userId":"\ud800","event":"e"}},{{"type":"track","userId":"u","event":"e","properties":{{"\udfff":1}}}},
+               {{"type":"track","userId":"u","event":"e","properties":{{"big":123456789012345678901234567890,"tiny":1e-400}}}}]}}"#
+        );
+        let p = parse(Endpoint::Batch, body.as_bytes(), NOW, &mut ids()).unwrap();
+        let codes: Vec<(usize, &str)> = p
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.error.code()))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                (1, "message.depth.exceeded"),
+                (2, "message.number.out_of_range"),
+                (3, "message.string.invalid"),
+                (4, "message.string.invalid"),
+            ]
+        );
+        assert_eq!(p.accepted.len(), 2);
+        for a in &p.accepted {
+            serde_json::from_str::<Value>(&a.payload).expect("every accepted message parses");
+        }
+        let single = br#"{"userId":"\ud800","event":"e"}"#;
+        let p = parse(
+            Endpoint::Single(MessageKind::Track),
+            single,
+            NOW,
+            &mut ids(),
+        )
+        .unwrap();
+        assert_eq!(p.rejected[0].error.code(), "message.string.invalid");
+    }
+
+    #[test]
+    fn the_envelope_is_checked_once_and_bounded_when_copied() {
+        let deep = format!(
+            r#"{{"context":{{"a":{}1{}}},"batch":[{{"type":"track","userId":"u","event":"e"}}]}}"#,
+            "[".repeat(MAX_DEPTH - 1),
+            "]".repeat(MAX_DEPTH - 1)
+        );
+        let err = parse(Endpoint::Batch, deep.as_bytes(), NOW, &mut ids()).unwrap_err();
+        assert_eq!(err.code(), "batch.envelope.invalid");
+        assert!(err.to_string().contains("\"context\""), "{err}");
+
+        let code = |body: &str| match parse(Endpoint::Batch, body.as_bytes(), NOW, &mut ids()) {
+            Ok(p) => format!(
+                "accepted {} rejected {}",
+                p.accepted.len(),
+                p.rejected.len()
+            ),
+            Err(e) => e.code().to_string(),
+        };
+        // The attack: one large context copied into a thousand messages.
+        let msgs = vec![r#"{"type":"track","userId":"u","event":"e"}"#; 1000].join(",");
+        let body = format!(
+            r#"{{"context":{{"pad":"{}"}},"batch":[{msgs}]}}"#,
+            "x".repeat(200_000)
+        );
+        assert_eq!(code(&body), "batch.envelope.too_large");
+        // Below the message limit, but still far more than the request once copied.
+        let body = format!(
+            r#"{{"context":{{"pad":"{}"}},"batch":[{msgs}]}}"#,
+            "x".repeat(30_000)
+        );
+        assert_eq!(code(&body), "batch.expansion.too_large");
+
+        // A context that alone makes one message too large refuses that message.
+        let body = format!(
+            r#"{{"context":{{"pad":"{}"}},"batch":[{{"type":"track","userId":"u","event":"e","properties":{{"p":"{}"}}}}]}}"#,
+            "x".repeat(20_000),
+            "y".repeat(20_000)
+        );
+        let p = parse(Endpoint::Batch, body.as_bytes(), NOW, &mut ids()).unwrap();
+        assert_eq!(p.rejected[0].error.code(), "message.too_large");
+        assert!(p.rejected[0].error.to_string().contains("merged"));
+
+        // A real SDK envelope over many small messages stays within the bound.
+        let msgs = vec![r#"{"type":"track","userId":"u","event":"e","properties":{"a":1}}"#; 100]
+            .join(",");
+        let body = format!(
+            r#"{{"context":{{"library":{{"name":"analytics-python","version":"2.3.3"}},"pad":"{}"}},"batch":[{msgs}]}}"#,
+            "x".repeat(140)
+        );
+        let p = parse(Endpoint::Batch, body.as_bytes(), NOW, &mut ids()).unwrap();
+        assert_eq!(p.accepted.len(), 100);
+        let stored: usize = p.accepted.iter().map(|a| a.payload.len()).sum();
+        assert!(stored > 3 * body.len(), "{stored} vs {}", body.len());
+    }
+
+    #[test]
+    fn a_batch_is_capped_by_count_before_its_messages_are_read() {
+        let body = format!(
+            r#"{{"batch":[{}]}}"#,
+            vec!["1"; MAX_BATCH_MESSAGES + 1].join(",")
+        );
+        let err = parse(Endpoint::Batch, body.as_bytes(), NOW, &mut ids()).unwrap_err();
+        assert_eq!(err.code(), "batch.too_many_messages");
+        let body = format!(
+            r#"{{"batch":[{}]}}"#,
+            vec!["1"; MAX_BATCH_MESSAGES].join(",")
+        );
+        let p = parse(Endpoint::Batch, body.as_bytes(), NOW, &mut ids()).unwrap();
+        assert_eq!(p.rejected.len(), MAX_BATCH_MESSAGES);
+        assert_eq!(
+            parse(Endpoint::Batch, br#"{"batch":[1,}"#, NOW, &mut ids())
+                .unwrap_err()
+                .code(),
+            "request.json.malformed"
+        );
     }
 
     #[test]
@@ -946,14 +1302,24 @@ mod tests {
     #[test]
     fn error_codes_are_unique() {
         let mut codes = MessageError::CODES.to_vec();
-        codes.extend([
-            RequestError::MalformedJson(String::new()).code(),
-            RequestError::NotObject.code(),
-            RequestError::BatchMissing.code(),
-            RequestError::BatchNotArray.code(),
-            RequestError::BatchEmpty.code(),
-            RequestError::WriteKeyInvalid.code(),
-        ]);
+        let request = [
+            RequestError::MalformedJson(String::new()),
+            RequestError::NotObject,
+            RequestError::BatchMissing,
+            RequestError::BatchNotArray,
+            RequestError::BatchEmpty,
+            RequestError::WriteKeyInvalid,
+            RequestError::TooManyMessages,
+            RequestError::ExpansionTooLarge { limit: 0 },
+            RequestError::EnvelopeInvalid {
+                field: "context",
+                error: MessageError::TooDeep,
+            },
+            RequestError::EnvelopeTooLarge(0),
+        ];
+        let listed: Vec<&str> = request.iter().map(RequestError::code).collect();
+        assert_eq!(listed, RequestError::CODES);
+        codes.extend(listed);
         let n = codes.len();
         codes.sort();
         codes.dedup();
@@ -996,7 +1362,60 @@ mod tests {
         })
     }
 
+    /// JSON text with what `serde_json::Value` (the router's and the export's parser) refuses:
+    /// deep nesting, numbers past `f64`, lone surrogates, next to what it takes.
+    fn arb_hostile_value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("1".to_string()),
+            Just("1e400".to_string()),
+            Just("-1e309".to_string()),
+            Just("1.7976931348623157e308".to_string()),
+            Just("123456789012345678901234567890".to_string()),
+            Just("1e-400".to_string()),
+            Just(r#""\ud800""#.to_string()),
+            Just(r#""\udc00x""#.to_string()),
+            Just(r#""\ud83d\ude00""#.to_string()),
+            Just(r#""plain""#.to_string()),
+            Just("null".to_string()),
+        ];
+        (leaf, 0usize..140, any::<bool>()).prop_map(|(leaf, depth, objects)| {
+            if objects {
+                format!("{}{leaf}{}", r#"{"k":"#.repeat(depth), "}".repeat(depth))
+            } else {
+                format!("{}{leaf}{}", "[".repeat(depth), "]".repeat(depth))
+            }
+        })
+    }
+
     proptest! {
+        #[test]
+        fn whatever_ingest_accepts_every_later_stage_reads(
+            value in arb_hostile_value(),
+            key in prop_oneof![Just("properties"), Just("userId"), Just("context"), Just(r#"\ud800"#)],
+            in_envelope in any::<bool>(),
+        ) {
+            let message = format!(r#"{{"type":"track","userId":"u","event":"e","{key}":{value}}}"#);
+            let bodies = [
+                (Endpoint::Single(MessageKind::Track), message.clone()),
+                (Endpoint::Batch, if in_envelope {
+                    format!(r#"{{"context":{{"x":{value}}},"batch":[{{"type":"track","userId":"u","event":"e"}}]}}"#)
+                } else {
+                    format!(r#"{{"batch":[{message}]}}"#)
+                }),
+            ];
+            for (endpoint, body) in bodies {
+                if let Ok(p) = parse(endpoint, body.as_bytes(), NOW, &mut ids()) {
+                    for a in &p.accepted {
+                        // The router's parser, and the export / `journal dump` that re-serialise it.
+                        let v: Value = serde_json::from_str(&a.payload)
+                            .map_err(|e| TestCaseError::fail(format!("{e}: {}", a.payload)))?;
+                        prop_assert!(serde_json::to_string(&v).is_ok());
+                        prop_assert!(RawValue::from_string(a.payload.clone()).is_ok());
+                    }
+                }
+            }
+        }
+
         #[test]
         fn never_panics_on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..512)) {
             for e in [Endpoint::Batch, Endpoint::Single(MessageKind::Track)] {

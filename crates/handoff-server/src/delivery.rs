@@ -90,6 +90,8 @@ pub struct Delivery {
     pub subject_key: SubjectKey,
     /// Where the journal is (erasure purges the events of suppressed subjects).
     pub data_dir: std::path::PathBuf,
+    /// Delivery ids are keyed by source under this secret.
+    pub delivery_ids: handoff_connectors::wire::DeliveryIdKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +109,7 @@ impl Delivery {
         policy: &PolicyConfig,
         settings: DeliverySettings,
         subject_key: SubjectKey,
+        delivery_ids: handoff_connectors::wire::DeliveryIdKey,
         data_dir: &std::path::Path,
     ) -> Result<Self, DeliveryError> {
         let mut lanes = Vec::new();
@@ -142,6 +145,7 @@ impl Delivery {
             settings,
             subject_key,
             data_dir: data_dir.to_owned(),
+            delivery_ids,
         })
     }
 
@@ -283,6 +287,7 @@ fn decide_events(
         subjects,
         &delivery.lanes,
         settings,
+        &delivery.delivery_ids,
         today,
     ))
 }
@@ -528,6 +533,7 @@ fn decide_batch(
     subjects: Vec<Option<handoff_store::subjects::Subject>>,
     lanes: &[Arc<Lane>],
     settings: &handoff_core::policy::model::PolicySettings,
+    delivery_ids: &handoff_connectors::wire::DeliveryIdKey,
     today: time::Date,
 ) -> Plan {
     let mut plan = Plan {
@@ -554,6 +560,11 @@ fn decide_batch(
             let reason = if e.payload == handoff_store::sqlite::ERASED_PAYLOAD {
                 "subject.suppressed"
             } else {
+                tracing::warn!(
+                    seq = e.seq,
+                    source = %e.source,
+                    "journal.unreadable: a stored event cannot be parsed; blocked for every destination"
+                );
                 "journal.unreadable"
             };
             for lane in lanes {
@@ -630,6 +641,7 @@ fn decide_batch(
                         vendor: d.vendor.id.clone(),
                         seq: e.seq,
                         message_id: e.message_id.clone(),
+                        delivery_id: delivery_ids.id(&d.id, &e.source, &e.message_id),
                         subject: subject_id.clone(),
                         shape: entry.shape(),
                         payload: payload.0,
@@ -944,7 +956,15 @@ async fn worker(
             blocking(move || store.head(&id, limit)).await
         };
         let head = match head {
-            Ok(h) => h,
+            Ok(mut h) => {
+                // Items queued before delivery ids were keyed keep the id their first attempt
+                // used, so the vendor still deduplicates their retries.
+                for i in h.iter_mut().filter(|i| i.delivery_id.is_empty()) {
+                    i.delivery_id =
+                        handoff_connectors::wire::delivery_id(&i.destination, &i.message_id);
+                }
+                h
+            }
             Err(e) => {
                 tracing::error!(destination = %id, error = %e, "cannot read the queue; retrying");
                 pause(Duration::from_secs(1), &mut stop, None).await;
@@ -1060,6 +1080,7 @@ async fn worker(
             let first = parsed[0].1.as_ref().expect("unreadable items were removed");
             let key = lane.connector.batch_key(&Item {
                 message_id: &parsed[0].0.message_id,
+                delivery_id: &parsed[0].0.delivery_id,
                 vendor_ref: parsed[0].0.vendor_ref.as_deref(),
                 payload: first,
             });
@@ -1069,6 +1090,7 @@ async fn worker(
                 if item.next_at_ms > now_ms
                     || lane.connector.batch_key(&Item {
                         message_id: &item.message_id,
+                        delivery_id: &item.delivery_id,
                         vendor_ref: item.vendor_ref.as_deref(),
                         payload: p,
                     }) != key
@@ -1105,6 +1127,7 @@ async fn worker(
                 .iter()
                 .map(|(i, p)| Item {
                     message_id: &i.message_id,
+                    delivery_id: &i.delivery_id,
                     vendor_ref: i.vendor_ref.as_deref(),
                     payload: p,
                 })

@@ -128,6 +128,9 @@ async fn ingest(
             |e| {
                 let status = match e {
                     RequestError::WriteKeyInvalid => StatusCode::UNAUTHORIZED,
+                    RequestError::TooManyMessages
+                    | RequestError::ExpansionTooLarge { .. }
+                    | RequestError::EnvelopeTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
                     _ => StatusCode::BAD_REQUEST,
                 };
                 ApiError::new(status, e.code(), e.to_string())
@@ -150,6 +153,24 @@ async fn ingest(
 
     let received_at_ms = unix_millis(received_at);
     let total = parsed.accepted.len() + parsed.rejected.len();
+    for r in &parsed.rejected {
+        state.metrics.reject(r.error.code(), 1);
+    }
+    let rejected = rejected_list(&parsed.rejected);
+    if endpoint == Endpoint::Batch && refused_whole(parsed.rejected.len(), total) {
+        // Mostly refused: nothing of it is stored, not even in quarantine, so a request of
+        // bad entries costs one answer, not a row each.
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "batch.rejected",
+            format!(
+                "{} of {total} messages were rejected, so the batch was refused whole and nothing \
+                 of it was stored; see \"rejected\" for the first reasons",
+                parsed.rejected.len()
+            ),
+        )
+        .with_extra(json!({ "rejected": rejected, "rejected_count": parsed.rejected.len() })));
+    }
     let events: Vec<NewEvent> = parsed
         .accepted
         .into_iter()
@@ -160,14 +181,6 @@ async fn ingest(
             payload: a.payload,
         })
         .collect();
-    let rejected: Vec<serde_json::Value> = parsed
-        .rejected
-        .iter()
-        .map(|r| json!({"index": r.index, "code": r.error.code(), "message": r.error.to_string()}))
-        .collect();
-    for r in &parsed.rejected {
-        state.metrics.reject(r.error.code(), 1);
-    }
     let quarantine: Vec<QuarantineEntry> = parsed
         .rejected
         .into_iter()
@@ -181,6 +194,7 @@ async fn ingest(
         })
         .collect();
     let first_error = quarantine.first().map(|q| (q.code, q.message.clone()));
+    let quarantined = quarantine.len();
     let n_events = events.len();
 
     let started = Instant::now();
@@ -218,7 +232,7 @@ async fn ingest(
                     "all {total} messages were rejected; see \"rejected\" for each one's reason"
                 ),
             )
-            .with_extra(json!({ "rejected": rejected })),
+            .with_extra(json!({ "rejected": rejected, "rejected_count": quarantined })),
         });
     }
 
@@ -237,12 +251,36 @@ async fn ingest(
         Endpoint::Batch => {
             body["accepted"] = json!(outcome.stored);
             body["duplicates"] = json!(outcome.duplicates);
-            if !rejected.is_empty() {
+            if quarantined > 0 {
                 body["rejected"] = json!(rejected);
+                body["rejected_count"] = json!(quarantined);
             }
         }
     }
     Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+/// Most refused messages a response lists (the count is always given): the answer to a request
+/// must stay small whatever the request holds.
+pub const MAX_REJECTED_LISTED: usize = 100;
+/// Batches up to this size keep their good messages however many are refused (a small batch
+/// with a bad message or two from a buggy client); larger ones that are mostly refused are
+/// refused whole.
+pub const SMALL_BATCH: usize = 10;
+
+/// `true` when a batch is refused whole: more than half of its messages refused, in a batch
+/// larger than [`SMALL_BATCH`].
+fn refused_whole(rejected: usize, total: usize) -> bool {
+    total > SMALL_BATCH && rejected * 2 > total
+}
+
+/// The response's list of refused messages: the first [`MAX_REJECTED_LISTED`].
+fn rejected_list(rejected: &[ingest::Rejected]) -> Vec<serde_json::Value> {
+    rejected
+        .iter()
+        .take(MAX_REJECTED_LISTED)
+        .map(|r| json!({"index": r.index, "code": r.error.code(), "message": r.error.to_string()}))
+        .collect()
 }
 
 fn lookup(state: &AppState, key: &str) -> Result<SourceId, ApiError> {

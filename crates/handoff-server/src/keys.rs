@@ -285,7 +285,7 @@ impl KeyRing {
             Ok(text) => (parse_ring(&text)?, KeySource::File(path.clone())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => {
                 let key = MasterKey::generate();
-                std::fs::create_dir_all(data_dir).map_err(file_error)?;
+                handoff_store::files::create_dir(data_dir).map_err(file_error)?;
                 write_key_file(&path, &[&key])?;
                 (vec![key], KeySource::Created(path.clone()))
             }
@@ -390,7 +390,12 @@ pub fn rotate_master(
         path: file.display().to_string(),
         error,
     };
-    let lock = std::fs::File::create(file.with_extension("lock")).map_err(file_error)?;
+    let lock_path = file.with_extension("lock");
+    handoff_store::files::create_file(&lock_path).map_err(file_error)?;
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lock_path)
+        .map_err(file_error)?;
     lock.lock().map_err(file_error)?;
     let text = std::fs::read_to_string(file).map_err(file_error)?;
     let old = parse_ring(&text)?;

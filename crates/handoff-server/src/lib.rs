@@ -21,12 +21,15 @@ pub mod error;
 pub mod ingest;
 pub mod keys;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod oauth;
 pub mod policy_http;
 pub mod privacy;
 pub mod privacy_http;
+pub mod retention;
 pub mod sources;
+pub mod supervisor;
 pub mod tls;
 
 pub use error::ApiError;
@@ -103,6 +106,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_delay: std::time::Duration,
     tls: Option<tls::TlsSettings>,
+    connections: listener::ConnectionSettings,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
     let drain_state = state.clone();
@@ -118,29 +122,19 @@ pub async fn serve(
         }
         tracing::info!("shutting down: no new connections; draining in-flight requests");
     };
-    match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(drained)
-                .await?
-        }
+    let (live, watcher) = match tls {
+        None => (None, None),
         Some(settings) => {
             let config = tls::server_config(&settings).map_err(std::io::Error::other)?;
             let live = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(config));
             let watcher = tls::watch(settings, live.clone());
-            let handle = axum_server::Handle::new();
-            let stopper = handle.clone();
-            tokio::spawn(async move {
-                drained.await;
-                stopper.graceful_shutdown(None);
-            });
-            let served = axum_server::from_tcp_rustls(listener.into_std()?, live)?
-                .handle(handle)
-                .serve(app.into_make_service())
-                .await;
-            watcher.abort();
-            served?;
+            (Some(live), Some(watcher))
         }
+    };
+    let metrics = state.metrics.connections.clone();
+    listener::serve(listener, app, live, connections, metrics, drained).await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
     }
     state.journal.close().await;
     tracing::info!("journal closed; bye");

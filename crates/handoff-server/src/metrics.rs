@@ -82,8 +82,28 @@ impl DeliveryMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabel {
+    pub task: &'static str,
+}
+
+/// Client connections (see `listener`).
+#[derive(Clone, Default)]
+pub struct ConnectionMetrics {
+    pub open: Gauge,
+    /// Idle connections closed to make room for a new one at the cap.
+    pub evicted: Counter,
+    /// New connections closed at once: the cap was reached and every open one was busy.
+    pub refused: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub connections: ConnectionMetrics,
+    /// Supervised tasks restarted after a panic.
+    pub task_restarts: Family<TaskLabel, Counter>,
+    /// Quarantined messages deleted by retention.
+    pub quarantine_purged: Counter,
     pub delivery: DeliveryMetrics,
     accepted: Family<SourceLabel, Counter>,
     duplicates: Family<SourceLabel, Counter>,
@@ -175,6 +195,34 @@ impl Metrics {
             "journal_consumer_lag",
             "Events not yet acknowledged by each consumer",
             consumer_lag.clone(),
+        );
+        let task_restarts = Family::<TaskLabel, Counter>::default();
+        registry.register(
+            "task_restarts",
+            "Long-running tasks restarted after a panic (see the logs for the panic)",
+            task_restarts.clone(),
+        );
+        let quarantine_purged = Counter::default();
+        registry.register(
+            "quarantine_purged",
+            "Quarantined messages deleted after [server] quarantine_retention_days",
+            quarantine_purged.clone(),
+        );
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Idle client connections closed to make room at the connection cap",
+            connections.evicted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "New client connections closed at once: at the cap with every connection busy",
+            connections.refused.clone(),
         );
         let delivery = DeliveryMetrics {
             delivered: Family::default(),
@@ -274,6 +322,9 @@ impl Metrics {
             .collect();
         Self {
             registry,
+            connections,
+            task_restarts,
+            quarantine_purged,
             delivery,
             accepted,
             duplicates,

@@ -26,12 +26,15 @@ use crate::oauth::{Auth, AuthError};
 /// Sealed-secret names of this installation's privacy keys.
 pub const SUBJECT_KEY_SECRET: &str = "subjects/hmac-key";
 pub const LEDGER_KEY_SECRET: &str = "ledger/signing-key";
+/// Name of the secret delivery ids are keyed with (see `DeliveryIdKey`).
+pub const DELIVERY_ID_KEY_SECRET: &str = "delivery/id-key";
 
 /// The keys identifiers are hashed under and ledger checkpoints are signed with, created on
 /// first use and sealed under the master key.
 pub struct PrivacyKeys {
     pub subjects: SubjectKey,
     pub ledger: ed25519_dalek::SigningKey,
+    pub delivery_ids: handoff_connectors::wire::DeliveryIdKey,
 }
 
 pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
@@ -45,9 +48,11 @@ pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
     let random = || rand::random::<[u8; 32]>().to_vec();
     let subjects = as32(auth.installation_secret(SUBJECT_KEY_SECRET, random)?)?;
     let ledger = as32(auth.installation_secret(LEDGER_KEY_SECRET, random)?)?;
+    let delivery_ids = as32(auth.installation_secret(DELIVERY_ID_KEY_SECRET, random)?)?;
     Ok(PrivacyKeys {
         subjects: SubjectKey::new(subjects),
         ledger: ed25519_dalek::SigningKey::from_bytes(&ledger),
+        delivery_ids: handoff_connectors::wire::DeliveryIdKey::new(delivery_ids),
     })
 }
 

@@ -82,6 +82,7 @@ fn damaged(e: rusqlite::Error) -> StoreError {
 /// Opens (creating if needed) the index; [`StoreError::IndexDamaged`] when the file is not a
 /// healthy SQLite database, any other error as it is (a busy or unwritable file is not damage).
 fn open_index(path: &Path) -> Result<Connection, StoreError> {
+    crate::files::create_file(path)?;
     let conn = Connection::open(path).map_err(damaged)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))

@@ -13,9 +13,11 @@ use tokio::sync::watch;
 
 mod dedup;
 pub mod dsr;
+pub mod files;
 pub mod ledger;
 pub mod operator;
 pub mod outbox;
+pub mod quarantine;
 pub mod sqlite;
 pub mod state;
 pub mod subjects;
@@ -161,6 +163,10 @@ pub trait Journal: Send + Sync + 'static {
     /// Records that `consumer` has processed every event up to and including `upto`.
     /// Acknowledgements never move backwards.
     async fn ack(&self, consumer: &str, upto: Seq) -> Result<(), StoreError>;
+
+    /// Deletes the quarantined messages received before `before_ms` (the quarantine's
+    /// retention); returns how many.
+    async fn purge_quarantine(&self, before_ms: i64) -> Result<u64, StoreError>;
 
     /// The last sequence number `consumer` acknowledged (0 if never).
     async fn acked(&self, consumer: &str) -> Result<Seq, StoreError>;

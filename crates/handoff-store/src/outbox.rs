@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS destination_state (
 ";
 
 /// Columns added after the first release, added to older files on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
     ("outbox", "subject", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "vendor", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "shape", "INTEGER NOT NULL DEFAULT 0"),
@@ -77,6 +77,10 @@ const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
     ("dead_letters", "vendor", "TEXT NOT NULL DEFAULT ''"),
     ("dead_letters", "shape", "INTEGER NOT NULL DEFAULT 0"),
     ("dsr_tasks", "named", "TEXT NOT NULL DEFAULT ''"),
+    // Keyed by source and a secret; '' for items queued before, which keep the unkeyed id
+    // their first attempt used.
+    ("outbox", "delivery_id", "TEXT NOT NULL DEFAULT ''"),
+    ("dead_letters", "delivery_id", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// The ledger columns an item carries from its decision to its outcome (`shape`: what was
@@ -123,6 +127,8 @@ pub struct NewItem {
     pub vendor: String,
     pub seq: Seq,
     pub message_id: String,
+    /// The id the vendor deduplicates on (keyed by source and a secret).
+    pub delivery_id: String,
     /// The subject id (empty when the event names nobody).
     pub subject: String,
     /// What is sent and why, for the ledger entry of the outcome.
@@ -250,6 +256,8 @@ pub struct OutboxItem {
     pub destination: String,
     pub seq: Seq,
     pub message_id: String,
+    /// The id the vendor deduplicates on; empty for items queued before ids were keyed.
+    pub delivery_id: String,
     pub subject: String,
     /// The id the vendor gave this subject on an earlier delivery (a Stripe customer id).
     pub vendor_ref: Option<String>,
@@ -393,8 +401,8 @@ impl Routing<'_> {
         let shape = self.shapes.id(self.tx, &item.shape)?;
         self.tx
             .prepare_cached(
-                "INSERT INTO outbox (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO outbox (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms, delivery_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 item.destination,
@@ -404,7 +412,8 @@ impl Routing<'_> {
                 item.subject,
                 shape,
                 item.payload,
-                self.now
+                self.now,
+                item.delivery_id
             ])?;
         Ok(())
     }
@@ -442,8 +451,9 @@ impl Drop for OutboxStore {
 
 impl OutboxStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)?;
+        crate::files::create_dir(data_dir)?;
         let path = data_dir.join(OUTBOX_FILE);
+        crate::files::create_file(&path)?;
         let conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
@@ -657,7 +667,7 @@ impl OutboxStore {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT o.id, o.destination, o.seq, o.message_id, o.payload, o.created_at_ms, o.attempts,
-                    o.next_at_ms, o.last_error, o.subject, r.ref
+                    o.next_at_ms, o.last_error, o.subject, r.ref, o.delivery_id
              FROM outbox o LEFT JOIN vendor_refs r ON r.destination = o.destination AND r.subject = o.subject
              WHERE o.destination = ?1 ORDER BY o.id LIMIT ?2",
         )?;
@@ -675,6 +685,7 @@ impl OutboxStore {
                     last_error: r.get(8)?,
                     subject: r.get(9)?,
                     vendor_ref: r.get(10)?,
+                    delivery_id: r.get(11)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -751,8 +762,8 @@ impl OutboxStore {
             let mut entries = Vec::with_capacity(ids.len());
             {
                 let mut mv = tx.prepare_cached(&format!(
-                    "INSERT INTO dead_letters ({LEDGER_COLUMNS}, payload, created_at_ms, failed_at_ms, attempts, reason)
-                     SELECT {LEDGER_COLUMNS}, payload, created_at_ms, ?2, attempts + 1, ?3 FROM outbox WHERE id = ?1
+                    "INSERT INTO dead_letters ({LEDGER_COLUMNS}, payload, created_at_ms, failed_at_ms, attempts, reason, delivery_id)
+                     SELECT {LEDGER_COLUMNS}, payload, created_at_ms, ?2, attempts + 1, ?3, delivery_id FROM outbox WHERE id = ?1
                      RETURNING {LEDGER_COLUMNS}"
                 ))?;
                 let mut del = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
@@ -835,8 +846,8 @@ impl OutboxStore {
             let mut entries = Vec::new();
             {
                 let mut requeue_stmt = tx.prepare_cached(&format!(
-                    "INSERT INTO outbox ({LEDGER_COLUMNS}, payload, created_at_ms)
-                     SELECT {LEDGER_COLUMNS}, payload, ?2 FROM dead_letters WHERE id = ?1 AND destination = ?3"
+                    "INSERT INTO outbox ({LEDGER_COLUMNS}, payload, created_at_ms, delivery_id)
+                     SELECT {LEDGER_COLUMNS}, payload, ?2, delivery_id FROM dead_letters WHERE id = ?1 AND destination = ?3"
                 ))?;
                 let mut del = tx.prepare_cached(&format!(
                     "DELETE FROM dead_letters WHERE id = ?1 AND destination = ?2 RETURNING {LEDGER_COLUMNS}"
@@ -1026,6 +1037,7 @@ mod tests {
             vendor: "acme".into(),
             seq,
             message_id: format!("m-{seq}"),
+            delivery_id: format!("hd_{seq}"),
             subject: format!("sub_{seq}"),
             shape: ledger::Shape {
                 purposes: "support".into(),

@@ -25,8 +25,8 @@ use crate::{
 pub const DB_FILE: &str = "journal.db";
 /// File locked by the gateway that owns the data directory.
 pub const LOCK_FILE: &str = "handoff.lock";
-/// Schema version this build writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version this build writes (`PRAGMA user_version`). 2: the quarantine's token index.
+const SCHEMA_VERSION: i64 = 2;
 /// Requests waiting for the writer before senders are made to wait: bounds memory under overload
 /// while leaving plenty of room to gather a large group.
 const QUEUE_CAPACITY: usize = 4096;
@@ -88,6 +88,18 @@ CREATE TABLE IF NOT EXISTS sources (
 );
 ";
 
+/// Schema 1 to 2: the quarantine's token index (see `quarantine.rs`) and its retention's index
+/// by time. Rows from before stay `keyed = 0`: tested at every erasure until they age out.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE quarantine ADD COLUMN keyed INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS quarantine_keys (
+    key BLOB    NOT NULL,
+    id  INTEGER NOT NULL,
+    PRIMARY KEY (key, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS quarantine_received ON quarantine (received_at_ms);
+";
+
 enum Command {
     Append {
         events: Vec<NewEvent>,
@@ -98,6 +110,11 @@ enum Command {
         consumer: String,
         upto: Seq,
         reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Deletes quarantined messages received before `before_ms` (retention), a chunk at a time.
+    PurgeQuarantine {
+        before_ms: i64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Shutdown,
 }
@@ -163,7 +180,7 @@ pub fn erase_events(data_dir: &Path, seqs: &[Seq]) -> Result<usize, StoreError> 
 }
 
 /// Runs `f` in one durable transaction on the journal of `data_dir`, freed content overwritten.
-fn erasing(
+pub(crate) fn erasing(
     data_dir: &Path,
     f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<usize, StoreError>,
 ) -> Result<usize, StoreError> {
@@ -177,81 +194,7 @@ fn erasing(
     Ok(n)
 }
 
-/// Overwrites the quarantined messages that name the person (erasure). Refused input is not
-/// parsed, so it cannot be attributed to a subject: it is found by the identifiers the request
-/// gives, as values under a `userId`, `anonymousId` or `previousId` key at any depth (also in
-/// arrays and objects under them, as refused messages have them; as text, blanks trimmed),
-/// e-mails as any value in any case; in a message that is not JSON, as a JSON string anywhere
-/// in it. Their `raw` becomes [`ERASED_PAYLOAD`] and their `message` (which may quote the
-/// input) `erased`; the code and time stay. Returns how many were erased.
-pub fn erase_quarantined(
-    data_dir: &Path,
-    ids: &[&str],
-    emails: &[&str],
-) -> Result<usize, StoreError> {
-    if ids.is_empty() && emails.is_empty() {
-        return Ok(0);
-    }
-    // Found first on a reader (ingest keeps writing meanwhile), then overwritten by id.
-    let mut found: Vec<i64> = Vec::new();
-    {
-        let conn = Connection::open_with_flags(
-            data_dir.join(DB_FILE),
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        configure(&conn)?;
-        let quoted = |v: &str| serde_json::to_string(v).expect("a string serialises");
-        let under_id_key = [
-            "userId",
-            "anonymousId",
-            "previousId",
-            "user_id",
-            "anonymous_id",
-        ]
-        .map(|k| format!("instr(t.fullkey || '.', '.{k}.') > 0 OR instr(t.fullkey, '.{k}[') > 0"))
-        .join(" OR ");
-        let value = "trim(CAST(t.atom AS TEXT))";
-        for (values, test, anywhere) in [
-            (
-                ids,
-                format!("({under_id_key}) AND {value} = ?2"),
-                "instr(raw, ?3) > 0",
-            ),
-            (
-                emails,
-                format!("lower({value}) = lower(trim(?2))"),
-                "instr(lower(raw), lower(?3)) > 0",
-            ),
-        ] {
-            let mut stmt = conn.prepare(&format!(
-                "SELECT id FROM quarantine WHERE raw != ?1
-                   AND CASE WHEN json_valid(raw)
-                       THEN EXISTS (SELECT 1 FROM json_tree(raw) t WHERE t.atom IS NOT NULL AND {test})
-                       ELSE {anywhere} END"
-            ))?;
-            for v in values {
-                let rows = stmt.query_map(params![ERASED_PAYLOAD, v, quoted(v)], |r| r.get(0))?;
-                for id in rows {
-                    found.push(id?);
-                }
-            }
-        }
-    }
-    found.sort_unstable();
-    found.dedup();
-    if found.is_empty() {
-        return Ok(0);
-    }
-    erasing(data_dir, |tx| {
-        let mut up =
-            tx.prepare("UPDATE quarantine SET raw = ?2, message = 'erased' WHERE id = ?1")?;
-        let mut n = 0;
-        for id in &found {
-            n += up.execute(params![id, ERASED_PAYLOAD])?;
-        }
-        Ok(n)
-    })
-}
+pub use crate::quarantine::erase_quarantined;
 
 /// The payloads of the events `seqs` (for a data-subject access export).
 pub fn read_events_at(data_dir: &Path, seqs: &[Seq]) -> Result<Vec<StoredEvent>, StoreError> {
@@ -271,7 +214,7 @@ pub fn read_events_at(data_dir: &Path, seqs: &[Seq]) -> Result<Vec<StoredEvent>,
     Ok(out)
 }
 
-fn configure(conn: &Connection) -> Result<(), StoreError> {
+pub(crate) fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(())
 }
@@ -279,15 +222,17 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
 impl SqliteJournal {
     /// Opens (creating if needed) the journal in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)?;
+        crate::files::create_dir(data_dir)?;
         // One gateway per data directory: a second writer would clash on sequence numbers and
         // share the deduplication index. The lock goes with the process, also on a crash.
         let lock_path = data_dir.join(LOCK_FILE);
-        let lock = std::fs::File::create(&lock_path)?;
+        crate::files::create_file(&lock_path)?;
+        let lock = std::fs::OpenOptions::new().write(true).open(&lock_path)?;
         if lock.try_lock().is_err() {
             return Err(StoreError::Locked(data_dir.display().to_string()));
         }
         let path = data_dir.join(DB_FILE);
+        crate::files::create_file(&path)?;
         let conn = Connection::open(&path)?;
         configure(&conn)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -310,6 +255,9 @@ impl SqliteJournal {
             });
         }
         conn.execute_batch(SCHEMA)?;
+        if version < 2 {
+            conn.execute_batch(&format!("BEGIN; {MIGRATE_TO_2} COMMIT;"))?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         // A random id for this journal, so that derived files (the deduplication index) can tell
         // when they were made from another one (say, before a restore from backup).
@@ -487,6 +435,22 @@ impl Journal for SqliteJournal {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    async fn purge_quarantine(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Command::PurgeQuarantine { before_ms, reply })
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            let n = rx.await.map_err(|_| StoreError::Closed)??;
+            total += n;
+            if n < crate::quarantine::PURGE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
     async fn acked(&self, consumer: &str) -> Result<Seq, StoreError> {
         let consumer = consumer.to_owned();
         self.with_reader(move |c| read_acked(c, &consumer)).await
@@ -614,6 +578,7 @@ enum Reply {
         AppendOutcome,
     ),
     Ack(oneshot::Sender<Result<(), StoreError>>),
+    Purge(oneshot::Sender<Result<u64, StoreError>>, u64),
 }
 
 impl Writer {
@@ -667,6 +632,7 @@ impl Writer {
         let start_seq = self.next_seq;
         let mut replies = Vec::with_capacity(group.len());
         let mut new_quarantined = 0u64;
+        let mut purged = 0u64;
         let started = Instant::now();
         let mut written_at = started;
         let dedup = &mut self.dedup;
@@ -684,6 +650,9 @@ impl Writer {
                             replies.push(Reply::Append(reply, AppendOutcome::default()))
                         }
                         Command::Ack { reply, .. } => replies.push(Reply::Ack(reply)),
+                        Command::PurgeQuarantine { reply, .. } => {
+                            replies.push(Reply::Purge(reply, 0))
+                        }
                         Command::Shutdown => {}
                     }
                     continue;
@@ -721,6 +690,18 @@ impl Writer {
                         }
                         replies.push(Reply::Ack(reply));
                     }
+                    Command::PurgeQuarantine { before_ms, reply } => {
+                        match crate::quarantine::purge_in(tx, before_ms) {
+                            Ok(n) => {
+                                purged += n;
+                                replies.push(Reply::Purge(reply, n));
+                            }
+                            Err(e) => {
+                                failure = Some(e);
+                                replies.push(Reply::Purge(reply, 0));
+                            }
+                        }
+                    }
                     Command::Shutdown => {}
                 }
             }
@@ -750,6 +731,7 @@ impl Writer {
                 self.shared
                     .quarantined
                     .fetch_add(new_quarantined, Ordering::Relaxed);
+                self.shared.quarantined.fetch_sub(purged, Ordering::Relaxed);
                 let head = self.next_seq - 1;
                 self.shared.head.store(head, Ordering::Release);
                 self.head_tx.send_replace(head);
@@ -760,6 +742,9 @@ impl Writer {
                         }
                         Reply::Ack(tx) => {
                             let _ = tx.send(Ok(()));
+                        }
+                        Reply::Purge(tx, n) => {
+                            let _ = tx.send(Ok(n));
                         }
                     }
                 }
@@ -779,6 +764,9 @@ impl Writer {
                             let _ = tx.send(Err(failed));
                         }
                         Reply::Ack(tx) => {
+                            let _ = tx.send(Err(failed));
+                        }
+                        Reply::Purge(tx, _) => {
                             let _ = tx.send(Err(failed));
                         }
                     }
@@ -831,6 +819,7 @@ fn append_in(
                 m.message,
                 m.raw
             ])?;
+            crate::quarantine::index_row(tx, tx.last_insert_rowid(), &m.raw)?;
         }
     }
     Ok(outcome)

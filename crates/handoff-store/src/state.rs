@@ -96,7 +96,8 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)?;
+        crate::files::create_dir(data_dir)?;
+        crate::files::create_file(&data_dir.join(STATE_FILE))?;
         let conn = Connection::open(data_dir.join(STATE_FILE))?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;

@@ -326,3 +326,52 @@ async fn erasure_finds_quarantined_messages_by_the_person_s_identifiers_only() {
         "once"
     );
 }
+
+#[tokio::test]
+async fn the_quarantine_ages_out_and_an_erasure_leaves_no_index_of_the_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    let refused = |raw: &str, at: i64| QuarantineEntry {
+        source: SourceId::parse("web").unwrap(),
+        received_at_ms: at,
+        index: 0,
+        code: "message.event.missing",
+        message: "refused".into(),
+        raw: raw.into(),
+    };
+    let keys = |dir: &std::path::Path| -> i64 {
+        let c = rusqlite::Connection::open(dir.join("journal.db")).unwrap();
+        c.query_row("SELECT count(*) FROM quarantine_keys", [], |r| r.get(0))
+            .unwrap()
+    };
+    j.append(
+        vec![],
+        vec![
+            refused(
+                r#"{"type": "track", "userId": "old-1"}"#,
+                t0() - 40 * 86_400_000,
+            ),
+            refused(
+                r#"{"type": "track", "userId": "new-1", "traits": {"email": "a@b.example"}}"#,
+                t0(),
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(keys(dir.path()), 3, "old-1, new-1 and the e-mail");
+    assert_eq!(j.purge_quarantine(t0() - 30 * 86_400_000).await.unwrap(), 1);
+    assert_eq!(j.stats().await.unwrap().quarantined, 1);
+    assert_eq!(keys(dir.path()), 2, "the purged row's index went with it");
+    assert_eq!(j.purge_quarantine(t0() - 30 * 86_400_000).await.unwrap(), 0);
+    j.close().await;
+    assert_eq!(
+        handoff_store::sqlite::erase_quarantined(dir.path(), &[], &["A@B.example"]).unwrap(),
+        1
+    );
+    assert_eq!(
+        keys(dir.path()),
+        0,
+        "no hash of the person's identifiers is left"
+    );
+}

@@ -403,6 +403,35 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
 
 async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     let data_dir = &config.server.data_dir;
+    // The data holds raw personal data: 0700 / 0600 whatever the umask, fixed (and said) if a
+    // copy, a restore or an older version left it looser.
+    if data_dir.exists() {
+        for (path, mode) in handoff_store::files::tighten(data_dir)
+            .with_context(|| format!("cannot set the modes in {}", data_dir.display()))?
+        {
+            tracing::warn!(
+                path = %path.display(),
+                was = format!("{mode:o}"),
+                "readable by other users; tightened to owner-only (0700 directories, 0600 files)"
+            );
+        }
+    }
+    handoff_store::files::create_dir(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let fd_limit = handoff_server::listener::raise_fd_limit();
+    let connections = handoff_server::listener::ConnectionSettings {
+        max_connections: config
+            .server
+            .max_connections
+            .unwrap_or_else(|| handoff_server::listener::default_max_connections(fd_limit)),
+        header_timeout: config.server.header_timeout,
+    };
+    tracing::info!(
+        fd_limit,
+        max_connections = connections.max_connections,
+        header_timeout_secs = connections.header_timeout.as_secs(),
+        "connection limits"
+    );
     let journal = SqliteJournal::open(data_dir)
         .with_context(|| format!("cannot open the journal in {}", data_dir.display()))?;
     tracing::info!(path = %journal.path().display(), "journal open");
@@ -480,6 +509,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         &policy,
         config.delivery.clone(),
         privacy_keys.subjects.clone(),
+        privacy_keys.delivery_ids.clone(),
         data_dir,
     )?);
     // Requests call the connectors delivery built.
@@ -535,6 +565,11 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     );
     let state = AppState::new(journal.clone(), keys, Arc::new(auth), policy);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let retention = handoff_server::retention::start(
+        journal.clone(),
+        config.server.quarantine_retention,
+        &state.metrics,
+    );
     let tasks = delivery.start(journal, state.clone(), stop_rx);
     let _ = state.delivery.set(delivery.clone());
     let _ = state.privacy.set(privacy);
@@ -551,6 +586,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         shutdown,
         config.server.drain_delay,
         config.server.tls.clone(),
+        connections,
     )
     .await?;
     // Workers finish the call in flight, within a bound: an unrecorded delivery is sent again
@@ -564,6 +600,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
             abort.abort();
         }
     }
+    retention.abort();
     // A signed checkpoint at the head, so a tail cut off while stopped is detected.
     if let Err(e) = outbox.checkpoint_ledger() {
         tracing::error!(error = %e, "cannot sign the closing ledger checkpoint");
@@ -602,15 +639,25 @@ fn dump(data_dir: &Path, after: u64, quarantine: bool) -> Result<ExitCode> {
         })
     } else {
         reader.for_each_event(after, |e| {
-            let event = RawValue::from_string(e.payload.clone()).map_err(std::io::Error::other)?;
-            let line = json!({
-                "seq": e.seq,
-                "receivedAt": format_millis(from_unix_millis(e.received_at_ms)),
-                "source": e.source,
-                "messageId": e.message_id,
-                "event": event,
-            });
-            writeln!(out, "{line}")
+            // The stored text is copied as it is, never parsed into numbers or strings: a
+            // payload a later stage cannot read (written before ingest refused such input)
+            // still dumps, and so does every event after it.
+            let quote = |s: &str| serde_json::to_string(s).expect("a string serialises");
+            let event = match RawValue::from_string(e.payload.clone()) {
+                Ok(raw) => raw.get().to_owned(),
+                Err(err) => format!(
+                    "null,\"unreadable\":{}",
+                    quote(&format!("the stored payload is not JSON: {err}"))
+                ),
+            };
+            writeln!(
+                out,
+                "{{\"seq\":{},\"receivedAt\":{},\"source\":{},\"messageId\":{},\"event\":{event}}}",
+                e.seq,
+                quote(&format_millis(from_unix_millis(e.received_at_ms))),
+                quote(&e.source),
+                quote(&e.message_id),
+            )
         })
     };
     match result {

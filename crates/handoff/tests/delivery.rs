@@ -708,3 +708,37 @@ fn operator_commands_refuse_a_data_directory_without_an_outbox() {
     }
     assert!(!missing.exists(), "nothing was created");
 }
+
+#[tokio::test]
+async fn the_same_message_id_from_two_sources_is_two_deliveries_with_unguessable_ids() {
+    // Anyone with the public web key could otherwise send first under a backend's predictable
+    // messageId (an order number) and have the vendor drop the real event as a duplicate.
+    let (a, b) = (Vendor::start().await, Vendor::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let backend_key = "backend-delivery-key-0123456789";
+    let cfg = config(&a, &b).replacen(
+        "[delivery]",
+        &format!("[[sources]]\nid = \"backend\"\nwrite_key = \"{backend_key}\"\n\n[delivery]"),
+        1,
+    );
+    let gw = start(dir.path(), &cfg);
+    for key in [KEY, backend_key] {
+        let resp = client()
+            .post(format!("{}/v1/track", gw.url))
+            .basic_auth(key, Some(""))
+            .json(&json!({"userId": "u1", "event": "Order Completed", "messageId": "order-1001"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    until(20, "both events delivered to A", || {
+        a.delivered().len() >= 2
+    })
+    .await;
+    let ids = a.delivered();
+    assert_eq!(distinct(&ids), 2, "{ids:?}");
+    // Not the unkeyed hash anyone could compute from the destination and the messageId.
+    let guessable = handoff_connectors::wire::delivery_id("hook-a", "order-1001");
+    assert!(!ids.contains(&guessable), "{ids:?}");
+}

@@ -1,0 +1,287 @@
+//! Client connections: how many are held, for how long, and which one gives way when the cap is
+//! reached.
+//!
+//! Every connection gets `header_timeout` to send a request's header block, counted from the
+//! connection's start or from the end of the previous response, so a half-sent header and an
+//! idle keep-alive connection are both closed once it passes (hyper's own header timer). At most
+//! `max_connections` are open at once; when a new client arrives at the cap, the connection that
+//! has been idle longest (no request in the handler) is closed to make room, so an attacker's
+//! idle sockets never lock out `/healthz` or a real client. Only when every open connection is
+//! busy with a request is the new one closed at once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::metrics::ConnectionMetrics;
+
+/// File descriptors kept back from client connections: the journal, the outbox and the state
+/// store (with their WAL and index files), outbound connections to vendors and the CLI's short
+/// connections need them. A quarter of the limit, at least 256.
+pub const FD_RESERVE_MIN: u64 = 256;
+/// How long a connection told to close (evicted at the cap) may take to finish the response it is
+/// writing before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Pause after `accept` fails (out of file descriptors, most often), so a full table does not
+/// turn the accept loop into a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Raises the soft limit on open files to the hard limit (Linux defaults the soft limit to 1024
+/// and many services' to 512), and returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), hard) = (limit.current, limit.maximum) else {
+        return u64::MAX; // unlimited
+    };
+    let target = hard.unwrap_or(current);
+    if target > current {
+        let raised = rustix::process::Rlimit {
+            current: Some(target),
+            maximum: hard,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return target;
+        }
+    }
+    current
+}
+
+/// The connection cap that fits `fd_limit`: the limit less [`FD_RESERVE_MIN`] or a quarter of it,
+/// whichever is more, and at least 16.
+pub fn default_max_connections(fd_limit: u64) -> usize {
+    let reserve = (fd_limit / 4).max(FD_RESERVE_MIN);
+    fd_limit.saturating_sub(reserve).clamp(16, 1_000_000) as usize
+}
+
+/// How connections are served.
+#[derive(Clone, Debug)]
+pub struct ConnectionSettings {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+}
+
+/// One open connection, as the registry sees it.
+struct Entry {
+    /// Requests of this connection now in a handler.
+    busy: Arc<AtomicUsize>,
+    /// When its last request left the handler (ms since the registry started).
+    idle_since: Arc<AtomicU64>,
+    close: Arc<Notify>,
+}
+
+/// The open connections.
+struct Registry {
+    started: Instant,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Entry>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Makes room for one more connection if the cap is reached: closes the connection idle
+    /// longest.
+    fn make_room(&self, max: usize) -> Room {
+        let mut open = self.lock();
+        if open.len() < max {
+            return Room::Free;
+        }
+        let idlest = open
+            .iter()
+            .filter(|(_, e)| e.busy.load(Ordering::Acquire) == 0)
+            .min_by_key(|(_, e)| e.idle_since.load(Ordering::Relaxed))
+            .map(|(id, _)| *id);
+        match idlest.and_then(|id| open.remove(&id)) {
+            Some(e) => {
+                e.close.notify_one();
+                Room::Evicted
+            }
+            None => Room::Full,
+        }
+    }
+}
+
+enum Room {
+    /// Below the cap.
+    Free,
+    /// At the cap: the connection idle longest was told to close.
+    Evicted,
+    /// At the cap, and every open connection is busy with a request.
+    Full,
+}
+
+/// Decrements a connection's busy count when its request leaves the handler.
+struct Busy {
+    busy: Arc<AtomicUsize>,
+    idle_since: Arc<AtomicU64>,
+    registry: Arc<Registry>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.idle_since
+            .store(self.registry.now_ms(), Ordering::Relaxed);
+        self.busy.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Accepts and serves connections on `listener` until `shutdown` completes, then stops
+/// accepting, lets every connection finish its request in flight, and returns.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+    settings: ConnectionSettings,
+    metrics: ConnectionMetrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let registry = Arc::new(Registry {
+        started: Instant::now(),
+        next_id: AtomicU64::new(0),
+        open: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        // Reap finished connection tasks as we go, so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+        let (stream, _peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        match registry.make_room(settings.max_connections) {
+            Room::Free => {}
+            Room::Evicted => {
+                metrics.evicted.inc();
+            }
+            Room::Full => {
+                metrics.refused.inc();
+                drop(stream);
+                continue;
+            }
+        }
+        let _ = stream.set_nodelay(true);
+        let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry {
+            busy: Arc::new(AtomicUsize::new(0)),
+            idle_since: Arc::new(AtomicU64::new(registry.now_ms())),
+            close: Arc::new(Notify::new()),
+        };
+        let (busy, idle_since, close) = (
+            entry.busy.clone(),
+            entry.idle_since.clone(),
+            entry.close.clone(),
+        );
+        registry.lock().insert(id, entry);
+        metrics.open.inc();
+        let registry = registry.clone();
+        let app = app.clone();
+        let tls = tls.clone();
+        let header_timeout = settings.header_timeout;
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            let service = {
+                let registry = registry.clone();
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    busy.fetch_add(1, Ordering::Acquire);
+                    let guard = Busy {
+                        busy: busy.clone(),
+                        idle_since: idle_since.clone(),
+                        registry: registry.clone(),
+                    };
+                    let app = app.clone();
+                    async move {
+                        let response =
+                            tower::ServiceExt::oneshot(app, req.map(axum::body::Body::new)).await;
+                        drop(guard);
+                        response
+                    }
+                })
+            };
+            match tls {
+                None => serve_one(TokioIo::new(stream), service, header_timeout, &close).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.get_inner());
+                    // The handshake counts against the header timeout too.
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_one(TokioIo::new(stream), service, header_timeout, &close).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+            registry.lock().remove(&id);
+            metrics.open.dec();
+        });
+    }
+    // Shutting down: no new connections; each open one finishes its request and closes.
+    drop(listener);
+    for e in registry.lock().values() {
+        e.close.notify_one();
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn serve_one<I, S>(io: I, service: S, header_timeout: Duration, close: &Notify)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        () = close.notified() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_descriptors_for_the_stores() {
+        assert_eq!(default_max_connections(512), 256);
+        assert_eq!(default_max_connections(1024), 768);
+        assert_eq!(default_max_connections(65_536), 49_152);
+        assert_eq!(default_max_connections(100), 16);
+    }
+}

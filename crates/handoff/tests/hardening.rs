@@ -1,0 +1,306 @@
+//! What an attacker with the public write key tried, sent again through the real server: each
+//! input is refused with a stable code at a cost in proportion to the request, and nothing it
+//! sends makes an acknowledged event unreadable later.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::{Gateway, client, dump, metric, until};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const KEY: &str = "hardening-key-0123456789";
+
+fn config(extra_server: &str) -> String {
+    format!(
+        r#"
+[server]
+{extra_server}
+
+[[sources]]
+id = "web"
+write_key = "{KEY}"
+"#
+    )
+}
+
+fn start(dir: &std::path::Path, extra_server: &str) -> Gateway {
+    let path = dir.join("handoff.toml");
+    std::fs::write(&path, config(extra_server)).unwrap();
+    Gateway::start(
+        &dir.join("data"),
+        &["--config", path.to_str().unwrap()],
+        &[],
+    )
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// POSTs `body` (gzip-compressed when `zip`) and returns the status, the body's size and JSON.
+async fn post(gw: &Gateway, path: &str, body: &[u8], zip: bool) -> (StatusCode, usize, Value) {
+    let mut req = client()
+        .post(format!("{}{path}", gw.url))
+        .basic_auth(KEY, Some(""))
+        .header("content-type", "application/json");
+    req = if zip {
+        req.header("content-encoding", "gzip").body(gzip(body))
+    } else {
+        req.body(body.to_vec())
+    };
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:.200}"));
+    (status, text.len(), json)
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn a_batch_envelope_cannot_multiply_what_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "");
+    let tracks = vec![r#"{"type":"track","userId":"u","event":"e"}"#; 1000].join(",");
+    // The attack as found: 3 KB of gzip, a 200 KB context copied into 1,000 messages.
+    let body = format!(
+        r#"{{"batch":[{tracks}],"context":{{"pad":"{}"}}}}"#,
+        "x".repeat(200_000)
+    );
+    assert!(gzip(body.as_bytes()).len() < 4_000);
+    let (status, _, resp) = post(&gw, "/v1/batch", body.as_bytes(), true).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
+    assert_eq!(code(&resp), "batch.envelope.too_large");
+    // A context under the message limit, still copied into too many messages.
+    let body = format!(
+        r#"{{"batch":[{tracks}],"context":{{"pad":"{}"}}}}"#,
+        "x".repeat(30_000)
+    );
+    let (status, _, resp) = post(&gw, "/v1/batch", body.as_bytes(), true).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
+    assert_eq!(code(&resp), "batch.expansion.too_large");
+    assert!(
+        dump(&gw.data_dir, &[]).is_empty(),
+        "nothing of either was stored"
+    );
+
+    // An ordinary envelope still applies to its messages.
+    let body =
+        r#"{"batch":[{"type":"track","userId":"u","event":"e"}],"context":{"ip":"10.1.2.3"}}"#;
+    let (status, _, resp) = post(&gw, "/v1/batch", body.as_bytes(), false).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(
+        dump(&gw.data_dir, &[])[0]["event"]["context"]["ip"],
+        "10.1.2.3"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_of_junk_costs_one_small_answer_and_no_quarantine_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "");
+    // As found: 548 bytes of gzip holding 255,000 entries.
+    let body = format!(r#"{{"batch":[{}]}}"#, vec!["1"; 255_000].join(","));
+    let (status, size, resp) = post(&gw, "/v1/batch", body.as_bytes(), true).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
+    assert_eq!(code(&resp), "batch.too_many_messages");
+    assert!(size < 1_000, "{size} bytes");
+
+    // Within the count, but mostly invalid: refused whole, nothing quarantined, a short list.
+    let mut entries = vec!["1"; 2_000];
+    entries.push(r#"{"type":"track","userId":"u","event":"e"}"#);
+    let body = format!(r#"{{"batch":[{}]}}"#, entries.join(","));
+    let (status, size, resp) = post(&gw, "/v1/batch", body.as_bytes(), true).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{resp}");
+    assert_eq!(code(&resp), "batch.rejected");
+    assert_eq!(resp["rejected_count"], 2_000);
+    assert_eq!(resp["rejected"].as_array().unwrap().len(), 100);
+    assert!(size < 20_000, "{size} bytes");
+    assert!(dump(&gw.data_dir, &["--quarantine"]).is_empty());
+    assert!(
+        dump(&gw.data_dir, &[]).is_empty(),
+        "a refused batch stores nothing"
+    );
+
+    // A small batch with a bad message keeps its good ones and quarantines the bad one.
+    let body =
+        r#"{"batch":[{"type":"track","userId":"u","event":"e"},{"type":"track","userId":"u"}]}"#;
+    let (status, _, resp) = post(&gw, "/v1/batch", body.as_bytes(), false).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert_eq!(
+        (resp["accepted"].as_u64(), resp["rejected_count"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(dump(&gw.data_dir, &["--quarantine"]).len(), 1);
+    let metrics = gw.metrics().await;
+    assert_eq!(metric(&metrics, "handoff_quarantine_messages"), 1.0);
+}
+
+#[tokio::test]
+async fn what_a_later_stage_cannot_read_is_refused_with_its_own_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "");
+    let deep = format!("{}1{}", "[".repeat(129), "]".repeat(129));
+    let cases = [
+        (
+            format!(r#"{{"userId":"u","event":"e","properties":{{"deep":{deep}}}}}"#),
+            "message.depth.exceeded",
+        ),
+        (
+            r#"{"userId":"u","event":"e","properties":{"total":1e400}}"#.to_string(),
+            "message.number.out_of_range",
+        ),
+        (
+            r#"{"userId":"\ud800","event":"e"}"#.to_string(),
+            "message.string.invalid",
+        ),
+    ];
+    for (body, want) in &cases {
+        let (status, _, resp) = post(&gw, "/v1/track", body.as_bytes(), false).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{want}: {resp}");
+        assert_eq!(code(&resp), *want);
+    }
+    // The same in a batch: each refused alone, the good one stored.
+    let body = format!(
+        r#"{{"batch":[{},{{"type":"track","userId":"u","event":"ok"}}]}}"#,
+        cases
+            .iter()
+            .map(|(b, _)| b.replacen('{', r#"{"type":"track","#, 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (status, _, resp) = post(&gw, "/v1/batch", body.as_bytes(), false).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let codes: Vec<&str> = resp["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, cases.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+    // Every stored event dumps (the dump once stopped at the first unreadable one).
+    let events = dump(&gw.data_dir, &[]);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["event"]["event"], "ok");
+}
+
+/// Reads from `s` until the server closes it (or 15 s pass): `true` if it closed.
+fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_connections_are_closed_and_never_lock_out_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "max_connections = 20\nheader_timeout_secs = 1");
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+
+    // A half-sent header block is closed after the header timeout.
+    let mut half = std::net::TcpStream::connect(&addr).unwrap();
+    half.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    assert!(closed_by_server(&mut half), "half-sent headers stayed open");
+    // So is a keep-alive connection left idle after its request.
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(
+        closed_by_server(&mut idle),
+        "an idle keep-alive stayed open"
+    );
+
+    // The cap: 30 idle sockets against a cap of 20. The oldest idle ones give way, and
+    // /healthz and a real client are served meanwhile.
+    let sockets: Vec<std::net::TcpStream> = (0..30)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let resp = client()
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (status, _, resp) = post(
+        &gw,
+        "/v1/track",
+        br#"{"userId":"u","event":"Still served"}"#,
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    let metrics = gw.metrics().await;
+    assert!(
+        metric(&metrics, "handoff_connections_evicted_total") >= 10.0,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "handoff_connections_open") <= 20.0);
+    drop(sockets);
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn the_data_directory_is_private_whatever_the_umask_and_loose_modes_are_fixed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let gw = start(tmp.path(), "");
+    let (status, _, _) = post(&gw, "/v1/track", br#"{"userId":"u","event":"e"}"#, false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(mode(&data), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files.iter().any(|p| p.ends_with("journal.db-wal")),
+        "{files:?}"
+    );
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    drop(gw);
+
+    // A restore left everything readable: serve tightens it at start and says so.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in &files {
+        if f.exists() {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let log = tmp.path().join("serve.log");
+    let path = tmp.path().join("handoff.toml");
+    let gw = Gateway::start_logging(
+        &data,
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some(&log),
+    );
+    until(10, "the warning about loose modes", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("tightened to owner-only"))
+    })
+    .await;
+    assert_eq!(mode(&data), 0o700);
+    for f in files.iter().filter(|f| f.exists()) {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    drop(gw);
+}
