@@ -570,6 +570,16 @@ impl Config {
                         },
                     };
                     let name = problems.string(&path, t, "name");
+                    if name
+                        .as_deref()
+                        .is_some_and(|n| n.chars().any(char::is_control))
+                    {
+                        problems.add(
+                            join(&path, "name"),
+                            "config.source.name.invalid",
+                            "must not contain control characters (newlines, tabs, NUL, escapes): names are printed in lists and logs",
+                        );
+                    }
                     let write_key = match problems.string(&path, t, "write_key") {
                         None if !t.contains_key("write_key") => {
                             problems.add(

@@ -573,6 +573,24 @@ async fn create_client(
             ),
         ));
     }
+    if let Some(source) = &req.source {
+        let known = handoff_core::SourceId::parse(source)
+            .ok()
+            .is_some_and(|s| state.sources.contains(&s));
+        if !known {
+            let mut ids: Vec<&str> = state.sources.sources().map(|s| s.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "client.source.unknown",
+                format!(
+                    "this gateway serves no source {source:?}; its sources are: {}",
+                    ids.join(", ")
+                ),
+            ));
+        }
+    }
     let auth = state.auth.clone();
     let actor = format!("client:{}", claims.client_id);
     let created = tokio::task::spawn_blocking(move || {

@@ -53,6 +53,9 @@ pub enum AuthError {
     Invalid(String),
 }
 
+/// Longest client name: names are for people reading lists and logs.
+pub const MAX_CLIENT_NAME_CHARS: usize = 128;
+
 /// Why a bearer token was refused. Each is a 401 except `Scope` (403).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenRejection {
@@ -66,6 +69,10 @@ pub enum TokenRejection {
     Expired,
     #[error("the access token was issued for another audience")]
     Audience,
+    #[error(
+        "the access token was issued by another authorization server (its iss is not this gateway's issuer)"
+    )]
+    Issuer,
     #[error("the access token, or its client, has been revoked")]
     Revoked,
     #[error("the access token lacks the scope {0}")]
@@ -80,6 +87,7 @@ impl TokenRejection {
             TokenRejection::Invalid => "auth.token.invalid",
             TokenRejection::Expired => "auth.token.expired",
             TokenRejection::Audience => "auth.token.audience",
+            TokenRejection::Issuer => "auth.token.issuer",
             TokenRejection::Revoked => "auth.token.revoked",
             TokenRejection::Scope(_) => "auth.scope.insufficient",
         }
@@ -398,6 +406,7 @@ impl Auth {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidAudience => TokenRejection::Audience,
+                ErrorKind::InvalidIssuer => TokenRejection::Issuer,
                 ErrorKind::ExpiredSignature => TokenRejection::Expired,
                 _ => TokenRejection::Invalid,
             }
@@ -454,6 +463,18 @@ impl Auth {
         source: Option<&str>,
         actor: &str,
     ) -> Result<NewClient, AuthError> {
+        if name.trim().is_empty() || name.chars().count() > MAX_CLIENT_NAME_CHARS {
+            return Err(AuthError::Invalid(format!(
+                "give the client a name of 1 to {MAX_CLIENT_NAME_CHARS} characters"
+            )));
+        }
+        if name.chars().any(char::is_control) {
+            // A newline or a NUL in a name would fake rows in `clients list` and in logs.
+            return Err(AuthError::Invalid(
+                "a client name must not contain control characters (newlines, tabs, NUL, escapes)"
+                    .into(),
+            ));
+        }
         if let Some(source) = source {
             handoff_core::SourceId::parse(source)
                 .map_err(|why| AuthError::Invalid(format!("source {source:?} {why}")))?;

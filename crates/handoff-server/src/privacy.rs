@@ -210,6 +210,17 @@ impl Privacy {
         }
         let hashes = self.hashes(&input.identity)?;
         let kind = input.kind.as_str();
+        if kind == "access" {
+            // Asking what is held must not make Handoff hold something: an unknown person gets
+            // that answer, and no subject is created for them.
+            if let Err(e) = self.find_subject(&input.identity) {
+                return Err(PrivacyError {
+                    code: "dsr.no_data_held",
+                    message: "no data is held about this person: no event that Handoff received names these identifiers, so there is nothing to export and no request was filed".into(),
+                    ..e
+                });
+            }
+        }
         let now = now_ms();
         let (id, new, erase) = self.store.transact(|tx| {
             let subject = subjects::resolve(tx, &hashes, now)?
@@ -652,10 +663,44 @@ impl Privacy {
 
     /// For an incident at `vendor`: the subjects whose data it received in `[from, to)`, with
     /// the categories and fields, and counts.
-    pub fn exposure(&self, vendor: &str, from_ms: i64, to_ms: i64) -> Result<Report, PrivacyError> {
+    ///
+    /// `name` is a vendor id or a destination id (then only that destination's handoffs). A
+    /// name that is neither, among the configured destinations and those the ledger records,
+    /// is an error listing the known ones: an empty report must mean "nothing was sent".
+    pub fn exposure(&self, name: &str, from_ms: i64, to_ms: i64) -> Result<Report, PrivacyError> {
+        let mut recipients: Vec<(String, String)> = self
+            .store
+            .with_conn(ledger::recipients)?
+            .into_iter()
+            .chain(
+                self.destinations
+                    .iter()
+                    .map(|(d, _)| (d.vendor.id.to_string(), d.id.to_string())),
+            )
+            .collect();
+        recipients.sort();
+        recipients.dedup();
+        let filter = if recipients.iter().any(|(v, _)| v == name) {
+            ledger::Recipient::Vendor(name)
+        } else if recipients.iter().any(|(_, d)| d == name) {
+            ledger::Recipient::Destination(name)
+        } else {
+            let mut vendors: Vec<&str> = recipients.iter().map(|(v, _)| v.as_str()).collect();
+            vendors.dedup();
+            let destinations: Vec<&str> = recipients.iter().map(|(_, d)| d.as_str()).collect();
+            return Err(PrivacyError::bad(
+                "report.vendor.unknown",
+                format!(
+                    "no vendor or destination {name:?} is configured or has received anything; vendors: {}; destinations: {}",
+                    if vendors.is_empty() { "none".to_owned() } else { vendors.join(", ") },
+                    if destinations.is_empty() { "none".to_owned() } else { destinations.join(", ") },
+                ),
+            ));
+        };
+        let vendor = name;
         let rows = self
             .store
-            .with_conn(|c| ledger::delivered(c, Some(vendor), from_ms, to_ms))?;
+            .with_conn(|c| ledger::delivered(c, filter, from_ms, to_ms))?;
         let mut per: BTreeMap<&str, Agg> = BTreeMap::new();
         let mut all = Agg::default();
         for r in &rows {
@@ -715,7 +760,7 @@ impl Privacy {
     pub fn processing(&self, from_ms: i64, to_ms: i64) -> Result<Report, PrivacyError> {
         let rows = self
             .store
-            .with_conn(|c| ledger::delivered(c, None, from_ms, to_ms))?;
+            .with_conn(|c| ledger::delivered(c, ledger::Recipient::All, from_ms, to_ms))?;
         // (vendor, purpose, day) → (handoffs, subjects, categories)
         type Day = (u64, BTreeSet<String>, BTreeSet<String>);
         let mut per: BTreeMap<(String, String, String), Day> = BTreeMap::new();

@@ -651,17 +651,42 @@ fn for_one_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreEr
 /// Handoffs vendors accepted in `[from_ms, to_ms)`, of one vendor or all, oldest first.
 pub fn delivered(
     conn: &Connection,
-    vendor: Option<&str>,
+    to: Recipient<'_>,
     from_ms: i64,
     to_ms: i64,
 ) -> Result<Vec<Row>, StoreError> {
+    let (vendor, destination) = match to {
+        Recipient::All => (None, None),
+        Recipient::Vendor(v) => (Some(v), None),
+        Recipient::Destination(d) => (None, Some(d)),
+    };
     let mut stmt = conn.prepare_cached(&format!(
         "{ROW_SELECT}
          WHERE l.kind = 'delivery' AND l.outcome = 'delivered' AND (?1 IS NULL OR l.vendor = ?1)
+           AND (?4 IS NULL OR l.destination = ?4)
            AND l.at_ms >= ?2 AND l.at_ms < ?3 ORDER BY l.seq"
     ))?;
     let rows = stmt
-        .query_map(params![vendor, from_ms, to_ms], read_row)?
+        .query_map(params![vendor, from_ms, to_ms, destination], read_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Whose handoffs a report reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipient<'a> {
+    All,
+    Vendor(&'a str),
+    Destination(&'a str),
+}
+
+/// Every (vendor, destination) the ledger records a delivery to.
+pub fn recipients(conn: &Connection) -> Result<Vec<(String, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT vendor, destination FROM ledger WHERE kind = 'delivery' ORDER BY 1, 2",
+    )?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }

@@ -102,12 +102,15 @@ pub struct JournalStats {
 }
 
 /// Storage errors. Each has a stable code for logs and API errors.
+///
+/// The SQLite and I/O causes are part of the message, not a separate `source`: an error chain
+/// printed whole (`{:#}`) would otherwise say them twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("the journal is closed")]
     Closed,
     /// What a decision was based on changed before it could be committed; decide again.
@@ -129,6 +132,18 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Io(e)
+    }
 }
 
 impl StoreError {

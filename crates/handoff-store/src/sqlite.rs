@@ -844,6 +844,11 @@ impl JournalReader {
         Ok(Self { conn })
     }
 
+    /// The sources the embedded default registered (none for a gateway run from a file).
+    pub fn sources(&self) -> Result<Vec<StoredSource>, StoreError> {
+        read_sources(&self.conn)
+    }
+
     /// Calls `f` for each event after `after`, oldest first, reading in pages.
     pub fn for_each_event(
         &self,

@@ -135,12 +135,18 @@ enum ClientsCommand {
         /// Space-separated scopes, e.g. "admin:read audit:read".
         #[arg(long)]
         scopes: Option<String>,
-        /// A role bundling scopes: ingest, viewer, admin, auditor, privacy, vault.
+        /// A role bundling scopes: ingest, viewer, monitor, admin, auditor, privacy, vault (see
+        /// docs/security.md for the scopes of each).
         #[arg(long)]
         role: Option<String>,
-        /// For events:write clients: the source (id from the config) their events are sent as.
+        /// For events:write clients: the source their events are sent as. It must be one the
+        /// gateway serves: one of the config's sources (give --config), or the embedded
+        /// default's.
         #[arg(long)]
         source: Option<String>,
+        /// The gateway's configuration file, to check --source against its sources.
+        #[arg(long, short, env = "HANDOFF_CONFIG")]
+        config: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
         #[command(flatten)]
@@ -621,7 +627,24 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 's
     })
 }
 
+/// Every command but `serve` works on the data of a gateway that has run: a mistyped
+/// `--data-dir` (or a command run in the wrong directory) is an error, never a new, empty data
+/// directory with its own master key that the real gateway would not know.
+pub(crate) fn require_data_dir(dir: &Path) -> Result<()> {
+    let journal = dir.join(handoff_store::sqlite::DB_FILE);
+    if !journal.exists() {
+        anyhow::bail!(
+            "no Handoff data in {} (no {}): is --data-dir (or HANDOFF_DATA_DIR) right? It is \
+             created when `handoff serve` first runs",
+            dir.display(),
+            handoff_store::sqlite::DB_FILE
+        );
+    }
+    Ok(())
+}
+
 fn dump(data_dir: &Path, after: u64, quarantine: bool) -> Result<ExitCode> {
+    require_data_dir(data_dir)?;
     let reader = JournalReader::open(data_dir)?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     let result = if quarantine {
@@ -703,6 +726,7 @@ fn open_auth(data_dir: &Path, master_key_file: Option<&Path>, config: AuthConfig
 
 /// The authorization server for CLI commands, which issue no tokens (no issuer needed).
 pub(crate) fn cli_auth(args: &StateArgs) -> Result<Auth> {
+    require_data_dir(&args.data_dir)?;
     open_auth(
         &args.data_dir,
         args.master_key_file.as_deref(),
@@ -721,11 +745,39 @@ fn clients(cmd: ClientsCommand) -> Result<ExitCode> {
             scopes,
             role,
             source,
+            config,
             format,
             state,
         } => {
             let scopes = handoff_server::auth_http::scopes_for(scopes.as_deref(), role.as_deref())
                 .map_err(anyhow::Error::msg)?;
+            if let Some(source) = source
+                .as_ref()
+                .filter(|_| scopes.contains(handoff_core::auth::Scope::EventsWrite))
+            {
+                require_data_dir(&state.data_dir)?;
+                let known: Vec<String> = match &config {
+                    Some(path) => match load_config(path)? {
+                        Ok(c) => c.sources.iter().map(|s| s.id.as_str().to_owned()).collect(),
+                        Err(errors) => anyhow::bail!("{}: {}", path.display(), errors),
+                    },
+                    None => JournalReader::open(&state.data_dir)?
+                        .sources()?
+                        .into_iter()
+                        .map(|s| s.id)
+                        .collect(),
+                };
+                if !known.contains(source) {
+                    anyhow::bail!(
+                        "no source {source:?} {}",
+                        match (&config, known.is_empty()) {
+                            (None, true) => "here: this gateway runs from a configuration file; give it with --config to check the source against it".to_owned(),
+                            (Some(path), _) => format!("in {}; its sources are: {}", path.display(), known.join(", ")),
+                            (None, false) => format!("in the embedded default; its sources are: {}", known.join(", ")),
+                        }
+                    );
+                }
+            }
             let created =
                 cli_auth(&state)?.create_client(&name, &scopes, source.as_deref(), "cli")?;
             if format == Format::Json {
@@ -756,7 +808,9 @@ fn clients(cmd: ClientsCommand) -> Result<ExitCode> {
                     } else {
                         "active"
                     };
-                    println!("{}  {:<8} {:<24} {}", c.id, status, c.name, c.scopes);
+                    // Escaped, so that no stored name (older versions took any) can fake a row.
+                    let name = c.name.escape_debug().to_string();
+                    println!("{}  {:<8} {:<24} {}", c.id, status, name, c.scopes);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -809,6 +863,7 @@ fn rotate_signing(args: &StateArgs) -> Result<ExitCode> {
 }
 
 fn verify(data_dir: &Path) -> Result<ExitCode> {
+    require_data_dir(data_dir)?;
     let reader = JournalReader::open(data_dir)?;
     let problems = reader.verify()?;
     if problems.is_empty() {

@@ -85,6 +85,7 @@ pub enum DeadLettersCommand {
 /// The outbox of an existing data directory (a mistyped `--data-dir` is an error, not a new,
 /// empty directory).
 pub fn outbox(dir: &Path) -> Result<OutboxStore> {
+    crate::require_data_dir(dir)?;
     let path = dir.join(handoff_store::outbox::OUTBOX_FILE);
     if !path.exists() {
         anyhow::bail!(

@@ -224,7 +224,7 @@ async fn every_protected_route_refuses_every_bad_token() {
             Some(other_audience),
             "auth.token.audience",
         ),
-        ("other issuer", Some(other_issuer), "auth.token.invalid"),
+        ("other issuer", Some(other_issuer), "auth.token.issuer"),
         ("revoked token", Some(revoked), "auth.token.revoked"),
         (
             "token of a revoked client",

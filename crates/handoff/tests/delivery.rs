@@ -702,7 +702,7 @@ fn operator_commands_refuse_a_data_directory_without_an_outbox() {
             .unwrap();
         assert!(!out.status.success(), "{args:?}");
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("no outbox at"),
+            String::from_utf8_lossy(&out.stderr).contains("no Handoff data in"),
             "{args:?}"
         );
     }

@@ -304,3 +304,179 @@ async fn the_data_directory_is_private_whatever_the_umask_and_loose_modes_are_fi
     }
     drop(gw);
 }
+
+#[tokio::test]
+async fn every_route_answers_every_error_in_the_json_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "");
+    let admin = common::create_client(&gw.data_dir, &["--name", "ops", "--role", "admin"]).unwrap();
+    let token = common::fetch_token(&gw.url, &admin, None).await;
+    let big = vec![b'{'; 1024 * 1024];
+    let routes: &[(&str, &str)] = &[
+        ("POST", "/v1/track"),
+        ("POST", "/v1/batch"),
+        ("POST", "/oauth/token"),
+        ("POST", "/oauth/revoke"),
+        ("POST", "/oauth/introspect"),
+        ("POST", "/admin/v1/clients"),
+        ("POST", "/admin/v1/plan"),
+        ("POST", "/admin/v1/destinations/x/pause"),
+        ("POST", "/admin/v1/dead-letters/replay"),
+        ("POST", "/v1/dsr"),
+        ("POST", "/v1/dsr/x/confirm"),
+        ("GET", "/admin/v1/audit?limit=many"),
+        ("GET", "/admin/v1/dead-letters?after=-x"),
+        ("GET", "/admin/v1/reports/exposure?from=yesterday"),
+        ("GET", "/v1/dsr?limit=all"),
+        ("DELETE", "/v1/track"),
+        ("GET", "/no/such/route"),
+    ];
+    let mut answers = Vec::new();
+    for (method, path) in routes {
+        for body in [Some(&big[..]), Some(&b"{not json"[..]), None] {
+            let mut req = client()
+                .request(method.parse().unwrap(), format!("{}{path}", gw.url))
+                .bearer_auth(&token)
+                .header("content-type", "application/json");
+            if let Some(b) = body {
+                req = req.body(b.to_vec());
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            if status.is_success() {
+                continue;
+            }
+            let kind = resp
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let text = resp.text().await.unwrap();
+            let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            // RFC 6749's format on the OAuth endpoints, ours everywhere else.
+            let (code, message) = if path.starts_with("/oauth/") {
+                (json["error"].as_str(), json["error_description"].as_str())
+            } else {
+                (
+                    json["error"]["code"].as_str(),
+                    json["error"]["message"].as_str(),
+                )
+            };
+            let (code, message) = (code.unwrap_or(""), message.unwrap_or(""));
+            assert!(
+                kind.starts_with("application/json") && !code.is_empty() && !message.is_empty(),
+                "{method} {path} ({} bytes): {status} {kind} {text:.200}",
+                body.map_or(0, <[u8]>::len)
+            );
+            answers.push((status.as_u16(), code.to_owned()));
+        }
+    }
+    // The refusals the attack met as plain text now have their codes.
+    assert!(
+        answers.contains(&(413, "request.body.too_large".into())),
+        "{answers:?}"
+    );
+    assert!(
+        answers.contains(&(400, "request.query.invalid".into())),
+        "{answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn names_cannot_fake_rows_and_clients_only_send_as_sources_that_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "");
+    let cfg = tmp.path().join("handoff.toml");
+    let cfg = cfg.to_str().unwrap();
+    // The CLI: a NUL and a newline in a name, and a source nobody serves, are refused.
+    let faked = common::create_client(
+        &gw.data_dir,
+        &["--name", "x\n hc_fake  active  admin", "--role", "viewer"],
+    );
+    assert!(faked.unwrap_err().contains("control characters"));
+    let nosuch = common::create_client(
+        &gw.data_dir,
+        &[
+            "--name", "shop", "--role", "ingest", "--source", "shop", "--config", cfg,
+        ],
+    );
+    let why = nosuch.unwrap_err();
+    assert!(
+        why.contains("no source \"shop\"") && why.contains("web"),
+        "{why}"
+    );
+    let nosuch = common::create_client(
+        &gw.data_dir,
+        &["--name", "shop", "--role", "ingest", "--source", "shop"],
+    );
+    assert!(nosuch.unwrap_err().contains("--config"));
+    common::create_client(
+        &gw.data_dir,
+        &[
+            "--name", "backend", "--role", "ingest", "--source", "web", "--config", cfg,
+        ],
+    )
+    .unwrap();
+
+    // The admin API: the same refusals, with codes.
+    let admin = common::create_client(&gw.data_dir, &["--name", "ops", "--role", "admin"]).unwrap();
+    let token = common::fetch_token(&gw.url, &admin, None).await;
+    for (body, want) in [
+        (
+            serde_json::json!({"name": "a\u{0}b", "role": "viewer"}),
+            "client.invalid",
+        ),
+        (
+            serde_json::json!({"name": "shop", "role": "ingest", "source": "shop"}),
+            "client.source.unknown",
+        ),
+    ] {
+        let resp = client()
+            .post(format!("{}/admin/v1/clients", gw.url))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(code(&v), want, "{v}");
+    }
+}
+
+#[test]
+fn commands_other_than_serve_refuse_a_data_directory_that_does_not_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("handoff-data");
+    let runs: &[&[&str]] = &[
+        &["clients", "create", "--name", "x", "--role", "viewer"],
+        &["clients", "list"],
+        &["keys", "rotate-signing"],
+        &["journal", "dump"],
+        &["journal", "verify"],
+        &["destinations", "status"],
+        &["dead-letters", "list"],
+        &[
+            "report",
+            "exposure",
+            "--vendor",
+            "meta",
+            "--from",
+            "2026-01-01",
+            "--to",
+            "2026-01-02",
+        ],
+    ];
+    for args in runs {
+        let out = std::process::Command::new(common::BIN)
+            .args(*args)
+            .arg("--data-dir")
+            .arg(&missing)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(err.matches("is --data-dir").count(), 1, "{args:?}: {err}");
+        assert!(!missing.exists(), "{args:?} created {}", missing.display());
+    }
+}

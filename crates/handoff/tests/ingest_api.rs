@@ -553,8 +553,18 @@ async fn duplicates_skew_and_unknown_fields() {
 async fn ingest_accepts_an_events_write_token_bound_to_a_source() {
     let tmp = tempfile::tempdir().unwrap();
     let gw = start(tmp.path());
+    // The CLI checks a client's source against the gateway's configuration; this one also
+    // declares a source the running gateway does not serve.
+    let other = tmp.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!("{CONFIG}\n[[sources]]\nid = \"ghost\"\nwrite_key = \"ghost-write-key-0123456789\"\n")
+            .replace("${TEST_WEB_KEY}", KEY),
+    )
+    .unwrap();
+    let other = other.to_str().unwrap().to_owned();
     let create = |args: &[&str]| {
-        let mut all = vec!["--name", "backend"];
+        let mut all = vec!["--name", "backend", "--config", &other];
         all.extend(args);
         common::create_client(&gw.data_dir, &all)
     };

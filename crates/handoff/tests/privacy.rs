@@ -259,6 +259,16 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     assert_eq!(lines[0], "subject,handoffs,first,last,categories,fields");
     assert_eq!(lines.len(), 3, "Jane and Bob: {csv}");
     assert!(csv.contains(&subject));
+    // A name that is no vendor is an error naming the known ones, never an empty report; a
+    // destination's id is taken too.
+    let (ok, out) = cli(&data, &["report", "exposure", "--vendor", "facebook"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("report.vendor.unknown") || out.contains("no vendor or destination \"facebook\""), "{out}");
+    assert!(out.contains("acme") && out.contains("ads-hook"), "{out}");
+    let (ok, out) = cli(&data, &["report", "exposure", "--vendor", "ads-hook"]);
+    assert!(ok, "{out}");
+    let by_destination: Value = serde_json::from_str(&out).unwrap();
+    assert!(!by_destination["affected"].as_array().unwrap().is_empty(), "{out}");
     // Records of processing, per vendor and purpose.
     let resp = client()
         .get(format!("{}/admin/v1/reports/processing", gw.url))
@@ -504,6 +514,19 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     assert_eq!(export["held"]["events"].as_array().unwrap().len(), 3);
     assert_eq!(export["preferences"]["opt_out_of_sale"], true);
     assert!(export["vendors"].as_array().unwrap().len() == 2);
+    // Asking about someone never seen answers "no data held", and creates nobody.
+    let resp = client()
+        .post(format!("{}/v1/dsr", gw.url))
+        .bearer_auth(&token)
+        .json(&json!({"type": "access", "email": "stranger@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "dsr.no_data_held", "{answer}");
+    let (ok, out) = cli(&data, &["report", "subject", "--email", "stranger@example.com"]);
+    assert!(!ok && out.contains("no events of this person"), "{out}");
 
     // The ledger verifies, over the API and the CLI…
     let resp = client()
