@@ -142,14 +142,66 @@ pub struct ConfigProblem {
     /// Stable code, e.g. `config.key.unknown`.
     pub code: &'static str,
     pub message: String,
+    /// The line of the file the key is on (of its table, when the key is missing).
+    pub line: Option<usize>,
 }
 
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
         if self.key.is_empty() {
             write!(f, "{} [{}]", self.message, self.code)
         } else {
             write!(f, "{}: {} [{}]", self.key, self.message, self.code)
+        }
+    }
+}
+
+/// The line of `text` that a problem's key (`destinations[2].pii`, `server.tls.cert_file`) is
+/// on: the key itself when the file has it, else the deepest table on the way that it has.
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    if key.is_empty() {
+        return None;
+    }
+    let root = DeTable::parse(text).ok()?;
+    let mut found: Option<std::ops::Range<usize>> = None;
+    let mut table = root.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+            break;
+        };
+        found = Some(k.span());
+        let mut value = v;
+        if let Some(i) = index {
+            let DeValue::Array(items) = value.get_ref() else {
+                break;
+            };
+            let Some(item) = items.get(i) else { break };
+            found = Some(item.span());
+            value = item;
+        }
+        match value.get_ref() {
+            DeValue::Table(t) if parts.peek().is_some() => table = t,
+            _ => break,
+        }
+    }
+    let start = found?.start;
+    Some(text[..start.min(text.len())].matches('\n').count() + 1)
+}
+
+impl ConfigErrors {
+    /// Sets each problem's line in `text` (the file the problems were found in).
+    pub fn locate(&mut self, text: &str) {
+        for p in &mut self.0 {
+            p.line = p.line.or_else(|| line_of(text, &p.key));
         }
     }
 }
@@ -176,6 +228,7 @@ impl Problems {
     fn add(&mut self, key: impl Into<String>, code: &'static str, message: impl Into<String>) {
         self.0.push(ConfigProblem {
             key: key.into(),
+            line: None,
             code,
             message: message.into(),
         });
@@ -664,7 +717,9 @@ impl Config {
         if problems.0.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigErrors(problems.0))
+            let mut errors = ConfigErrors(problems.0);
+            errors.locate(text);
+            Err(errors)
         }
     }
 }

@@ -578,9 +578,12 @@ async fn create_client(
             .ok()
             .is_some_and(|s| state.sources.contains(&s));
         if !known {
-            let mut ids: Vec<&str> = state.sources.sources().map(|s| s.as_str()).collect();
-            ids.sort_unstable();
-            ids.dedup();
+            let ids: Vec<String> = state
+                .sources
+                .sources()
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect();
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "client.source.unknown",

@@ -907,6 +907,17 @@ enum Breaker {
     HalfOpen,
 }
 
+impl Breaker {
+    /// As operators see it (`destinations status`, the admin API).
+    fn name(self) -> &'static str {
+        match self {
+            Breaker::Closed => "closed",
+            Breaker::Open { .. } => "open",
+            Breaker::HalfOpen => "half_open",
+        }
+    }
+}
+
 async fn worker(
     delivery: Arc<Delivery>,
     lane: Arc<Lane>,
@@ -919,7 +930,20 @@ async fn worker(
     let store = delivery.store.clone();
     let mut breaker = Breaker::Closed;
     let mut failures = 0u32;
+    // What the store says about the breaker and the last error, so operators see it
+    // (`destinations status`); written on changes only.
+    let mut recorded: (&'static str, Option<String>) = ("", None);
     while !*stop.borrow() {
+        let now_recorded = (breaker.name(), recorded.1.clone());
+        if now_recorded.0 != recorded.0 {
+            let (store, id, name) = (store.clone(), id.clone(), now_recorded.0);
+            if blocking(move || store.record_breaker(&id, name, None))
+                .await
+                .is_ok()
+            {
+                recorded.0 = name;
+            }
+        }
         if lane.state() != DestinationState::Active {
             pause(STATE_POLL, &mut stop, Some(&lane.wake)).await;
             continue;
@@ -1195,6 +1219,12 @@ async fn worker(
         let mut outcome: Result<(), StoreError> = Ok(());
         for (ids, oldest, attempts, (class, vendor_ref)) in results {
             let n = ids.len() as u64;
+            let error = match &class {
+                Classification::Delivered => None,
+                Classification::Retry { why, .. }
+                | Classification::Permanent { why }
+                | Classification::Credentials { why } => Some(why.clone()),
+            };
             if let (Some(r), [id]) = (vendor_ref, ids.as_slice()) {
                 refs.push((*id, r));
             }
@@ -1259,6 +1289,16 @@ async fn worker(
             };
             if step.is_err() {
                 outcome = step;
+            }
+            if let Some(why) = error.filter(|why| recorded.1.as_ref() != Some(why)) {
+                let (store, id, name, text) =
+                    (store.clone(), id.clone(), breaker.name(), why.clone());
+                if blocking(move || store.record_breaker(&id, name, Some(&text)))
+                    .await
+                    .is_ok()
+                {
+                    recorded = (breaker.name(), Some(why));
+                }
             }
         }
         if !delivered.is_empty() {

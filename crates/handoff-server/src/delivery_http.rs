@@ -79,6 +79,8 @@ async fn status(
         list.push(json!({
             "destination": d.id, "state": s.as_str(), "reason": reason, "queued": stats.depth,
             "oldest_queued_at_ms": stats.oldest_created_at_ms, "dead_letters": stats.dead_letters,
+            "breaker": stats.breaker, "last_error": stats.last_error,
+            "last_error_at_ms": stats.last_error_at_ms,
         }));
     }
     Ok(Json(json!({ "destinations": list })).into_response())

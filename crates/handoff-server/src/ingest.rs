@@ -284,7 +284,7 @@ fn rejected_list(rejected: &[ingest::Rejected]) -> Vec<serde_json::Value> {
 }
 
 fn lookup(state: &AppState, key: &str) -> Result<SourceId, ApiError> {
-    state.sources.lookup(key).cloned().ok_or_else(|| {
+    state.sources.lookup(key).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "auth.write_key.unknown",

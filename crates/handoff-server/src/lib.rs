@@ -71,7 +71,7 @@ impl AppState {
             privacy: std::sync::OnceLock::new(),
             ledger_public_key: std::sync::OnceLock::new(),
             limits: limits::Limits::default(),
-            metrics: Metrics::new(sources.sources()),
+            metrics: Metrics::new(&sources.sources()),
             journal,
             sources,
             ready: AtomicBool::new(true),

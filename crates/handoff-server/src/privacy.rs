@@ -692,8 +692,16 @@ impl Privacy {
                 "report.vendor.unknown",
                 format!(
                     "no vendor or destination {name:?} is configured or has received anything; vendors: {}; destinations: {}",
-                    if vendors.is_empty() { "none".to_owned() } else { vendors.join(", ") },
-                    if destinations.is_empty() { "none".to_owned() } else { destinations.join(", ") },
+                    if vendors.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        vendors.join(", ")
+                    },
+                    if destinations.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        destinations.join(", ")
+                    },
                 ),
             ));
         };

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS destination_state (
 ";
 
 /// Columns added after the first release, added to older files on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 12] = [
     ("outbox", "subject", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "vendor", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "shape", "INTEGER NOT NULL DEFAULT 0"),
@@ -81,6 +81,14 @@ const ADDED_COLUMNS: [(&str, &str, &str); 9] = [
     // their first attempt used.
     ("outbox", "delivery_id", "TEXT NOT NULL DEFAULT ''"),
     ("dead_letters", "delivery_id", "TEXT NOT NULL DEFAULT ''"),
+    // What the running gateway's worker last said about the destination, for operators.
+    (
+        "destination_state",
+        "breaker",
+        "TEXT NOT NULL DEFAULT 'closed'",
+    ),
+    ("destination_state", "last_error", "TEXT"),
+    ("destination_state", "last_error_at_ms", "INTEGER"),
 ];
 
 /// The ledger columns an item carries from its decision to its outcome (`shape`: what was
@@ -318,6 +326,11 @@ pub struct QueueStats {
     pub depth: u64,
     pub oldest_created_at_ms: Option<i64>,
     pub dead_letters: u64,
+    /// The circuit breaker as the gateway's worker last recorded it: closed, half_open, open.
+    pub breaker: String,
+    /// The last error the vendor (or the connection to it) gave, and when.
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
 }
 
 pub struct OutboxStore {
@@ -888,11 +901,44 @@ impl OutboxStore {
         let dead: i64 = conn
             .prepare_cached("SELECT count(*) FROM dead_letters WHERE destination = ?1")?
             .query_row([destination], |r| r.get(0))?;
+        let (breaker, last_error, last_error_at_ms) = conn
+            .prepare_cached(
+                "SELECT breaker, last_error, last_error_at_ms FROM destination_state WHERE destination = ?1",
+            )?
+            .query_row([destination], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?
+            .unwrap_or_else(|| ("closed".to_owned(), None, None));
         Ok(QueueStats {
             depth: depth as u64,
             oldest_created_at_ms: oldest,
             dead_letters: dead as u64,
+            breaker,
+            last_error,
+            last_error_at_ms,
         })
+    }
+
+    /// Records the destination's circuit breaker (`closed`, `half_open`, `open`) and, when
+    /// given, its last error, so `destinations status` can show them. The worker calls it on
+    /// changes only. Creates the destination's row if it has none (as active).
+    pub fn record_breaker(
+        &self,
+        destination: &str,
+        breaker: &str,
+        last_error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO destination_state (destination, state, reason, updated_at_ms, breaker, last_error, last_error_at_ms)
+                 VALUES (?1, 'active', '', ?2, ?3, ?4, CASE WHEN ?4 IS NULL THEN NULL ELSE ?2 END)
+                 ON CONFLICT (destination) DO UPDATE SET
+                   breaker = excluded.breaker,
+                   last_error = coalesce(excluded.last_error, last_error),
+                   last_error_at_ms = coalesce(excluded.last_error_at_ms, last_error_at_ms)",
+            )?
+            .execute(params![destination, now, breaker, last_error])?;
+        Ok(())
     }
 
     /// Every destination the outbox knows of (queued items, dead letters or a state).

@@ -98,6 +98,8 @@ CREATE TABLE IF NOT EXISTS quarantine_keys (
     PRIMARY KEY (key, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS quarantine_received ON quarantine (received_at_ms);
+ALTER TABLE sources ADD COLUMN previous_key_sha256 BLOB;
+ALTER TABLE sources ADD COLUMN previous_until_ms INTEGER;
 ";
 
 enum Command {
@@ -125,6 +127,9 @@ pub struct StoredSource {
     pub id: String,
     pub name: String,
     pub write_key_sha256: Vec<u8>,
+    /// The key it replaced, accepted until `previous_until_ms` (ms since the epoch).
+    pub previous_key_sha256: Option<Vec<u8>>,
+    pub previous_until_ms: Option<i64>,
 }
 
 struct Shared {
@@ -159,6 +164,27 @@ pub fn now_ms() -> i64 {
 /// What an erased event's payload becomes: its sequence number stays (numbers are never
 /// reused and consumers keep their positions), its content is gone.
 pub const ERASED_PAYLOAD: &str = r#"{"erased":true}"#;
+
+/// Gives the embedded default's source `id` a new write key (its SHA-256), keeping the current
+/// one valid for `grace_ms` more. Safe while the gateway runs (SQLite serialises this write with
+/// the journal's writer; the gateway re-reads sources every few seconds). `false` if there is no
+/// such source.
+pub fn rotate_source_key(
+    data_dir: &Path,
+    id: &str,
+    new_key_sha256: &[u8],
+    grace_ms: i64,
+) -> Result<bool, StoreError> {
+    let conn = Connection::open(data_dir.join(DB_FILE))?;
+    configure(&conn)?;
+    let n = conn.execute(
+        "UPDATE sources SET previous_key_sha256 = write_key_sha256, previous_until_ms = ?3,
+                            write_key_sha256 = ?2
+         WHERE id = ?1",
+        params![id, new_key_sha256, now_ms() + grace_ms],
+    )?;
+    Ok(n == 1)
+}
 
 /// Replaces the payloads of the events `seqs` in the journal of `data_dir` by
 /// [`ERASED_PAYLOAD`] (erasure). Safe while the gateway runs: SQLite serialises this write
@@ -355,12 +381,16 @@ impl SqliteJournal {
 }
 
 fn read_sources(conn: &Connection) -> Result<Vec<StoredSource>, StoreError> {
-    let mut stmt = conn.prepare("SELECT id, name, write_key_sha256 FROM sources ORDER BY id")?;
+    let mut stmt = conn.prepare(
+        "SELECT id, name, write_key_sha256, previous_key_sha256, previous_until_ms FROM sources ORDER BY id",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok(StoredSource {
             id: r.get(0)?,
             name: r.get(1)?,
             write_key_sha256: r.get(2)?,
+            previous_key_sha256: r.get(3)?,
+            previous_until_ms: r.get(4)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

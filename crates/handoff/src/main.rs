@@ -90,6 +90,9 @@ enum Command {
     /// Manage keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The embedded default's sources: list them, rotate a write key (works while serving).
+    #[command(subcommand)]
+    Sources(SourcesCommand),
     /// Prove the ledger was not rewritten (`audit verify`).
     #[command(subcommand)]
     Audit(privacy_cli::AuditCommand),
@@ -164,6 +167,27 @@ enum ClientsCommand {
         client_id: String,
         #[command(flatten)]
         state: StateArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum SourcesCommand {
+    /// The sources the embedded default serves (never their keys).
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[arg(long, default_value = handoff_core::config::DEFAULT_DATA_DIR, env = "HANDOFF_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Give a source a new write key, printed once. The old key is still accepted for
+    /// --grace-hours, so SDKs can move over without losing events.
+    RotateKey {
+        id: String,
+        /// Hours (0-720) the old key keeps working; 0 stops it at once.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=720))]
+        grace_hours: u32,
+        #[arg(long, default_value = handoff_core::config::DEFAULT_DATA_DIR, env = "HANDOFF_DATA_DIR")]
+        data_dir: PathBuf,
     },
 }
 
@@ -257,6 +281,7 @@ fn main() -> ExitCode {
         Command::Report(cmd) => privacy_cli::report(cmd),
         Command::Dsr(cmd) => privacy_cli::dsr(cmd),
         Command::Keys(KeysCommand::RotateSigning { state }) => rotate_signing(&state),
+        Command::Sources(cmd) => sources(cmd),
         Command::Keys(KeysCommand::RotateMaster { state }) => rotate_master(&state),
     };
     match result {
@@ -285,6 +310,7 @@ pub(crate) fn load_config(
                 key: format!("destinations[{i}].settings"),
                 code: e.code,
                 message: e.message,
+                line: None,
             });
         }
         if let Err(e) =
@@ -294,13 +320,16 @@ pub(crate) fn load_config(
                 key: format!("destinations[{i}].tls"),
                 code: e.code(),
                 message: e.to_string(),
+                line: None,
             });
         }
     }
     if problems.is_empty() {
         Ok(Ok(config))
     } else {
-        Ok(Err(handoff_core::config::ConfigErrors(problems)))
+        let mut errors = handoff_core::config::ConfigErrors(problems);
+        errors.locate(&text);
+        Ok(Err(errors))
     }
 }
 
@@ -365,8 +394,11 @@ fn check(path: &Path) -> Result<ExitCode> {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: escape codes in a log file or a journald stream
+    // are noise for whoever reads or parses it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -449,20 +481,12 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
             keys.insert(&s.write_key, s.id.clone());
         }
     } else {
-        let mut stored = journal.sources()?;
-        if stored.is_empty() {
+        if journal.sources()?.is_empty() {
             let key = hex::encode(rand::random::<[u8; 16]>());
             journal.insert_source(DEFAULT_SOURCE_ID, "Default source", &write_key_digest(&key))?;
-            stored = journal.sources()?;
             new_key = Some(key);
         }
-        for s in stored {
-            let digest: [u8; 32] =
-                s.write_key_sha256.as_slice().try_into().context(
-                    "a stored write key digest is not 32 bytes; the state table is damaged",
-                )?;
-            keys.insert_digest(digest, SourceId::parse(&s.id).map_err(anyhow::Error::msg)?);
-        }
+        keys.replace_all(stored_keys(journal.sources()?)?);
     }
 
     // Delivery: every destination's connector and client are built now, so that unusable
@@ -561,9 +585,10 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         writeln!(out, "listening on {url}")?;
         out.flush()?;
     }
-    tracing::info!(%addr, sources = keys.sources().count(), "listening");
+    tracing::info!(%addr, sources = keys.sources().len(), "listening");
 
-    let journal: Arc<dyn Journal> = Arc::new(journal);
+    let sqlite_journal = Arc::new(journal);
+    let journal: Arc<dyn Journal> = sqlite_journal.clone();
     tracing::info!(
         vendors = policy.vendors.len(),
         destinations = policy.destinations.len(),
@@ -571,6 +596,30 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     );
     let state = AppState::new(journal.clone(), keys, Arc::new(auth), policy);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The embedded default's sources live in its store: re-read them, so a key rotated with
+    // `handoff sources rotate-key` is accepted (and the old one dropped after its grace)
+    // without a restart.
+    let reload = (!from_file).then(|| {
+        let (journal, state) = (sqlite_journal.clone(), state.clone());
+        handoff_server::supervisor::supervise(
+            "sources-reload",
+            state.metrics.task_restarts.clone(),
+            move || {
+                let (journal, state) = (journal.clone(), state.clone());
+                async move {
+                    loop {
+                        tokio::time::sleep(handoff_server::sources::RELOAD_EVERY).await;
+                        let journal = journal.clone();
+                        let read = tokio::task::spawn_blocking(move || journal.sources()).await;
+                        match read.map_err(anyhow::Error::from).and_then(|r| Ok(stored_keys(r?)?)) {
+                            Ok(keys) => state.sources.replace_all(keys),
+                            Err(e) => tracing::warn!(error = %e, "cannot re-read the sources; keeping the keys in use"),
+                        }
+                    }
+                }
+            },
+        )
+    });
     let retention = handoff_server::retention::start(
         journal.clone(),
         config.server.quarantine_retention,
@@ -607,11 +656,34 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         }
     }
     retention.abort();
+    if let Some(reload) = reload {
+        reload.abort();
+    }
     // A signed checkpoint at the head, so a tail cut off while stopped is detected.
     if let Err(e) = outbox.checkpoint_ledger() {
         tracing::error!(error = %e, "cannot sign the closing ledger checkpoint");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The write keys of the embedded default's stored sources: each current key, and a replaced
+/// key until its grace period ends.
+fn stored_keys(
+    stored: Vec<handoff_store::sqlite::StoredSource>,
+) -> Result<Vec<([u8; 32], SourceId, Option<i64>)>> {
+    let digest = |d: &[u8]| -> Result<[u8; 32]> {
+        d.try_into()
+            .context("a stored write key digest is not 32 bytes; the sources table is damaged")
+    };
+    let mut keys = Vec::new();
+    for s in stored {
+        let id = SourceId::parse(&s.id).map_err(anyhow::Error::msg)?;
+        keys.push((digest(&s.write_key_sha256)?, id.clone(), None));
+        if let (Some(old), Some(until)) = (&s.previous_key_sha256, s.previous_until_ms) {
+            keys.push((digest(old)?, id, Some(until)));
+        }
+    }
+    Ok(keys)
 }
 
 /// Installs the SIGTERM and SIGINT handlers now and returns a future that completes on either.
@@ -854,6 +926,72 @@ fn rotate_master(args: &StateArgs) -> Result<ExitCode> {
         r.rewrapped
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn sources(cmd: SourcesCommand) -> Result<ExitCode> {
+    match cmd {
+        SourcesCommand::List { format, data_dir } => {
+            require_data_dir(&data_dir)?;
+            let list = JournalReader::open(&data_dir)?.sources()?;
+            let now = handoff_store::sqlite::now_ms();
+            let grace = |s: &handoff_store::sqlite::StoredSource| {
+                s.previous_until_ms
+                    .filter(|until| *until > now)
+                    .map(|until| format_millis(from_unix_millis(until)))
+            };
+            if format == Format::Json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|s| json!({"id": s.id, "name": s.name, "previous_key_valid_until": grace(s)}))
+                    .collect();
+                println!("{}", serde_json::to_string(&rows)?);
+            } else if list.is_empty() {
+                println!(
+                    "no stored sources: a gateway run from a configuration file has its sources (and keys) there"
+                );
+            } else {
+                for s in &list {
+                    let old = grace(s)
+                        .map(|t| format!("  (previous key accepted until {t})"))
+                        .unwrap_or_default();
+                    println!("{:<24} {}{old}", s.id, s.name.escape_debug());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SourcesCommand::RotateKey {
+            id,
+            grace_hours,
+            data_dir,
+        } => {
+            require_data_dir(&data_dir)?;
+            let key = hex::encode(rand::random::<[u8; 16]>());
+            let grace_ms = i64::from(grace_hours) * 3_600_000;
+            if !handoff_store::sqlite::rotate_source_key(
+                &data_dir,
+                &id,
+                &write_key_digest(&key),
+                grace_ms,
+            )? {
+                anyhow::bail!(
+                    "no stored source {id:?} in {} (`handoff sources list` shows them; a gateway run from a configuration file has its keys there)",
+                    data_dir.display()
+                );
+            }
+            StateStore::open(&data_dir)?.audit(
+                handoff_store::sqlite::now_ms(),
+                "cli",
+                "source.key_rotated",
+                &json!({"source": id, "grace_hours": grace_hours}).to_string(),
+            )?;
+            println!("new write key for {id} (shown this once; keep it): {key}");
+            println!(
+                "the previous key is accepted for {grace_hours} more hour(s); a running gateway takes the new key within {} s",
+                handoff_server::sources::RELOAD_EVERY.as_secs()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn rotate_signing(args: &StateArgs) -> Result<ExitCode> {

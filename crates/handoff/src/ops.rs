@@ -23,8 +23,12 @@ pub struct DataDir {
 
 #[derive(Subcommand)]
 pub enum DestinationsCommand {
-    /// Queue depth, dead letters and state of every destination with any.
+    /// Every destination the gateway has run (healthy ones too): state, circuit breaker, queue
+    /// depth and age, dead letters and the last error, one JSON line each.
     Status {
+        /// The gateway's configuration, to list destinations that have not run yet too.
+        #[arg(long, short, env = "HANDOFF_CONFIG")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         dir: DataDir,
     },
@@ -61,17 +65,18 @@ pub enum DeadLettersCommand {
         #[command(flatten)]
         dir: DataDir,
     },
-    /// Put dead letters back at the end of their destination's queue.
+    /// Put dead letters back at the end of their destination's queue: every destination's
+    /// without --destination.
     Replay {
         #[arg(long)]
-        destination: String,
-        /// Only these (ids from `list`); all of the destination's without.
-        #[arg(long = "id")]
+        destination: Option<String>,
+        /// Only these (ids from `list`; needs --destination); all of the destination's without.
+        #[arg(long = "id", requires = "destination")]
         ids: Vec<i64>,
         #[command(flatten)]
         dir: DataDir,
     },
-    /// Delete dead letters for good.
+    /// Delete dead letters for good (one destination at a time: --destination is required).
     Discard {
         #[arg(long)]
         destination: String,
@@ -102,10 +107,19 @@ fn audit_log(dir: &Path) -> Result<StateStore> {
 
 pub fn destinations(cmd: DestinationsCommand) -> Result<ExitCode> {
     match cmd {
-        DestinationsCommand::Status { dir } => {
+        DestinationsCommand::Status { config, dir } => {
             let store = outbox(&dir.data_dir)?;
+            let mut ids = store.destinations()?;
+            if let Some(path) = &config {
+                match crate::load_config(path)? {
+                    Ok(c) => ids.extend(c.destinations.iter().map(|d| d.id.to_string())),
+                    Err(errors) => anyhow::bail!("{}: {}", path.display(), errors),
+                }
+            }
+            ids.sort();
+            ids.dedup();
             let mut out = std::io::stdout().lock();
-            for d in store.destinations()? {
+            for d in ids {
                 let stats = store.stats(&d)?;
                 let (state, reason) = store.state(&d)?;
                 let age = stats
@@ -115,7 +129,9 @@ pub fn destinations(cmd: DestinationsCommand) -> Result<ExitCode> {
                     out,
                     "{}",
                     json!({"destination": d, "state": state.as_str(), "reason": reason,
-                           "queued": stats.depth, "oldest_age_secs": age, "dead_letters": stats.dead_letters})
+                           "breaker": stats.breaker, "queued": stats.depth, "oldest_age_secs": age,
+                           "dead_letters": stats.dead_letters, "last_error": stats.last_error,
+                           "last_error_at_ms": stats.last_error_at_ms})
                 )?;
             }
             Ok(ExitCode::SUCCESS)
@@ -159,10 +175,23 @@ pub fn dead_letters(cmd: DeadLettersCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DeadLettersCommand::Replay {
-            destination,
+            destination: Some(destination),
             ids,
             dir,
         } => take(&dir.data_dir, &destination, &ids, true),
+        DeadLettersCommand::Replay {
+            destination: None,
+            dir,
+            ..
+        } => {
+            let store = outbox(&dir.data_dir)?;
+            for destination in store.destinations()? {
+                if store.stats(&destination)?.dead_letters > 0 {
+                    take(&dir.data_dir, &destination, &[], true)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         DeadLettersCommand::Discard {
             destination,
             ids,

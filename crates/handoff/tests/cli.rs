@@ -52,18 +52,36 @@ fn check_reports_every_problem_and_exits_1() {
         &[],
     );
     assert!(!ok);
+    // Each with the line it is on.
     for needle in [
-        "server.listen: \"everywhere\" is not an address",
-        "sources[0].write_key: environment variable NOT_SET_ANYWHERE is not set [config.env.missing]",
-        "sources[1].id: source id \"web\" is declared more than once",
-        "sources[1].write_key: is 5 characters",
-        "sources[1].wirte_key: unknown key",
+        "line 3: server.listen: \"everywhere\" is not an address",
+        "line 6: sources[0].write_key: environment variable NOT_SET_ANYWHERE is not set [config.env.missing]",
+        "line 8: sources[1].id: source id \"web\" is declared more than once",
+        "line 9: sources[1].write_key: is 5 characters",
+        "line 10: sources[1].wirte_key: unknown key",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
     let (ok, _, stderr) = check("[[sources]\nid = 1", &[]);
     assert!(!ok);
     assert!(stderr.contains("config.syntax"), "{stderr}");
+
+    // An unknown variant names its key, not only its table.
+    let example = include_str!("../../../handoff.example.toml");
+    let bad = example.replacen("pii = \"redact\"", "pii = \"blok\"", 1);
+    assert_ne!(bad, example);
+    let line = bad
+        .lines()
+        .position(|l| l.starts_with("pii = \"blok\""))
+        .unwrap()
+        + 1;
+    let (ok, _, stderr) = check(&bad, common::EXAMPLE_ENV);
+    assert!(!ok);
+    let needle = format!("line {line}: destinations[");
+    assert!(
+        stderr.contains(&needle) && stderr.contains("].pii: unknown variant `blok`"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -149,4 +167,93 @@ fn a_second_gateway_on_the_same_data_directory_is_refused() {
         stderr.contains("another Handoff process is using the data directory"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn the_embedded_defaults_write_key_rotates_while_serving_with_a_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let gw = Gateway::start(&data, &[], &[]);
+    let first = gw.printed_write_key().unwrap();
+    let status = |key: String| {
+        let url = format!("{}/v1/track", gw.url);
+        async move {
+            client()
+                .post(url)
+                .basic_auth(key, Some(""))
+                .body(r#"{"userId": "u1", "event": "e"}"#)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let rotate = |grace: &str| {
+        let out = std::process::Command::new(common::BIN)
+            .args([
+                "sources",
+                "rotate-key",
+                "default",
+                "--grace-hours",
+                grace,
+                "--data-dir",
+            ])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines()
+            .next()
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap()
+            .to_owned()
+    };
+    let second = rotate("1");
+    assert_ne!(second, first);
+    // Synchronise on the gateway taking the new key (it re-reads its sources every 2 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status(second.clone()).await != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status(first.clone()).await,
+        StatusCode::OK,
+        "the old key is in its grace period"
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["sources", "list", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        list.contains("default") && list.contains("previous key accepted until"),
+        "{list}"
+    );
+    assert!(
+        !list.contains(&first) && !list.contains(&second),
+        "keys are never listed"
+    );
+
+    // Without a grace period the replaced key stops at once; the one before is gone too.
+    let third = rotate("0");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status(third.clone()).await != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the third key was never accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(second).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(first).await, StatusCode::UNAUTHORIZED);
 }

@@ -558,8 +558,10 @@ async fn ingest_accepts_an_events_write_token_bound_to_a_source() {
     let other = tmp.path().join("other.toml");
     std::fs::write(
         &other,
-        format!("{CONFIG}\n[[sources]]\nid = \"ghost\"\nwrite_key = \"ghost-write-key-0123456789\"\n")
-            .replace("${TEST_WEB_KEY}", KEY),
+        format!(
+            "{CONFIG}\n[[sources]]\nid = \"ghost\"\nwrite_key = \"ghost-write-key-0123456789\"\n"
+        )
+        .replace("${TEST_WEB_KEY}", KEY),
     )
     .unwrap();
     let other = other.to_str().unwrap().to_owned();

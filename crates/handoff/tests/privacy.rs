@@ -263,12 +263,19 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     // destination's id is taken too.
     let (ok, out) = cli(&data, &["report", "exposure", "--vendor", "facebook"]);
     assert!(!ok, "{out}");
-    assert!(out.contains("report.vendor.unknown") || out.contains("no vendor or destination \"facebook\""), "{out}");
+    assert!(
+        out.contains("report.vendor.unknown")
+            || out.contains("no vendor or destination \"facebook\""),
+        "{out}"
+    );
     assert!(out.contains("acme") && out.contains("ads-hook"), "{out}");
     let (ok, out) = cli(&data, &["report", "exposure", "--vendor", "ads-hook"]);
     assert!(ok, "{out}");
     let by_destination: Value = serde_json::from_str(&out).unwrap();
-    assert!(!by_destination["affected"].as_array().unwrap().is_empty(), "{out}");
+    assert!(
+        !by_destination["affected"].as_array().unwrap().is_empty(),
+        "{out}"
+    );
     // Records of processing, per vendor and purpose.
     let resp = client()
         .get(format!("{}/admin/v1/reports/processing", gw.url))
@@ -525,7 +532,10 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let answer: Value = resp.json().await.unwrap();
     assert_eq!(answer["error"]["code"], "dsr.no_data_held", "{answer}");
-    let (ok, out) = cli(&data, &["report", "subject", "--email", "stranger@example.com"]);
+    let (ok, out) = cli(
+        &data,
+        &["report", "subject", "--email", "stranger@example.com"],
+    );
     assert!(!ok && out.contains("no events of this person"), "{out}");
 
     // The ledger verifies, over the API and the CLI…

@@ -333,14 +333,10 @@ pub(crate) fn read_delivery(v: Option<&Value>, problems: &mut Vec<Problem>) -> D
     use std::time::Duration;
     let mut d = DeliverySettings::default();
     let Some(v) = v else { return d };
-    let t: DeliveryToml = match v.clone().try_into() {
+    let t: DeliveryToml = match read_as(v, "delivery") {
         Ok(t) => t,
-        Err(e) => {
-            problems.push((
-                "delivery".into(),
-                "config.delivery.invalid",
-                serde_message(&e),
-            ));
+        Err((key, message)) => {
+            problems.push((key, "config.delivery.invalid", message));
             return d;
         }
     };
@@ -515,10 +511,10 @@ fn valid_country(c: &str) -> bool {
 pub(crate) fn read_policy(v: Option<&Value>, problems: &mut Vec<Problem>) -> PolicySettings {
     let mut settings = PolicySettings::default();
     let Some(v) = v else { return settings };
-    let parsed: PolicyToml = match v.clone().try_into() {
+    let parsed: PolicyToml = match read_as(v, "policy") {
         Ok(p) => p,
-        Err(e) => {
-            problems.push(("policy".into(), "config.policy.invalid", serde_message(&e)));
+        Err((key, message)) => {
+            problems.push((key, "config.policy.invalid", message));
             return settings;
         }
     };
@@ -586,8 +582,24 @@ pub(crate) fn read_policy(v: Option<&Value>, problems: &mut Vec<Problem>) -> Pol
     settings
 }
 
-fn serde_message(e: &toml::de::Error) -> String {
-    e.message().trim_end().to_owned()
+/// Reads `v` (the table at `path`) as `T`; on failure, the key that failed (an unknown
+/// variant names its key, not only its table) and the message.
+fn read_as<T: serde::de::DeserializeOwned>(v: &Value, path: &str) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(v.clone()).map_err(
+        |e: serde_path_to_error::Error<toml::de::Error>| {
+            let inner = e.path().to_string();
+            let key = if inner == "." || inner.is_empty() {
+                path.to_owned()
+            } else if path.is_empty() {
+                inner
+            } else if inner.starts_with('[') {
+                format!("{path}{inner}")
+            } else {
+                format!("{path}.{inner}")
+            };
+            (key, e.inner().message().trim_end().to_owned())
+        },
+    )
 }
 
 pub(crate) fn read_vendors(v: Option<&Value>, problems: &mut Vec<Problem>) -> Vec<Vendor> {
@@ -607,10 +619,10 @@ pub(crate) fn read_vendors(v: Option<&Value>, problems: &mut Vec<Problem>) -> Ve
     let mut ids = HashSet::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("vendors[{i}]");
-        let t: VendorToml = match item.clone().try_into() {
+        let t: VendorToml = match read_as(item, &path) {
             Ok(t) => t,
-            Err(e) => {
-                problems.push((path, "config.vendor.invalid", serde_message(&e)));
+            Err((key, message)) => {
+                problems.push((key, "config.vendor.invalid", message));
                 continue;
             }
         };
@@ -886,10 +898,10 @@ pub(crate) fn read_destinations(
     let mut keys: HashMap<Vec<u8>, String> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("destinations[{i}]");
-        let t: DestinationToml = match item.clone().try_into() {
+        let t: DestinationToml = match read_as(item, &path) {
             Ok(t) => t,
-            Err(e) => {
-                problems.push((path, "config.destination.invalid", serde_message(&e)));
+            Err((key, message)) => {
+                problems.push((key, "config.destination.invalid", message));
                 continue;
             }
         };
