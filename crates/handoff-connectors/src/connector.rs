@@ -48,6 +48,49 @@ pub trait Connector: Send + Sync {
     }
 }
 
+/// Turns each `send` of `plan` that its destination's connector would refuse to map into a
+/// `block` with `connector.refused`, so a plan never says SEND for what delivery would
+/// dead-letter. The CLI's `plan` and `POST /admin/v1/plan` both call it.
+pub fn apply_refusals(
+    plan: &mut handoff_core::policy::Plan,
+    destinations: &[Destination],
+    now: OffsetDateTime,
+) {
+    for planned in plan
+        .destinations
+        .iter_mut()
+        .filter(|p| p.decision == "send")
+    {
+        let (Some(dest), Some(payload)) = (
+            destinations.iter().find(|d| d.id == planned.id),
+            planned.payload.as_ref(),
+        ) else {
+            continue;
+        };
+        let Ok(connector) = for_destination(dest) else {
+            continue; // `check` reports unusable settings on their own
+        };
+        let message_id = payload
+            .get("messageId")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("");
+        let item = Item {
+            message_id,
+            delivery_id: "plan",
+            vendor_ref: None,
+            payload,
+        };
+        if let Err(why) = connector.request(&[item], now) {
+            planned.decision = "block";
+            planned.reasons.push("connector.refused");
+            planned
+                .details
+                .push(handoff_core::policy::Reason::connector_refused(why));
+            planned.payload = None;
+        }
+    }
+}
+
 /// Why a destination's connector settings are unusable.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]

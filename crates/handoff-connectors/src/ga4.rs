@@ -2,7 +2,11 @@
 //! with `client_id`, `user_id` and up to 25 `events[]`.
 //!
 //! One request carries one `client_id` and one `timestamp_micros`, so items are batched by
-//! both ([`Ga4::batch_key`]). GA4 answers 2xx even to payloads it drops; the names and values
+//! both ([`Ga4::batch_key`]). The `client_id` is the event's `anonymousId`; a server-side event
+//! with only a `userId` gets one derived from the `userId` as this destination sends it (the
+//! pseudonym, where the destination pseudonymises it): `uid.` and 32 hex digits of its SHA-256,
+//! the same for every event of the person, and telling GA4 nothing its `user_id` does not.
+//! GA4 has no deduplication key: a retried request may be counted twice. GA4 answers 2xx even to payloads it drops; the names and values
 //! are therefore made valid here: names of letters, digits and `_`, starting with a letter, at
 //! most 40 characters; at most 25 parameters; string values cut to 100 characters.
 
@@ -38,9 +42,36 @@ const RECOMMENDED: &[(&str, &str)] = &[
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Ga4Error {
     #[error(
-        "GA4 needs a client id: the payload has no anonymousId (allow it for this destination)"
+        "GA4 needs a client id: the payload has neither anonymousId nor userId (allow one of them for this destination)"
     )]
     NoClientId,
+}
+
+/// An identifier at `key`: a non-empty string, or a number as its text (ingest takes both).
+fn id_at(payload: &Value, key: &str) -> Option<String> {
+    match payload.get(key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The `client_id` a user id gets when the event has no `anonymousId`.
+pub fn derived_client_id(user_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest([b"handoff-ga4-client-id\0", user_id.as_bytes()].concat());
+    let mut s = String::with_capacity(36);
+    s.push_str("uid.");
+    for b in &digest[..16] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The `client_id` of an event: its `anonymousId`, else one derived from its `userId`.
+pub fn client_id(payload: &Value) -> Option<String> {
+    id_at(payload, "anonymousId")
+        .or_else(|| id_at(payload, "userId").map(|u| derived_client_id(&u)))
 }
 
 #[derive(Debug, Clone)]
@@ -87,8 +118,10 @@ fn param_value(v: &Value) -> Option<Value> {
 }
 
 impl Ga4 {
-    /// One User Deletion API request per identifier GA4 can know: `USER_ID` for user ids,
-    /// `CLIENT_ID` for anonymous ids (our GA4 mapping sends `anonymousId` as `client_id`).
+    /// One User Deletion API request per identifier GA4 can know: `USER_ID` for user ids (as
+    /// sent: the pseudonym where the destination pseudonymises them), `CLIENT_ID` for anonymous
+    /// ids (our mapping sends `anonymousId` as `client_id`) and for the client ids derived from
+    /// user ids (events that had no `anonymousId`).
     pub fn erasure_requests(&self, target: &ErasureTarget) -> Erasure {
         let (Some(property), Some(token)) = (&self.property_id, &self.deletion_token) else {
             return Erasure::Manual(
@@ -99,11 +132,17 @@ impl Ga4 {
                     .into(),
             );
         };
+        let derived: Vec<String> = target
+            .user_ids
+            .iter()
+            .map(|u| derived_client_id(u))
+            .collect();
         let ids = target
             .user_ids
             .iter()
             .map(|u| ("USER_ID", u))
-            .chain(target.anonymous_ids.iter().map(|a| ("CLIENT_ID", a)));
+            .chain(target.anonymous_ids.iter().map(|a| ("CLIENT_ID", a)))
+            .chain(derived.iter().map(|c| ("CLIENT_ID", c)));
         let calls: Vec<WireRequest> = ids
             .map(|(kind, id)| WireRequest {
                 method: "POST",
@@ -134,7 +173,7 @@ impl Ga4 {
     pub fn batch_key(item: &Item<'_>) -> String {
         format!(
             "{}|{}",
-            str_at(item.payload, "anonymousId").unwrap_or(""),
+            client_id(item.payload).unwrap_or_default(),
             str_at(item.payload, "timestamp").unwrap_or("")
         )
     }
@@ -142,7 +181,8 @@ impl Ga4 {
     pub fn event(item: &Item<'_>) -> Value {
         let p = item.payload;
         let event_name = match str_at(p, "type") {
-            Some("page") | Some("screen") => "page_view".to_owned(),
+            Some("page") => "page_view".to_owned(),
+            Some("screen") => "screen_view".to_owned(),
             _ => {
                 let raw = str_at(p, "event").unwrap_or("event");
                 RECOMMENDED
@@ -189,6 +229,14 @@ impl Ga4 {
                 params.insert("items".into(), Value::Array(items));
             }
         }
+        if event_name == "screen_view"
+            && let Some(v) = str_at(p, "name").or_else(|| str_at(p, "properties.name"))
+        {
+            params.insert(
+                "screen_name".into(),
+                json!(v.chars().take(MAX_VALUE_CHARS).collect::<String>()),
+            );
+        }
         if event_name == "page_view" {
             for (ga, seg) in [
                 ("page_location", "context.page.url"),
@@ -209,12 +257,12 @@ impl Ga4 {
     /// The request for items sharing one [`Ga4::batch_key`] (at most [`MAX_BATCH`]).
     pub fn request(&self, items: &[Item<'_>]) -> Result<WireRequest, Ga4Error> {
         let first = items.first().ok_or(Ga4Error::NoClientId)?;
-        let client_id = str_at(first.payload, "anonymousId").ok_or(Ga4Error::NoClientId)?;
+        let client_id = client_id(first.payload).ok_or(Ga4Error::NoClientId)?;
         let mut body = json!({
             "client_id": client_id,
             "events": items.iter().map(Ga4::event).collect::<Vec<_>>(),
         });
-        if let Some(user) = str_at(first.payload, "userId") {
+        if let Some(user) = id_at(first.payload, "userId") {
             body["user_id"] = json!(user);
         }
         if let Some(t) =
@@ -319,6 +367,71 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_server_side_event_with_only_a_user_id_gets_a_stable_client_id() {
+        let event = |user: Value| json!({"type": "track", "event": "Signed Up", "userId": user});
+        let request = |payload: &Value| {
+            let req = ga4()
+                .request(&[Item {
+                    message_id: "m",
+                    delivery_id: "hd_m",
+                    vendor_ref: None,
+                    payload,
+                }])
+                .unwrap();
+            serde_json::from_slice::<Value>(&req.body).unwrap()
+        };
+        let a = request(&event(json!("pseudonym-1")));
+        assert_eq!(a["user_id"], "pseudonym-1");
+        assert_eq!(a["client_id"], derived_client_id("pseudonym-1"));
+        assert!(a["client_id"].as_str().unwrap().starts_with("uid."));
+        assert_eq!(
+            request(&event(json!("pseudonym-1")))["client_id"],
+            a["client_id"]
+        );
+        assert_ne!(
+            request(&event(json!("pseudonym-2")))["client_id"],
+            a["client_id"]
+        );
+        let numeric = request(&event(json!(42)));
+        assert_eq!(
+            (numeric["user_id"].as_str(), numeric["client_id"].as_str()),
+            (Some("42"), Some(derived_client_id("42").as_str()))
+        );
+        // Its erasure asks GA4 to delete the derived client id too.
+        let target = ErasureTarget {
+            user_ids: vec!["pseudonym-1".into()],
+            ..ErasureTarget::default()
+        };
+        let Erasure::Calls(calls) = ga4().erasure_requests(&target) else {
+            panic!("calls expected")
+        };
+        let ids: Vec<Value> = calls
+            .iter()
+            .map(|c| serde_json::from_slice::<Value>(&c.body).unwrap()["id"].clone())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                json!({"type": "USER_ID", "userId": "pseudonym-1"}),
+                json!({"type": "CLIENT_ID", "userId": derived_client_id("pseudonym-1")})
+            ]
+        );
+    }
+
+    #[test]
+    fn a_screen_is_a_screen_view_with_its_name() {
+        let payload = json!({"type": "screen", "anonymousId": "a", "name": "Checkout"});
+        let e = Ga4::event(&Item {
+            message_id: "m",
+            delivery_id: "hd_m",
+            vendor_ref: None,
+            payload: &payload,
+        });
+        assert_eq!(e["name"], "screen_view");
+        assert_eq!(e["params"]["screen_name"], "Checkout");
+    }
+
     /// The User Deletion API's documented request: kind, id {type, userId}, propertyId.
     #[test]
     fn erasure_asks_the_user_deletion_api_per_identifier() {
@@ -330,7 +443,11 @@ mod tests {
         let Erasure::Calls(calls) = ga4().erasure_requests(&target) else {
             panic!("calls expected")
         };
-        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            calls.len(),
+            3,
+            "user id, anonymous id, and the client id derived from the user id"
+        );
         assert_eq!(calls[0].url, DEFAULT_DELETION_URL);
         assert_eq!(calls[0].header("authorization"), Some("Bearer ya29.token"));
         let body: Value = serde_json::from_slice(&calls[1].body).unwrap();

@@ -104,14 +104,16 @@ async fn plan(
     require(&state, &headers, Scope::AdminRead)?;
     let Query(q) = query?;
     let p = &state.policy;
-    let plan = policy::plan_message(
+    let now = time::OffsetDateTime::now_utc();
+    let mut plan = policy::plan_message(
         &p.settings,
         &p.destinations,
         &body,
         RequestSignals { gpc: q.gpc },
-        time::OffsetDateTime::now_utc(),
+        now,
         SubjectState::default(),
     )
     .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message))?;
+    handoff_connectors::connector::apply_refusals(&mut plan, &p.destinations, now);
     Ok(Json(plan).into_response())
 }

@@ -56,7 +56,7 @@ pub fn run(
         Some(day) => day.midnight().assume_utc(),
         None => time::OffsetDateTime::now_utc(),
     };
-    let plan = policy::plan_message(
+    let mut plan = policy::plan_message(
         &config.policy,
         &config.destinations,
         &body,
@@ -65,6 +65,7 @@ pub fn run(
         SubjectState::default(),
     )
     .map_err(|e| anyhow::anyhow!("{}: {e} [{}]", event_path.display(), e.code))?;
+    handoff_connectors::connector::apply_refusals(&mut plan, &config.destinations, now);
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(ExitCode::SUCCESS);

@@ -18,11 +18,16 @@ const ENV: &[(&str, &str)] = common::EXAMPLE_ENV;
 
 /// Runs `handoff plan` on the example config as of a fixed day, with `event` on stdin.
 fn plan(event: &Value, extra: &[&str]) -> (bool, Value, String) {
+    plan_with(EXAMPLE, event, extra)
+}
+
+/// Runs `handoff plan` on the config at `config` as of a fixed day, with `event` on stdin.
+fn plan_with(config: &str, event: &Value, extra: &[&str]) -> (bool, Value, String) {
     let mut cmd = Command::new(BIN);
     cmd.args([
         "plan",
         "--config",
-        EXAMPLE,
+        config,
         "--event",
         "-",
         "--format",
@@ -63,6 +68,51 @@ fn by_id<'p>(plan: &'p Value, id: &str) -> &'p Value {
         .iter()
         .find(|d| d["id"] == id)
         .unwrap()
+}
+
+#[test]
+fn plan_never_says_send_for_what_the_connector_would_refuse() {
+    // A server-side event with only a userId: GA4 gets a client id derived from its pseudonym.
+    let mut event = sample();
+    event.as_object_mut().unwrap().remove("anonymousId");
+    let (ok, p, err) = plan(&event, &[]);
+    assert!(ok, "{err}");
+    let ga4 = by_id(&p, "ga4");
+    assert_eq!(ga4["decision"], "send", "{ga4}");
+
+    // A GA4 destination allowed neither id cannot be sent to: BLOCK, with the reason.
+    let text = std::fs::read_to_string(EXAMPLE).unwrap();
+    let (head, ga4_and_after) = text.split_once(r#"id = "ga4""#).unwrap();
+    let narrowed = format!(
+        r#"{head}id = "ga4"{}"#,
+        ga4_and_after
+            .replacen(
+                r#"allow = ["event", "name", "anonymousId", "userId", "#,
+                r#"allow = ["event", "name", "#,
+                1,
+            )
+            .replacen(r#"  { op = "hmac", field = "userId" },"#, "", 1)
+            .replacen(
+                r#"pseudonymisation_key = "${HANDOFF_GA4_PSEUDONYMISATION_KEY}""#,
+                "",
+                1
+            )
+    );
+    assert_ne!(narrowed, text);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("narrow.toml");
+    std::fs::write(&path, narrowed).unwrap();
+    let (ok, p, err) = plan_with(path.to_str().unwrap(), &sample(), &[]);
+    assert!(ok, "{err}");
+    let ga4 = by_id(&p, "ga4");
+    assert_eq!(ga4["decision"], "block", "{ga4}");
+    assert!(
+        ga4["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("connector.refused"))
+    );
+    assert!(ga4["payload"].is_null());
 }
 
 #[test]

@@ -389,10 +389,16 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         .filter(|(p, _)| p == "/deletion")
         .map(|(_, b)| b.clone())
         .collect();
+    // Her user id, and the client id GA4 gets for events of hers that carry no anonymousId.
+    let derived = handoff_connectors::ga4::derived_client_id("jane-1");
     assert_eq!(
         deletions,
-        [json!({"kind": "analytics#userDeletionRequest",
-                "id": {"type": "USER_ID", "userId": "jane-1"}, "propertyId": "123456789"})]
+        [
+            json!({"kind": "analytics#userDeletionRequest",
+                "id": {"type": "USER_ID", "userId": "jane-1"}, "propertyId": "123456789"}),
+            json!({"kind": "analytics#userDeletionRequest",
+                "id": {"type": "CLIENT_ID", "userId": derived}, "propertyId": "123456789"})
+        ]
     );
 
     // Filed again naming more of her: the same request, reopened for the vendors that were
@@ -421,7 +427,7 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         .collect();
     assert_eq!(pending, ["ga4", "support-hook"]);
     until(20, "the request completed again", || {
-        count(&seen, |p, _| p == "/deletion") == 2
+        count(&seen, |p, _| p == "/deletion") == 3
             && count(&seen, |p, b| p == "/hook" && b["type"] == "subject.erasure") == 3
     })
     .await;

@@ -69,6 +69,7 @@ pub const REASON_CODES: &[&str] = &[
     "pii.redacted",
     "pii.alert",
     "transform.invalid_value",
+    "connector.refused",
 ];
 
 /// A reason: a stable code from [`REASON_CODES`] and a sentence for people.
@@ -79,6 +80,12 @@ pub struct Reason {
 }
 
 impl Reason {
+    /// The destination's connector cannot map the decided payload into a request (GA4 with
+    /// neither `anonymousId` nor `userId`): it would never be sent.
+    pub fn connector_refused(message: impl Into<String>) -> Reason {
+        Reason::new("connector.refused", message)
+    }
+
     fn new(code: &'static str, message: impl Into<String>) -> Reason {
         debug_assert!(
             REASON_CODES.contains(&code),
