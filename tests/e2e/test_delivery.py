@@ -321,9 +321,14 @@ def test_a_later_identify_updates_the_customer_and_erasure_reaches_every_vendor(
     assert all(d["propertyId"] == "424242" and {k.lower(): v for k, v in h.items()}["authorization"] == "Bearer ya29.e2e"
                for h, d in deletions)
     assert status()["status"] == "open", "Meta is still to be done by hand"
-    done = cli(gateway["data"], "dsr", "confirm", dsr["id"], "meta-capi")
+    # The manual task says what to quote: the e-mail's SHA-256, as Meta received it as `em`.
+    meta = [t for t in status()["tasks"] if t["destination"] == "meta-capi"][0]
+    assert hashlib.sha256(b"sam@example.org").hexdigest() in meta["instructions"], meta["instructions"]
+    done = cli(gateway["data"], "dsr", "confirm", dsr["id"], "meta-capi", "--note", "Meta ticket 4711")
     assert done.returncode == 0, done.stderr
     assert status()["status"] == "completed"
+    again = cli(gateway["data"], "dsr", "confirm", dsr["id"], "meta-capi")
+    assert again.returncode == 0 and "already done" in again.stderr, again.stderr
 
     # Nothing of Sam is left in the journal; a new event of theirs is blocked and not kept.
     client.track("user-9", "Came Back", {}, context=consent)
@@ -343,6 +348,9 @@ def test_a_later_identify_updates_the_customer_and_erasure_reaches_every_vendor(
     for step in [("decision", "send"), ("delivery", "delivered"), ("dsr", "erasure.filed"),
                  ("dsr", "erasure.confirmed"), ("decision", "block")]:
         assert step in outcomes, step
+    assert any("Meta ticket 4711" in e["detail"] for e in story["entries"]), "the operator's note is in the ledger"
+    # What each vendor was sent about Sam was kept only until it confirmed the deletion.
+    assert db.execute("SELECT count(*) FROM sent_identifiers WHERE subject = ?", (subject,)).fetchone()[0] == 0
     ok = cli(gateway["data"], "audit", "verify")
     assert ok.returncode == 0 and ok.stdout.startswith("ledger intact"), ok.stdout + ok.stderr
     db.execute("DELETE FROM ledger WHERE seq = 2")

@@ -32,3 +32,53 @@ pub enum Erasure {
     /// Nothing of the subject is at the vendor under an id we could name (said why).
     NothingHeld(String),
 }
+
+impl ErasureTarget {
+    /// What an operator quotes to a vendor that has no deletion API: every identifier the
+    /// vendor received about the person, exactly as it received it (hashed or pseudonymised
+    /// where the destination transforms it), and the vendor's own ids.
+    pub fn quote(&self) -> String {
+        let mut parts = Vec::new();
+        for (label, values) in [
+            ("user ids", &self.user_ids),
+            ("anonymous ids", &self.anonymous_ids),
+            ("e-mails", &self.emails),
+            ("the vendor's own ids", &self.vendor_refs),
+        ] {
+            if !values.is_empty() {
+                parts.push(format!("{label}: {}", values.join(", ")));
+            }
+        }
+        if parts.is_empty() {
+            "Handoff holds no identifier this vendor received about the person".into()
+        } else {
+            format!(
+                "Quote exactly, as the vendor received them: {}",
+                parts.join("; ")
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quote_lists_every_identifier_as_received() {
+        let t = ErasureTarget {
+            user_ids: vec![
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            ],
+            emails: vec!["62a14e44f765419d10fea99367361a727c12365e2520f32218d505ed9aa0f62f".into()],
+            ..ErasureTarget::default()
+        };
+        let q = t.quote();
+        assert!(
+            q.contains("user ids: 9f86d0") && q.contains("e-mails: 62a14e"),
+            "{q}"
+        );
+        assert!(!q.contains("anonymous ids"));
+        assert!(ErasureTarget::default().quote().contains("no identifier"));
+    }
+}

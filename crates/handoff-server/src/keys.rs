@@ -105,47 +105,13 @@ impl MasterKey {
         &self.id
     }
 
-    fn cipher(key: &[u8; 32]) -> Aes256Gcm {
-        Aes256Gcm::new_from_slice(key).expect("a 32-byte key is valid for AES-256")
-    }
-
-    fn encrypt(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
-        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
-        let nonce = aes_gcm::aead::Nonce::<Aes256Gcm>::from(nonce_bytes);
-        let mut out = nonce_bytes.to_vec();
-        out.extend(
-            Self::cipher(key)
-                .encrypt(
-                    &nonce,
-                    Payload {
-                        msg: plaintext,
-                        aad,
-                    },
-                )
-                .expect("AES-GCM encryption of an in-memory buffer cannot fail"),
-        );
-        out
-    }
-
-    fn decrypt(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
-        if sealed.len() < NONCE_LEN {
-            return None;
-        }
-        let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        let nonce = aes_gcm::aead::Nonce::<Aes256Gcm>::try_from(nonce).ok()?;
-        Self::cipher(key)
-            .decrypt(&nonce, Payload { msg: ct, aad })
-            .ok()
-    }
-
-    /// Encrypts `plaintext` as the secret `name` under a fresh data key.
     pub fn seal(&self, name: &str, plaintext: &[u8]) -> SealedSecret {
         let data_key: [u8; 32] = rand::random();
         SealedSecret {
             name: name.to_owned(),
             master_key_id: self.id.clone(),
-            wrapped_key: Self::encrypt(&self.key, &data_key, format!("data-key:{name}").as_bytes()),
-            ciphertext: Self::encrypt(&data_key, plaintext, name.as_bytes()),
+            wrapped_key: encrypt(&self.key, &data_key, format!("data-key:{name}").as_bytes()),
+            ciphertext: encrypt(&data_key, plaintext, name.as_bytes()),
         }
     }
 
@@ -159,14 +125,14 @@ impl MasterKey {
             });
         }
         let tampered = || KeyError::Tampered(sealed.name.clone());
-        let data_key = Self::decrypt(
+        let data_key = decrypt(
             &self.key,
             &sealed.wrapped_key,
             format!("data-key:{}", sealed.name).as_bytes(),
         )
         .ok_or_else(tampered)?;
         let data_key: [u8; 32] = data_key.try_into().map_err(|_| tampered())?;
-        Self::decrypt(&data_key, &sealed.ciphertext, sealed.name.as_bytes()).ok_or_else(tampered)
+        decrypt(&data_key, &sealed.ciphertext, sealed.name.as_bytes()).ok_or_else(tampered)
     }
 }
 
@@ -182,11 +148,11 @@ impl MasterKey {
             });
         }
         let aad = format!("data-key:{}", sealed.name);
-        let data_key = Self::decrypt(&self.key, &sealed.wrapped_key, aad.as_bytes())
+        let data_key = decrypt(&self.key, &sealed.wrapped_key, aad.as_bytes())
             .ok_or_else(|| KeyError::Tampered(sealed.name.clone()))?;
         Ok(SealedSecret {
             master_key_id: to.id.clone(),
-            wrapped_key: Self::encrypt(&to.key, &data_key, aad.as_bytes()),
+            wrapped_key: encrypt(&to.key, &data_key, aad.as_bytes()),
             ..sealed.clone()
         })
     }
@@ -431,6 +397,39 @@ pub fn rotate_master(
         to: new.id().to_owned(),
         rewrapped,
     })
+}
+
+fn cipher(key: &[u8; 32]) -> Aes256Gcm {
+    Aes256Gcm::new_from_slice(key).expect("a 32-byte key is valid for AES-256")
+}
+
+/// AES-256-GCM with a random nonce (prepended), authenticating `aad` too.
+pub(crate) fn encrypt(key: &[u8; 32], plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+    let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+    let nonce = aes_gcm::aead::Nonce::<Aes256Gcm>::from(nonce_bytes);
+    let mut out = nonce_bytes.to_vec();
+    out.extend(
+        cipher(key)
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .expect("AES-GCM encryption of an in-memory buffer cannot fail"),
+    );
+    out
+}
+
+/// The plaintext of [`encrypt`]'s output, if it opens with `key` and `aad`.
+pub(crate) fn decrypt(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < NONCE_LEN {
+        return None;
+    }
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    let nonce = aes_gcm::aead::Nonce::<Aes256Gcm>::try_from(nonce).ok()?;
+    cipher(key).decrypt(&nonce, Payload { msg: ct, aad }).ok()
 }
 
 #[cfg(test)]

@@ -28,6 +28,42 @@ pub const SUBJECT_KEY_SECRET: &str = "subjects/hmac-key";
 pub const LEDGER_KEY_SECRET: &str = "ledger/signing-key";
 /// Name of the secret delivery ids are keyed with (see `DeliveryIdKey`).
 pub const DELIVERY_ID_KEY_SECRET: &str = "delivery/id-key";
+/// Longest note an operator can give when confirming a vendor's part by hand.
+pub const MAX_NOTE_CHARS: usize = 500;
+
+/// Name of the secret the identifiers sent to vendors are sealed and digested with.
+pub const SENT_IDS_KEY_SECRET: &str = "subjects/sent-identifiers-key";
+
+/// Seals the identifiers each vendor is sent (`handoff_store::sent_ids`): AES-256-GCM and
+/// HMAC-SHA-256 under one installation key, itself sealed under the master key.
+pub struct IdentifierSealer([u8; 32]);
+
+impl IdentifierSealer {
+    pub fn new(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+}
+
+impl handoff_store::sent_ids::Sealer for IdentifierSealer {
+    fn digest(&self, kind: &str, value: &str) -> [u8; 16] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+            .expect("HMAC takes a key of any size");
+        mac.update(kind.as_bytes());
+        mac.update(&[0]);
+        mac.update(value.as_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+    fn seal(&self, aad: &[u8], value: &[u8]) -> Vec<u8> {
+        crate::keys::encrypt(&self.0, value, aad)
+    }
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        crate::keys::decrypt(&self.0, sealed, aad)
+    }
+}
 
 /// The keys identifiers are hashed under and ledger checkpoints are signed with, created on
 /// first use and sealed under the master key.
@@ -35,6 +71,7 @@ pub struct PrivacyKeys {
     pub subjects: SubjectKey,
     pub ledger: ed25519_dalek::SigningKey,
     pub delivery_ids: handoff_connectors::wire::DeliveryIdKey,
+    pub sent_ids: Arc<IdentifierSealer>,
 }
 
 pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
@@ -49,10 +86,12 @@ pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
     let subjects = as32(auth.installation_secret(SUBJECT_KEY_SECRET, random)?)?;
     let ledger = as32(auth.installation_secret(LEDGER_KEY_SECRET, random)?)?;
     let delivery_ids = as32(auth.installation_secret(DELIVERY_ID_KEY_SECRET, random)?)?;
+    let sent_ids = as32(auth.installation_secret(SENT_IDS_KEY_SECRET, random)?)?;
     Ok(PrivacyKeys {
         subjects: SubjectKey::new(subjects),
         ledger: ed25519_dalek::SigningKey::from_bytes(&ledger),
         delivery_ids: handoff_connectors::wire::DeliveryIdKey::new(delivery_ids),
+        sent_ids: Arc::new(IdentifierSealer::new(sent_ids)),
     })
 }
 
@@ -380,6 +419,29 @@ impl Privacy {
             emails: email.into_iter().collect(),
             vendor_refs: subjects::vendor_refs(tx, &destination, subject)?,
         };
+        // Everything the vendor was sent about the person (and anyone merged into them), as it
+        // received it, not only what the request names.
+        if let Some(sealer) = self.store.identifier_sealer() {
+            let (sent, unreadable) = handoff_store::sent_ids::read(
+                tx,
+                sealer.as_ref(),
+                &subjects::aliases(tx, subject)?,
+                &destination,
+            )?;
+            if unreadable > 0 {
+                tracing::warn!(dsr = %id, destination = %destination, rows = unreadable, "stored identifiers that do not open were skipped");
+            }
+            for (kind, value) in sent {
+                let list = match kind.as_str() {
+                    handoff_store::sent_ids::USER_ID => &mut target.user_ids,
+                    handoff_store::sent_ids::ANONYMOUS_ID => &mut target.anonymous_ids,
+                    _ => &mut target.emails,
+                };
+                if !list.contains(&value) {
+                    list.push(value);
+                }
+            }
+        }
         if let Some(e) = earlier {
             for (ours, theirs) in [
                 (&mut target.user_ids, &e.user_ids),
@@ -539,12 +601,24 @@ impl Privacy {
     }
 
     /// An operator confirms a manual vendor task (e.g. Meta) as done.
+    /// Marks a vendor's part of request `id` done (an operator did it by hand), with `note`
+    /// (what was done, a ticket number) in the ledger. Returns the request, and `true` when that
+    /// part was done already (then nothing changes).
     pub fn confirm(
         &self,
         id: &str,
         destination: &str,
         by: &str,
-    ) -> Result<dsr::Request, PrivacyError> {
+        note: Option<&str>,
+    ) -> Result<(dsr::Request, bool), PrivacyError> {
+        if let Some(note) = note
+            && (note.chars().count() > MAX_NOTE_CHARS || note.chars().any(char::is_control))
+        {
+            return Err(PrivacyError::bad(
+                "dsr.note.invalid",
+                format!("a note is one line of at most {MAX_NOTE_CHARS} characters"),
+            ));
+        }
         let request = self.get(id)?;
         let Some(task) = request.tasks.iter().find(|t| t.destination == destination) else {
             return Err(PrivacyError {
@@ -553,16 +627,19 @@ impl Privacy {
                 not_found: true,
             });
         };
-        if task.status != dsr::status::DONE {
-            let now = now_ms();
-            self.store.transact(|tx| {
-                let how = format!("confirmed by {by}");
-                let entry =
-                    dsr::confirm_erasure(tx, id, destination, &task.vendor, &how, None, now)?;
-                Ok(((), entry.into_iter().collect()))
-            })?;
+        if task.status == dsr::status::DONE {
+            return Ok((request, true));
         }
-        self.get(id)
+        let now = now_ms();
+        self.store.transact(|tx| {
+            let how = match note.map(str::trim).filter(|n| !n.is_empty()) {
+                Some(note) => format!("confirmed by {by}: {note}"),
+                None => format!("confirmed by {by}"),
+            };
+            let entry = dsr::confirm_erasure(tx, id, destination, &task.vendor, &how, None, now)?;
+            Ok(((), entry.into_iter().collect()))
+        })?;
+        Ok((self.get(id)?, false))
     }
 
     /// What Handoff holds about a subject and what each vendor received.

@@ -134,6 +134,8 @@ async fn list(
 #[serde(deny_unknown_fields)]
 struct Confirm {
     destination: String,
+    /// What was done (a ticket number, the vendor's answer), for the ledger.
+    note: Option<String>,
 }
 
 async fn confirm(
@@ -146,7 +148,15 @@ async fn confirm(
     let c: Confirm = json_body(&body)?;
     let p = privacy(&state)?;
     let by = format!("client:{}", claims.client_id);
-    let view = blocking(move || p.view(&p.confirm(&id, &c.destination, &by)?)).await?;
+    let view = blocking(move || {
+        let (request, already) = p.confirm(&id, &c.destination, &by, c.note.as_deref())?;
+        let mut view = p.view(&request)?;
+        if already {
+            view["already_done"] = json!(true);
+        }
+        Ok(view)
+    })
+    .await?;
     Ok(Json(view).into_response())
 }
 

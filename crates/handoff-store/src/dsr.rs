@@ -437,6 +437,8 @@ pub fn confirm_erasure(
     }
     for alias in crate::subjects::aliases(conn, &subject)? {
         crate::subjects::delete_vendor_ref(conn, destination, &alias)?;
+        // What the vendor was sent about them was kept to ask for this deletion only.
+        crate::sent_ids::forget(conn, &alias, destination)?;
     }
     Ok(Some(crate::ledger::Entry {
         kind: crate::ledger::kind::DSR,

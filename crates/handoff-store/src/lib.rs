@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod operator;
 pub mod outbox;
 pub mod quarantine;
+pub mod sent_ids;
 pub mod sqlite;
 pub mod state;
 pub mod subjects;

@@ -338,10 +338,20 @@ pub struct OutboxStore {
     path: PathBuf,
     /// Signs ledger checkpoints (the gateway sets it; operator commands run without).
     signer: OnceLock<SigningKey>,
+    /// Seals the identifiers each vendor is sent (see `sent_ids`); without it none are kept.
+    sealer: OnceLock<std::sync::Arc<dyn crate::sent_ids::Sealer>>,
+    /// Digests of (subject, destination, identifier) recorded lately, so a person's every
+    /// event does not seal and write what is stored already. Cleared past
+    /// [`RECORDED_CACHE_ENTRIES`].
+    recorded: Mutex<std::collections::HashSet<[u8; 16]>>,
     shapes: ledger::ShapeCache,
     /// Copies the WAL into the database in the background (the gateway starts it).
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
+
+/// Entries of the recently-recorded identifier cache (16 bytes each, about 6 MB at most with the
+/// set's overhead) before it starts over.
+const RECORDED_CACHE_ENTRIES: usize = 200_000;
 
 /// How often the background checkpointer copies committed pages into `outbox.db`.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
@@ -487,6 +497,7 @@ impl OutboxStore {
         conn.execute_batch(subjects::SCHEMA)?;
         conn.execute_batch(ledger::SCHEMA)?;
         conn.execute_batch(crate::dsr::SCHEMA)?;
+        conn.execute_batch(crate::sent_ids::SCHEMA)?;
         for (table, column, decl) in ADDED_COLUMNS {
             let present: bool = conn.query_row(
                 &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
@@ -507,6 +518,8 @@ impl OutboxStore {
             conn: Mutex::new(conn),
             path,
             signer: OnceLock::new(),
+            sealer: OnceLock::new(),
+            recorded: Mutex::new(std::collections::HashSet::new()),
             shapes: ledger::ShapeCache::default(),
             checkpointer: Mutex::new(None),
         })
@@ -566,6 +579,16 @@ impl OutboxStore {
     /// Lets this store sign ledger checkpoints.
     pub fn set_ledger_signer(&self, key: SigningKey) {
         let _ = self.signer.set(key);
+    }
+
+    /// Keeps the identifiers each vendor is sent, sealed with `sealer` (the gateway sets it).
+    pub fn set_identifier_sealer(&self, sealer: std::sync::Arc<dyn crate::sent_ids::Sealer>) {
+        let _ = self.sealer.set(sealer);
+    }
+
+    /// The sealer set with [`OutboxStore::set_identifier_sealer`].
+    pub fn identifier_sealer(&self) -> Option<&std::sync::Arc<dyn crate::sent_ids::Sealer>> {
+        self.sealer.get()
     }
 
     /// Runs `f` on the connection (for the ledger, subject and DSR modules).
@@ -708,7 +731,44 @@ impl OutboxStore {
     /// Removes delivered items, records each handoff in the ledger, and keeps the ids the
     /// vendor gave (item id, vendor's id for the subject).
     pub fn delivered(&self, sent: &[Sent], refs: &[(i64, String)]) -> Result<(), StoreError> {
+        // What each vendor now holds about each person, for a later erasure: sealed and
+        // written only when not recorded lately.
+        let mut fresh: Vec<(&Sent, &'static str, &str, [u8; 16], [u8; 16])> = Vec::new();
+        if let Some(sealer) = self.sealer.get() {
+            let recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            for item in sent.iter().filter(|i| !i.subject.is_empty()) {
+                for (kind, value) in crate::sent_ids::pairs(&item.ids) {
+                    let digest = sealer.digest(kind, value);
+                    let key = sealer.digest(
+                        "recorded",
+                        &format!(
+                            "{}\u{1f}{}\u{1f}{}",
+                            item.subject,
+                            item.destination,
+                            base16ct::lower::encode_string(&digest)
+                        ),
+                    );
+                    if !recorded.contains(&key) {
+                        fresh.push((item, kind, value, digest, key));
+                    }
+                }
+            }
+        }
+        let recorded_now: Vec<[u8; 16]> = fresh.iter().map(|f| f.4).collect();
         self.transact(|tx| {
+            if let Some(sealer) = self.sealer.get() {
+                for (item, kind, value, digest, _) in &fresh {
+                    crate::sent_ids::record(
+                        tx,
+                        sealer.as_ref(),
+                        &item.subject,
+                        &item.destination,
+                        kind,
+                        digest,
+                        value,
+                    )?;
+                }
+            }
             let mut entries = Vec::with_capacity(sent.len());
             {
                 let mut take = tx.prepare_cached(&format!(
@@ -750,7 +810,15 @@ impl OutboxStore {
                 }
             }
             Ok(((), entries))
-        })
+        })?;
+        if !recorded_now.is_empty() {
+            let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            if recorded.len() + recorded_now.len() > RECORDED_CACHE_ENTRIES {
+                recorded.clear();
+            }
+            recorded.extend(recorded_now);
+        }
+        Ok(())
     }
 
     /// Schedules items for another attempt.

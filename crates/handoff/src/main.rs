@@ -533,6 +533,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     let privacy_keys = handoff_server::privacy::keys(&auth)?;
     let outbox = Arc::new(handoff_store::outbox::OutboxStore::open(data_dir)?);
     outbox.set_ledger_signer(privacy_keys.ledger.clone());
+    outbox.set_identifier_sealer(privacy_keys.sent_ids.clone());
     outbox.start_checkpointer()?;
     let delivery = Arc::new(handoff_server::delivery::Delivery::new(
         outbox.clone(),

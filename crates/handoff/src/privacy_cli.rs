@@ -143,6 +143,10 @@ pub enum DsrCommand {
     Confirm {
         id: String,
         destination: String,
+        /// What was done (a ticket number, the vendor's answer), kept in the ledger. One line,
+        /// no personal data.
+        #[arg(long)]
+        note: Option<String>,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -153,6 +157,7 @@ fn privacy(state: &StateArgs, config: Option<&PathBuf>) -> Result<Privacy> {
     let auth = crate::cli_auth(state)?;
     let keys = handoff_server::privacy::keys(&auth)?;
     store.set_ledger_signer(keys.ledger);
+    store.set_identifier_sealer(keys.sent_ids);
     let (destinations, settings) = match config {
         Some(path) => {
             let config = match crate::load_config(path)? {
@@ -336,10 +341,16 @@ pub fn dsr(cmd: DsrCommand) -> Result<ExitCode> {
         DsrCommand::Confirm {
             id,
             destination,
+            note,
             state,
         } => {
             let p = privacy(&state, None)?;
-            let r = p.confirm(&id, &destination, "cli").map_err(fail)?;
+            let (r, already) = p
+                .confirm(&id, &destination, "cli", note.as_deref())
+                .map_err(fail)?;
+            if already {
+                eprintln!("the {destination} part of {id} was already done; nothing changed");
+            }
             show(&p, &r)
         }
     }

@@ -315,6 +315,32 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     }
     assert_eq!(common::dump(&data, &["--quarantine"]).len(), 2);
 
+    // What each vendor was sent about her is kept for the erasure, sealed: no value in clear.
+    let sent_rows = |subject: &str| -> Vec<Vec<u8>> {
+        let conn = rusqlite::Connection::open(data.join("outbox.db")).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT sealed FROM sent_identifiers WHERE subject = ?1")
+            .unwrap();
+        stmt.query_map([subject], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let sealed = sent_rows(&subject);
+    assert!(
+        sealed.len() >= 5,
+        "user id, client id and e-mail, per vendor: {}",
+        sealed.len()
+    );
+    for row in &sealed {
+        let text = String::from_utf8_lossy(row);
+        assert!(
+            !text.contains("Jane@Example.com")
+                && !text.contains("anon-j")
+                && !text.contains("jane-1")
+        );
+    }
+
     // Jane asks to be erased; asking twice is the same request.
     let file = || async {
         client()
@@ -382,6 +408,11 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     );
     assert_eq!(erasures[0]["data"]["userIds"], json!(["jane-1"]));
     assert_eq!(erasures[0]["data"]["dsrId"], id.as_str());
+    // Filed by her user id only, the erasure still names her e-mail to the vendor that received
+    // it (support-hook allows traits.email), as it received it; ads-hook never got it.
+    let emails: Vec<&Value> = erasures.iter().map(|e| &e["data"]["emails"]).collect();
+    assert!(emails.contains(&&json!(["Jane@Example.com"])), "{emails:?}");
+    assert!(emails.contains(&&json!([])), "{emails:?}");
     let deletions: Vec<Value> = seen
         .lock()
         .unwrap()
@@ -389,7 +420,8 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         .filter(|(p, _)| p == "/deletion")
         .map(|(_, b)| b.clone())
         .collect();
-    // Her user id, and the client id GA4 gets for events of hers that carry no anonymousId.
+    // Her user id; the client id GA4 received with her events (her anonymousId), though the
+    // request did not name it; and the client id GA4 gets for events without one.
     let derived = handoff_connectors::ga4::derived_client_id("jane-1");
     assert_eq!(
         deletions,
@@ -397,13 +429,15 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
             json!({"kind": "analytics#userDeletionRequest",
                 "id": {"type": "USER_ID", "userId": "jane-1"}, "propertyId": "123456789"}),
             json!({"kind": "analytics#userDeletionRequest",
+                "id": {"type": "CLIENT_ID", "userId": "anon-j"}, "propertyId": "123456789"}),
+            json!({"kind": "analytics#userDeletionRequest",
                 "id": {"type": "CLIENT_ID", "userId": derived}, "propertyId": "123456789"})
         ]
     );
 
     // Filed again naming more of her: the same request, reopened for the vendors that were
-    // sent those identifiers (GA4 her client id, support her e-mail) and only about them;
-    // ads-hook was sent neither, so it is not asked again.
+    // sent those identifiers (GA4 her client id, support her e-mail); ads-hook was sent
+    // neither, so it is not asked again.
     let resp = client()
         .post(format!("{}/v1/dsr", gw.url))
         .bearer_auth(&token)
@@ -427,7 +461,7 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         .collect();
     assert_eq!(pending, ["ga4", "support-hook"]);
     until(20, "the request completed again", || {
-        count(&seen, |p, _| p == "/deletion") == 3
+        count(&seen, |p, _| p == "/deletion") == 4
             && count(&seen, |p, b| p == "/hook" && b["type"] == "subject.erasure") == 3
     })
     .await;
@@ -446,15 +480,19 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     );
     let again = last("/hook");
     assert_eq!(
-        (&again["data"]["emails"], &again["data"]["userIds"]),
-        (&json!(["Jane@Example.com"]), &json!([])),
-        "only what is new to this vendor (a new webhook-id, or the receiver would drop it)"
+        &again["data"]["emails"],
+        &json!(["Jane@Example.com"]),
+        "what this filing names, with everything the vendor holds"
     );
     until(10, "the request completed", || {
         let (ok, out) = cli(&data, &["dsr", "status", &id]);
         ok && out.contains("completed")
     })
     .await;
+    assert!(
+        sent_rows(&subject).is_empty(),
+        "kept only until each vendor confirmed"
+    );
     // Quarantined input that named her by those is erased too; Bob's is not.
     let raws: Vec<String> = common::dump(&data, &["--quarantine"])
         .iter()
