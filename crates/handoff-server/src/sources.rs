@@ -20,6 +20,15 @@ pub fn write_key_digest(write_key: &str) -> [u8; 32] {
     Sha256::digest(write_key.as_bytes()).into()
 }
 
+/// A write key as stored: its digest, its source, and until when (ms since the epoch) it is
+/// still accepted if it was replaced.
+#[derive(Clone, Debug)]
+pub struct StoredKey {
+    pub digest: [u8; 32],
+    pub source: SourceId,
+    pub until_ms: Option<i64>,
+}
+
 /// A key's source, and until when (ms since the epoch) a replaced key is still accepted.
 #[derive(Clone, Debug)]
 struct Entry {
@@ -60,11 +69,19 @@ impl SourceKeys {
         self.insert_digest(write_key_digest(write_key), source);
     }
 
-    /// Replaces every key by `keys`: (digest, source, accepted until, for a replaced key).
-    pub fn replace_all(&self, keys: Vec<([u8; 32], SourceId, Option<i64>)>) {
+    /// Replaces every key by `keys`.
+    pub fn replace_all(&self, keys: Vec<StoredKey>) {
         let map = keys
             .into_iter()
-            .map(|(d, source, until_ms)| (d, Entry { source, until_ms }))
+            .map(|k| {
+                (
+                    k.digest,
+                    Entry {
+                        source: k.source,
+                        until_ms: k.until_ms,
+                    },
+                )
+            })
             .collect();
         *self.write() = map;
     }
@@ -106,8 +123,16 @@ mod tests {
         let keys = SourceKeys::new();
         let web = SourceId::parse("web").unwrap();
         keys.replace_all(vec![
-            (write_key_digest("new-key"), web.clone(), None),
-            (write_key_digest("old-key"), web.clone(), Some(1_000)),
+            StoredKey {
+                digest: write_key_digest("new-key"),
+                source: web.clone(),
+                until_ms: None,
+            },
+            StoredKey {
+                digest: write_key_digest("old-key"),
+                source: web.clone(),
+                until_ms: Some(1_000),
+            },
         ]);
         assert_eq!(keys.lookup_at("new-key", 5_000), Some(web.clone()));
         assert_eq!(keys.lookup_at("old-key", 999), Some(web.clone()));

@@ -733,7 +733,15 @@ impl OutboxStore {
     pub fn delivered(&self, sent: &[Sent], refs: &[(i64, String)]) -> Result<(), StoreError> {
         // What each vendor now holds about each person, for a later erasure: sealed and
         // written only when not recorded lately.
-        let mut fresh: Vec<(&Sent, &'static str, &str, [u8; 16], [u8; 16])> = Vec::new();
+        /// An identifier to record: its item, kind, value, digest and cache key.
+        struct Fresh<'a> {
+            item: &'a Sent,
+            kind: &'static str,
+            value: &'a str,
+            digest: [u8; 16],
+            key: [u8; 16],
+        }
+        let mut fresh: Vec<Fresh<'_>> = Vec::new();
         if let Some(sealer) = self.sealer.get() {
             let recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
             for item in sent.iter().filter(|i| !i.subject.is_empty()) {
@@ -749,23 +757,29 @@ impl OutboxStore {
                         ),
                     );
                     if !recorded.contains(&key) {
-                        fresh.push((item, kind, value, digest, key));
+                        fresh.push(Fresh {
+                            item,
+                            kind,
+                            value,
+                            digest,
+                            key,
+                        });
                     }
                 }
             }
         }
-        let recorded_now: Vec<[u8; 16]> = fresh.iter().map(|f| f.4).collect();
+        let recorded_now: Vec<[u8; 16]> = fresh.iter().map(|f| f.key).collect();
         self.transact(|tx| {
             if let Some(sealer) = self.sealer.get() {
-                for (item, kind, value, digest, _) in &fresh {
+                for f in &fresh {
                     crate::sent_ids::record(
                         tx,
                         sealer.as_ref(),
-                        &item.subject,
-                        &item.destination,
-                        kind,
-                        digest,
-                        value,
+                        &f.item.subject,
+                        &f.item.destination,
+                        f.kind,
+                        &f.digest,
+                        f.value,
                     )?;
                 }
             }

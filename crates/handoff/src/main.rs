@@ -612,7 +612,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
                         tokio::time::sleep(handoff_server::sources::RELOAD_EVERY).await;
                         let journal = journal.clone();
                         let read = tokio::task::spawn_blocking(move || journal.sources()).await;
-                        match read.map_err(anyhow::Error::from).and_then(|r| Ok(stored_keys(r?)?)) {
+                        match read.map_err(anyhow::Error::from).and_then(|r| stored_keys(r?)) {
                             Ok(keys) => state.sources.replace_all(keys),
                             Err(e) => tracing::warn!(error = %e, "cannot re-read the sources; keeping the keys in use"),
                         }
@@ -671,17 +671,26 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
 /// key until its grace period ends.
 fn stored_keys(
     stored: Vec<handoff_store::sqlite::StoredSource>,
-) -> Result<Vec<([u8; 32], SourceId, Option<i64>)>> {
+) -> Result<Vec<handoff_server::sources::StoredKey>> {
+    use handoff_server::sources::StoredKey;
     let digest = |d: &[u8]| -> Result<[u8; 32]> {
         d.try_into()
             .context("a stored write key digest is not 32 bytes; the sources table is damaged")
     };
     let mut keys = Vec::new();
     for s in stored {
-        let id = SourceId::parse(&s.id).map_err(anyhow::Error::msg)?;
-        keys.push((digest(&s.write_key_sha256)?, id.clone(), None));
+        let source = SourceId::parse(&s.id).map_err(anyhow::Error::msg)?;
+        keys.push(StoredKey {
+            digest: digest(&s.write_key_sha256)?,
+            source: source.clone(),
+            until_ms: None,
+        });
         if let (Some(old), Some(until)) = (&s.previous_key_sha256, s.previous_until_ms) {
-            keys.push((digest(old)?, id, Some(until)));
+            keys.push(StoredKey {
+                digest: digest(old)?,
+                source,
+                until_ms: Some(until),
+            });
         }
     }
     Ok(keys)
