@@ -243,16 +243,15 @@ impl Connector for MetaCapi {
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         MetaCapi::classify(self, status, retry_after, body)
     }
-    fn erasure(&self, target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
+    fn erasure(&self, _target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
         Erasure::Manual(format!(
             "Meta offers no API to delete events sent through the Conversions API. Ask Meta \
              through its privacy channels (Business Help Center, data deletion request for \
              pixel {pixel}) to delete this person's data, naming them by the SHA-256 hashes \
-             Meta received (user id as external_id, e-mail as em). {quote}. Then confirm with \
-             `handoff dsr confirm DSR_ID DESTINATION --note \"…\"`. Handoff already blocks their \
-             new events. See https://developers.facebook.com/docs/marketing-api/conversions-api",
+             Meta received (user id as external_id, e-mail as em: see `quote`). Then confirm \
+             with `handoff dsr confirm DSR_ID DESTINATION --note \"…\"`. Handoff already blocks \
+             their new events. See https://developers.facebook.com/docs/marketing-api/conversions-api",
             pixel = self.pixel_id,
-            quote = target.quote(),
         ))
     }
 }
@@ -349,15 +348,14 @@ impl Connector for SegmentForward {
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.write_key])
     }
-    fn erasure(&self, target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
+    fn erasure(&self, _target: &ErasureTarget, _now: OffsetDateTime) -> Erasure {
         Erasure::Manual(format!(
             "The Segment HTTP API at {} has no deletion call. If it is Segment, file a \
              regulation (POST https://api.segmentapis.com/regulations, regulationType \
              SUPPRESS_WITH_DELETE, subjectType USER_ID) for this person's user ids; if it is \
-             another Handoff, file the same request there (POST /v1/dsr). {}. Then confirm \
-             with `handoff dsr confirm DSR_ID DESTINATION --note \"…\"`.",
-            self.base_url,
-            target.quote()
+             another Handoff, file the same request there (POST /v1/dsr), by the ids in \
+             `quote`. Then confirm with `handoff dsr confirm DSR_ID DESTINATION --note \"…\"`.",
+            self.base_url
         ))
     }
 }

@@ -39,11 +39,18 @@ impl ErasureTarget {
     /// where the destination transforms it), and the vendor's own ids.
     pub fn quote(&self) -> String {
         let mut parts = Vec::new();
+        // GA4 knows events without an anonymousId by a client id derived from the user id.
+        let derived: Vec<String> = self
+            .user_ids
+            .iter()
+            .map(|u| crate::ga4::derived_client_id(u))
+            .collect();
         for (label, values) in [
             ("user ids", &self.user_ids),
             ("anonymous ids", &self.anonymous_ids),
             ("e-mails", &self.emails),
             ("the vendor's own ids", &self.vendor_refs),
+            ("GA4 client ids derived from user ids", &derived),
         ] {
             if !values.is_empty() {
                 parts.push(format!("{label}: {}", values.join(", ")));
@@ -78,6 +85,7 @@ mod tests {
             q.contains("user ids: 9f86d0") && q.contains("e-mails: 62a14e"),
             "{q}"
         );
+        assert!(q.contains("derived from user ids: uid."), "{q}");
         assert!(!q.contains("anonymous ids"));
         assert!(ErasureTarget::default().quote().contains("no identifier"));
     }

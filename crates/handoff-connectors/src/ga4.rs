@@ -124,29 +124,16 @@ impl Ga4 {
     /// user ids (events that had no `anonymousId`).
     pub fn erasure_requests(&self, target: &ErasureTarget) -> Erasure {
         let (Some(property), Some(token)) = (&self.property_id, &self.deletion_token) else {
-            let client_ids: Vec<String> = target
-                .anonymous_ids
-                .iter()
-                .cloned()
-                .chain(target.user_ids.iter().map(|u| derived_client_id(u)))
-                .collect();
-            return Erasure::Manual(format!(
+            return Erasure::Manual(
                 "This GA4 destination has no settings.property_id and settings.deletion_access_token, \
                  so Handoff cannot call Google's User Deletion API. Delete the user in Google \
                  Analytics (Admin → Data deletion requests, or the User Explorer) by the ids GA4 \
-                 holds: user ids (the pseudonyms it was sent) {}; client ids {}. Then confirm with \
-                 `handoff dsr confirm DSR_ID DESTINATION --note \"…\"`.",
-                if target.user_ids.is_empty() {
-                    "none".to_owned()
-                } else {
-                    target.user_ids.join(", ")
-                },
-                if client_ids.is_empty() {
-                    "none".to_owned()
-                } else {
-                    client_ids.join(", ")
-                },
-            ));
+                 holds, listed in `quote`: the user ids as it was sent them (pseudonyms where the \
+                 destination pseudonymises them) and the client ids (anonymous ids, and `uid.…` \
+                 ids derived from user ids). Then confirm with \
+                 `handoff dsr confirm DSR_ID DESTINATION --note \"…\"`."
+                    .into(),
+            );
         };
         let derived: Vec<String> = target
             .user_ids

@@ -286,23 +286,31 @@ pub fn parse_with_signals(
         Endpoint::Single(kind) => {
             let raw: &RawValue = serde_json::from_str(body)
                 .map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+            // The shape first, so a key that is not valid Unicode or nesting past serde_json's
+            // own limit gets its own code rather than "not an object".
+            if let Err(error) = check_shape(raw.get(), 1) {
+                parsed.rejected.push(Rejected {
+                    index: 0,
+                    error,
+                    raw: raw.get().to_owned(),
+                });
+                return Ok(parsed);
+            }
             let members: Members<'_> =
                 serde_json::from_str(raw.get()).map_err(|_| RequestError::NotObject)?;
             parsed.write_key = write_key_of(&members)?;
-            let normalised = check_shape(raw.get(), 1).and_then(|()| {
-                normalise(
-                    &members,
-                    raw.get().len(),
-                    Some(kind),
-                    &BatchDefaults {
-                        gpc: signals.gpc,
-                        ..BatchDefaults::default()
-                    },
-                    received_at,
-                    &received_at_text,
-                    new_id,
-                )
-            });
+            let normalised = normalise(
+                &members,
+                raw.get().len(),
+                Some(kind),
+                &BatchDefaults {
+                    gpc: signals.gpc,
+                    ..BatchDefaults::default()
+                },
+                received_at,
+                &received_at_text,
+                new_id,
+            );
             match normalised {
                 Ok(a) => parsed.accepted.push(a),
                 Err(error) => parsed.rejected.push(Rejected {
@@ -356,14 +364,20 @@ pub fn parse_with_signals(
             let mut stored = 0usize;
             parsed.accepted.reserve(messages.len());
             for (index, raw) in messages.into_iter().enumerate() {
-                match parse_batch_message(raw, &defaults, received_at, &received_at_text, new_id) {
-                    Ok(a) => {
-                        stored += a.payload.len();
-                        if stored > budget {
-                            return Err(RequestError::ExpansionTooLarge { limit: budget });
-                        }
-                        parsed.accepted.push(a)
-                    }
+                let result =
+                    parse_batch_message(raw, &defaults, received_at, &received_at_text, new_id);
+                // What was built counts against the budget whether it is kept or refused as
+                // too large once merged: the work is bounded either way.
+                stored += match &result {
+                    Ok(a) => a.payload.len(),
+                    Err(MessageError::TooLargeMerged(n)) => *n,
+                    Err(_) => 0,
+                };
+                if stored > budget {
+                    return Err(RequestError::ExpansionTooLarge { limit: budget });
+                }
+                match result {
+                    Ok(a) => parsed.accepted.push(a),
                     Err(error) => parsed.rejected.push(Rejected {
                         index,
                         error,
@@ -387,9 +401,11 @@ fn parse_batch_message(
     if len > MAX_MESSAGE_BYTES {
         return Err(MessageError::TooLarge(len));
     }
+    // The shape first: a key that is not valid Unicode, or nesting past serde_json's own limit,
+    // gets its own code rather than "not an object".
+    check_shape(raw.get(), 1)?;
     let members: Members<'_> =
         serde_json::from_str(raw.get()).map_err(|_| MessageError::NotObject)?;
-    check_shape(raw.get(), 1)?;
     // A `writeKey` inside a batch message is dropped (never stored) and never decides the
     // source: only the Authorization header or the envelope does, for the whole batch.
     normalise(
@@ -1187,6 +1203,34 @@ mod tests {
         assert_eq!(p.accepted.len(), 2);
         for a in &p.accepted {
             serde_json::from_str::<Value>(&a.payload).expect("every accepted message parses");
+        }
+        // A key at the top of a message, and nesting past serde_json's own limit, too.
+        let deep = format!(
+            r#"{{"userId":"u","event":"e","p":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for (body, want) in [
+            (
+                r#"{"\ud800":1,"userId":"u","event":"e"}"#.to_owned(),
+                "message.string.invalid",
+            ),
+            (deep, "message.depth.exceeded"),
+        ] {
+            let p = parse(
+                Endpoint::Single(MessageKind::Track),
+                body.as_bytes(),
+                NOW,
+                &mut ids(),
+            )
+            .unwrap();
+            assert_eq!(p.rejected[0].error.code(), want);
+            let batch = format!(
+                r#"{{"batch":[{}]}}"#,
+                body.replacen('{', r#"{"type":"track","#, 1)
+            );
+            let p = parse(Endpoint::Batch, batch.as_bytes(), NOW, &mut ids()).unwrap();
+            assert_eq!(p.rejected[0].error.code(), want);
         }
         let single = br#"{"userId":"\ud800","event":"e"}"#;
         let p = parse(

@@ -816,7 +816,9 @@ async fn erasures(
                     .await
                 }
                 Err((why, _, true)) => {
-                    tracing::warn!(dsr = %id, destination = %task.destination, "erasure needs an operator: {why}");
+                    // The reason may quote the vendor's answer, which may name the person: the
+                    // task holds it; the log only says that an operator is needed.
+                    tracing::warn!(dsr = %id, destination = %task.destination, "erasure needs an operator: see `handoff dsr status`");
                     blocking(move || {
                         store.with_conn(|c| {
                             dsr::task_manual(

@@ -117,6 +117,11 @@ pub async fn json_errors(
         .unwrap_or_default();
     let message: String = text.trim().chars().take(PLAIN_EXCERPT_CHARS).collect();
     let code = plain_code(status, &message);
+    let status = if code == "request.body.timeout" {
+        StatusCode::REQUEST_TIMEOUT
+    } else {
+        status
+    };
     if oauth {
         let error = if status.is_server_error() {
             "server_error"
@@ -163,6 +168,9 @@ fn plain_code(status: StatusCode, message: &str) -> &'static str {
         StatusCode::REQUEST_TIMEOUT => "request.body.timeout",
         StatusCode::NOT_FOUND => "route.not_found",
         StatusCode::METHOD_NOT_ALLOWED => "request.method.not_allowed",
+        StatusCode::BAD_REQUEST if message.contains("request body timed out") => {
+            "request.body.timeout"
+        }
         StatusCode::BAD_REQUEST if message.starts_with("Failed to deserialize query string") => {
             "request.query.invalid"
         }

@@ -33,9 +33,9 @@ use crate::error::ApiError;
 /// The two bytes every gzip stream starts with. A JSON body cannot start with them, so a body
 /// that does is gzip even when a client forgot `Content-Encoding`.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
-/// How long a client may take to send its body. Bounds what a slow or stalled client holds, and
-/// how long a graceful shutdown can wait for it.
-const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a client may take to send its body (every route's bound, see `listener`). Bounds
+/// what a slow or stalled client holds, and how long a graceful shutdown can wait for it.
+use crate::listener::BODY_TIMEOUT;
 /// Segment's answer to an accepted single message.
 const SUCCESS_BODY: &str = r#"{"success":true}"#;
 
@@ -399,22 +399,25 @@ async fn read_body(
     if declared_len.is_some_and(|len| len > limit) {
         return Err(too_large(limit));
     }
+    let timed_out = || {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request.body.timeout",
+            format!(
+                "the body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )
+    };
     let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect())
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request.body.timeout",
-                format!(
-                    "the body did not arrive within {} s",
-                    BODY_TIMEOUT.as_secs()
-                ),
-            )
-        })?;
+        .map_err(|_| timed_out())?;
     let raw = collected
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 too_large(limit)
+            } else if crate::listener::is_body_timeout(e.as_ref()) {
+                timed_out()
             } else {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,

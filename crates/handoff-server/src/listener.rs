@@ -31,6 +31,10 @@ pub const FD_RESERVE_MIN: u64 = 256;
 /// How long a connection told to close (evicted at the cap) may take to finish the response it is
 /// writing before it is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a client may take to send a request's whole body, on every route: a slow or stalled
+/// body would otherwise keep its connection busy (busy connections are never evicted).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Pause after `accept` fails (out of file descriptors, most often), so a full table does not
 /// turn the accept loop into a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -203,6 +207,7 @@ pub async fn serve(
         let tls = tls.clone();
         let header_timeout = settings.header_timeout;
         let metrics = metrics.clone();
+        let busy_here = busy.clone();
         tasks.spawn(async move {
             let service = {
                 let registry = registry.clone();
@@ -215,21 +220,48 @@ pub async fn serve(
                     };
                     let app = app.clone();
                     async move {
-                        let response =
-                            tower::ServiceExt::oneshot(app, req.map(axum::body::Body::new)).await;
-                        drop(guard);
-                        response
+                        let req =
+                            req.map(|b| axum::body::Body::new(TimedBody::new(b, BODY_TIMEOUT)));
+                        let response = tower::ServiceExt::oneshot(app, req).await;
+                        // Busy until the response is written, not only until the handler ends.
+                        response.map(|r| {
+                            r.map(|b| {
+                                axum::body::Body::new(http_body_util::BodyExt::map_frame(
+                                    b,
+                                    move |frame| {
+                                        let _busy = &guard;
+                                        frame
+                                    },
+                                ))
+                            })
+                        })
                     }
                 })
             };
             match tls {
-                None => serve_one(TokioIo::new(stream), service, header_timeout, &close).await,
+                None => {
+                    serve_one(
+                        TokioIo::new(stream),
+                        service,
+                        header_timeout,
+                        &close,
+                        &busy_here,
+                    )
+                    .await
+                }
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.get_inner());
                     // The handshake counts against the header timeout too.
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            serve_one(TokioIo::new(stream), service, header_timeout, &close).await
+                            serve_one(
+                                TokioIo::new(stream),
+                                service,
+                                header_timeout,
+                                &close,
+                                &busy_here,
+                            )
+                            .await
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -248,8 +280,72 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn serve_one<I, S>(io: I, service: S, header_timeout: Duration, close: &Notify)
-where
+/// A request body that must arrive whole within a deadline; past it, reading fails (the
+/// extractor answers 400 with `request.body.timeout`).
+struct TimedBody {
+    inner: Incoming,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, within: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(within)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body timed out: it did not arrive within {} s", BODY_TIMEOUT.as_secs())]
+struct BodyTimedOut;
+
+/// `true` when reading a body failed because of [`BODY_TIMEOUT`] (anywhere in its chain).
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<BodyTimedOut>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+impl hyper::body::Body for TimedBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn serve_one<I, S>(
+    io: I,
+    service: S,
+    header_timeout: Duration,
+    close: &Notify,
+    busy: &AtomicUsize,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body> + Send,
     S::Future: Send + 'static,
@@ -267,8 +363,12 @@ where
             }
         }
         () = close.notified() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+            // Idle (no request in a handler or being written): dropped at once, which frees its
+            // descriptor now. Otherwise it finishes what it is writing, within a bound.
+            if busy.load(Ordering::Acquire) > 0 {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+            }
         }
     }
 }

@@ -35,19 +35,35 @@ pub const MAX_NOTE_CHARS: usize = 500;
 pub const SENT_IDS_KEY_SECRET: &str = "subjects/sent-identifiers-key";
 
 /// Seals the identifiers each vendor is sent (`handoff_store::sent_ids`): AES-256-GCM and
-/// HMAC-SHA-256 under one installation key, itself sealed under the master key.
-pub struct IdentifierSealer([u8; 32]);
+/// HMAC-SHA-256, each under its own key derived from one installation secret (itself sealed
+/// under the master key).
+pub struct IdentifierSealer {
+    seal: [u8; 32],
+    digest: [u8; 32],
+}
 
 impl IdentifierSealer {
-    pub fn new(key: [u8; 32]) -> Self {
-        Self(key)
+    pub fn new(secret: [u8; 32]) -> Self {
+        // HKDF-Expand (RFC 5869) with one block per key: HMAC(secret, info || 0x01).
+        let expand = |info: &[u8]| -> [u8; 32] {
+            use hmac::{KeyInit, Mac};
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret)
+                .expect("HMAC takes a key of any size");
+            mac.update(info);
+            mac.update(&[1]);
+            mac.finalize().into_bytes().into()
+        };
+        Self {
+            seal: expand(b"handoff sent-identifiers seal"),
+            digest: expand(b"handoff sent-identifiers digest"),
+        }
     }
 }
 
 impl handoff_store::sent_ids::Sealer for IdentifierSealer {
     fn digest(&self, kind: &str, value: &str) -> [u8; 16] {
         use hmac::{KeyInit, Mac};
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0)
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.digest)
             .expect("HMAC takes a key of any size");
         mac.update(kind.as_bytes());
         mac.update(&[0]);
@@ -58,10 +74,10 @@ impl handoff_store::sent_ids::Sealer for IdentifierSealer {
         out
     }
     fn seal(&self, aad: &[u8], value: &[u8]) -> Vec<u8> {
-        crate::keys::encrypt(&self.0, value, aad)
+        crate::keys::encrypt(&self.seal, value, aad)
     }
     fn open(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-        crate::keys::decrypt(&self.0, sealed, aad)
+        crate::keys::decrypt(&self.seal, sealed, aad)
     }
 }
 
@@ -252,12 +268,16 @@ impl Privacy {
         if kind == "access" {
             // Asking what is held must not make Handoff hold something: an unknown person gets
             // that answer, and no subject is created for them.
-            if let Err(e) = self.find_subject(&input.identity) {
-                return Err(PrivacyError {
-                    code: "dsr.no_data_held",
-                    message: "no data is held about this person: no event that Handoff received names these identifiers, so there is nothing to export and no request was filed".into(),
-                    ..e
-                });
+            match self.find_subject(&input.identity) {
+                Err(e) if e.code == "subject.unknown" => {
+                    return Err(PrivacyError {
+                        code: "dsr.no_data_held",
+                        message: "no data is held about this person: no event routed so far names these identifiers (events are routed within seconds of arriving, and only when destinations are configured), so there is nothing to export and no request was filed".into(),
+                        ..e
+                    });
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {}
             }
         }
         let now = now_ms();
@@ -596,6 +616,22 @@ impl Privacy {
         }
         if request.kind == "access" {
             v["export"] = self.export(&request.subject)?;
+        }
+        // What an operator quotes to a vendor they must ask by hand, built from the task's
+        // target when shown: never stored in the instructions, and gone once the part is done
+        // (the target is).
+        if let Some(tasks) = v["tasks"].as_array_mut() {
+            for (view, task) in tasks.iter_mut().zip(&request.tasks) {
+                if task.method == "manual"
+                    && task.status != dsr::status::DONE
+                    && let Some(target) = task
+                        .target
+                        .as_deref()
+                        .and_then(|t| serde_json::from_str::<ErasureTarget>(t).ok())
+                {
+                    view["quote"] = json!(target.quote());
+                }
+            }
         }
         Ok(v)
     }

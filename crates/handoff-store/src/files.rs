@@ -51,24 +51,48 @@ fn tighten_one(path: &Path, mode: u32) -> io::Result<bool> {
 
 /// Tightens `dir` to `0700` and every file and directory in it (recursively) to `0600` /
 /// `0700`. Returns each path that was looser, with the mode it had, so `serve` can say so.
+/// Entries owned by another user (a volume's `lost+found`) are left alone, and one that cannot
+/// be changed is logged, not fatal: only `dir` itself must be ours.
 pub fn tighten(dir: &Path) -> io::Result<Vec<(PathBuf, u32)>> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::symlink_metadata(dir)?.uid();
     let mut fixed = Vec::new();
+    let before = std::fs::symlink_metadata(dir)?.permissions().mode() & 0o777;
+    if tighten_one(dir, DIR_MODE)? {
+        fixed.push((dir.to_path_buf(), before));
+    }
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
-        let before = std::fs::symlink_metadata(&d)?.permissions().mode() & 0o777;
-        if tighten_one(&d, DIR_MODE)? {
-            fixed.push((d.clone(), before));
-        }
-        for entry in std::fs::read_dir(&d)? {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(path = %d.display(), error = %e, "cannot read a directory in the data directory to check its modes");
+                continue;
+            }
+        };
+        for entry in entries {
             let entry = entry?;
-            let kind = entry.file_type()?;
             let path = entry.path();
-            if kind.is_dir() {
-                pending.push(path);
-            } else if kind.is_file() {
-                let before = entry.metadata()?.permissions().mode() & 0o777;
-                if tighten_one(&path, FILE_MODE)? {
-                    fixed.push((path, before));
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.uid() != owner || meta.file_type().is_symlink() {
+                continue;
+            }
+            let mode = if meta.is_dir() {
+                pending.push(path.clone());
+                DIR_MODE
+            } else if meta.is_file() {
+                FILE_MODE
+            } else {
+                continue;
+            };
+            let before = meta.permissions().mode() & 0o777;
+            match tighten_one(&path, mode) {
+                Ok(true) => fixed.push((path, before)),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot tighten the mode of a file in the data directory")
                 }
             }
         }

@@ -6,8 +6,8 @@
 //! an identifier key (`userId`, `anonymousId`, `previousId`, `user_id`, `anonymous_id`) at any
 //! depth, and each string holding an `@` (an e-mail), trimmed and lowercased, as the first 8
 //! bytes of its SHA-256. The index only narrows the search: an erasure still tests each
-//! candidate exactly. Rows with more tokens than [`MAX_TOKENS`], and rows written before the
-//! index existed, are marked unindexed and always tested.
+//! candidate exactly. A message with more tokens than [`MAX_TOKENS`] is kept without its raw
+//! text; rows written before the index existed are marked unindexed and always tested.
 
 use std::path::Path;
 
@@ -25,9 +25,9 @@ const ID_KEYS: [&str; 5] = [
     "user_id",
     "anonymous_id",
 ];
-/// Most tokens indexed for one row. A refused message is at most 32 KB; one with more
-/// identifiers than this (none that a client sends by mistake) is tested at every erasure
-/// instead of costing the index hundreds of rows.
+/// Most tokens indexed for one row. A refused message is at most a request's body (500 KB for a
+/// batch entry refused as too large); one with more identifiers than this (none that a client
+/// sends by mistake) is tested at every erasure instead of costing the index hundreds of rows.
 pub const MAX_TOKENS: usize = 32;
 /// Rows purged per transaction, so a large purge never holds the journal's writer for long.
 pub const PURGE_CHUNK: usize = 10_000;
@@ -40,15 +40,23 @@ pub fn token_key(token: &str) -> [u8; 8] {
     key
 }
 
-/// The index keys of a refused message, or `None` when it has more than [`MAX_TOKENS`] (or is
-/// not JSON) and must be tested at every erasure.
+/// The index keys of a refused message, or `None` when it has more than [`MAX_TOKENS`].
+/// Input that is not JSON has no tokens to find (`Some` of none); it is tested at every
+/// erasure instead (see [`is_json`]).
 pub fn tokens(raw: &str) -> Option<Vec<[u8; 8]>> {
-    let value: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(raw) else {
+        return Some(Vec::new());
+    };
     let mut out = Vec::new();
     walk(&value, false, &mut out).then_some(())?;
     out.sort_unstable();
     out.dedup();
     Some(out)
+}
+
+/// `true` when `raw` is JSON (what ingest quarantines always is; older rows may not be).
+pub fn is_json(raw: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(raw).is_ok()
 }
 
 /// Adds the tokens of `v` (under an identifier key when `under_id`); `false` past the cap.
@@ -69,18 +77,20 @@ fn walk(v: &serde_json::Value, under_id: bool, out: &mut Vec<[u8; 8]>) -> bool {
     }
 }
 
-/// Writes the index rows of the quarantine row `id` (inside the append's transaction).
+/// Writes the index rows (`keys`, from [`tokens`]) of the quarantine row `id`, inside the
+/// append's transaction, and marks it indexed.
 pub(crate) fn index_row(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
     raw: &str,
+    keys: &[[u8; 8]],
 ) -> Result<(), StoreError> {
-    let Some(keys) = tokens(raw) else {
-        return Ok(()); // stays `keyed = 0`
-    };
+    if !raw.is_empty() && !is_json(raw) {
+        return Ok(()); // stays `keyed = 0`: found by a scan of its text
+    }
     let mut insert =
         tx.prepare_cached("INSERT OR IGNORE INTO quarantine_keys (key, id) VALUES (?1, ?2)")?;
-    for key in &keys {
+    for key in keys {
         insert.execute(params![&key[..], id])?;
     }
     tx.prepare_cached("UPDATE quarantine SET keyed = 1 WHERE id = ?1")?
@@ -224,7 +234,8 @@ mod tests {
         want.sort_unstable();
         assert_eq!(keys, want);
         assert_eq!(tokens("1"), Some(vec![]));
-        assert_eq!(tokens("not json"), None);
+        assert_eq!(tokens("not json"), Some(vec![]));
+        assert!(!is_json("not json") && is_json("[1]"));
         let many = format!(
             r#"{{"userId":[{}]}}"#,
             (0..=MAX_TOKENS)
@@ -235,7 +246,7 @@ mod tests {
         assert_eq!(
             tokens(&many),
             None,
-            "past the cap the row is tested at every erasure"
+            "past the cap the row keeps no raw text"
         );
     }
 }

@@ -91,16 +91,20 @@ CREATE TABLE IF NOT EXISTS sources (
 /// Schema 1 to 2: the quarantine's token index (see `quarantine.rs`) and its retention's index
 /// by time. Rows from before stay `keyed = 0`: tested at every erasure until they age out.
 const MIGRATE_TO_2: &str = "
-ALTER TABLE quarantine ADD COLUMN keyed INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS quarantine_keys (
     key BLOB    NOT NULL,
     id  INTEGER NOT NULL,
     PRIMARY KEY (key, id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS quarantine_keys_by_id ON quarantine_keys (id);
 CREATE INDEX IF NOT EXISTS quarantine_received ON quarantine (received_at_ms);
-ALTER TABLE sources ADD COLUMN previous_key_sha256 BLOB;
-ALTER TABLE sources ADD COLUMN previous_until_ms INTEGER;
 ";
+/// Columns schema 2 adds, each added only where missing (so the migration can run again).
+const COLUMNS_OF_2: [(&str, &str, &str); 3] = [
+    ("quarantine", "keyed", "INTEGER NOT NULL DEFAULT 0"),
+    ("sources", "previous_key_sha256", "BLOB"),
+    ("sources", "previous_until_ms", "INTEGER"),
+];
 
 enum Command {
     Append {
@@ -281,10 +285,23 @@ impl SqliteJournal {
             });
         }
         conn.execute_batch(SCHEMA)?;
-        if version < 2 {
-            conn.execute_batch(&format!("BEGIN; {MIGRATE_TO_2} COMMIT;"))?;
+        {
+            // One transaction, the version included: a crash midway leaves schema 1 whole.
+            let tx = conn.unchecked_transaction()?;
+            for (table, column, decl) in COLUMNS_OF_2 {
+                let present: bool = tx.query_row(
+                    &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                    [column],
+                    |r| r.get::<_, i64>(0).map(|n| n > 0),
+                )?;
+                if !present {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+                }
+            }
+            tx.execute_batch(MIGRATE_TO_2)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
         }
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         // A random id for this journal, so that derived files (the deduplication index) can tell
         // when they were made from another one (say, before a restore from backup).
         conn.execute(
@@ -841,15 +858,37 @@ fn append_in(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for m in quarantine {
+            // A message naming more identifiers than the index takes is kept without its raw
+            // text: otherwise every erasure would have to read it (an attacker could make many).
+            let keys = crate::quarantine::tokens(&m.raw);
+            let (raw, message) = match &keys {
+                Some(_) => (
+                    m.raw.as_str(),
+                    std::borrow::Cow::Borrowed(m.message.as_str()),
+                ),
+                None => (
+                    "",
+                    std::borrow::Cow::Owned(format!(
+                        "{} (raw input not kept: it names more than {} identifiers)",
+                        m.message,
+                        crate::quarantine::MAX_TOKENS
+                    )),
+                ),
+            };
             q.execute(params![
                 m.source.as_str(),
                 m.received_at_ms,
                 m.index,
                 m.code,
-                m.message,
-                m.raw
+                message,
+                raw
             ])?;
-            crate::quarantine::index_row(tx, tx.last_insert_rowid(), &m.raw)?;
+            crate::quarantine::index_row(
+                tx,
+                tx.last_insert_rowid(),
+                raw,
+                keys.as_deref().unwrap_or(&[]),
+            )?;
         }
     }
     Ok(outcome)
@@ -858,6 +897,9 @@ fn append_in(
 /// Read-only access for operators (`handoff journal dump`), safe while the server runs.
 pub struct JournalReader {
     conn: Connection,
+    /// Schema version of the file (events and quarantine read the same in every version).
+    version: i64,
+    path: PathBuf,
 }
 
 impl JournalReader {
@@ -871,11 +913,23 @@ impl JournalReader {
         }
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         configure(&conn)?;
-        Ok(Self { conn })
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        Ok(Self {
+            conn,
+            version,
+            path,
+        })
     }
 
     /// The sources the embedded default registered (none for a gateway run from a file).
     pub fn sources(&self) -> Result<Vec<StoredSource>, StoreError> {
+        if self.version < SCHEMA_VERSION {
+            return Err(StoreError::Io(std::io::Error::other(format!(
+                "the journal at {} was written by an older Handoff (schema {}); run `handoff serve` once with this version to upgrade it",
+                self.path.display(),
+                self.version
+            ))));
+        }
         read_sources(&self.conn)
     }
 

@@ -360,8 +360,28 @@ async fn the_quarantine_ages_out_and_an_erasure_leaves_no_index_of_the_person() 
     .await
     .unwrap();
     assert_eq!(keys(dir.path()), 3, "old-1, new-1 and the e-mail");
+    // A message naming more identifiers than the index takes is kept without its raw text.
+    let many = format!(
+        r#"{{"userId": [{}]}}"#,
+        (0..40)
+            .map(|i| format!("\"u{i}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    j.append(vec![], vec![refused(&many, t0())]).await.unwrap();
+    let mut kept = Vec::new();
+    JournalReader::open(dir.path())
+        .unwrap()
+        .for_each_quarantined(0, |m| {
+            kept.push((m.raw.clone(), m.message.clone()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(kept[2].0, "");
+    assert!(kept[2].1.contains("raw input not kept"), "{:?}", kept[2]);
     assert_eq!(j.purge_quarantine(t0() - 30 * 86_400_000).await.unwrap(), 1);
-    assert_eq!(j.stats().await.unwrap().quarantined, 1);
+    assert_eq!(j.stats().await.unwrap().quarantined, 2);
     assert_eq!(keys(dir.path()), 2, "the purged row's index went with it");
     assert_eq!(j.purge_quarantine(t0() - 30 * 86_400_000).await.unwrap(), 0);
     j.close().await;
@@ -373,5 +393,65 @@ async fn the_quarantine_ages_out_and_an_erasure_leaves_no_index_of_the_person() 
         keys(dir.path()),
         0,
         "no hash of the person's identifiers is left"
+    );
+}
+
+#[tokio::test]
+async fn a_journal_of_schema_1_migrates_and_keeps_what_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The layout the previous release wrote.
+        let c = rusqlite::Connection::open(dir.path().join("journal.db")).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE events (seq INTEGER PRIMARY KEY, source TEXT NOT NULL, message_id TEXT NOT NULL,
+                                  received_at_ms INTEGER NOT NULL, payload TEXT NOT NULL);
+             CREATE TABLE quarantine (id INTEGER PRIMARY KEY, source TEXT NOT NULL, received_at_ms INTEGER NOT NULL,
+                                      batch_index INTEGER NOT NULL, code TEXT NOT NULL, message TEXT NOT NULL, raw TEXT NOT NULL);
+             CREATE TABLE consumers (name TEXT PRIMARY KEY, acked_seq INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL);
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE sources (id TEXT PRIMARY KEY, name TEXT NOT NULL, write_key_sha256 BLOB NOT NULL,
+                                   created_at_ms INTEGER NOT NULL);
+             INSERT INTO sources VALUES ('default', 'Default source', x'00', 1);
+             INSERT INTO quarantine (source, received_at_ms, batch_index, code, message, raw)
+                VALUES ('web', 1, 0, 'message.event.missing', 'refused', '{\"userId\": \"old-1\"}');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let reader = JournalReader::open(dir.path()).unwrap();
+    assert!(
+        reader
+            .sources()
+            .unwrap_err()
+            .to_string()
+            .contains("run `handoff serve` once")
+    );
+    drop(reader);
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    let sources = j.sources().unwrap();
+    assert_eq!(
+        (sources[0].id.as_str(), sources[0].previous_until_ms),
+        ("default", None)
+    );
+    assert_eq!(j.stats().await.unwrap().quarantined, 1);
+    j.close().await;
+    drop(j);
+    // Opening again finds the columns there and changes nothing.
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    j.close().await;
+    drop(j);
+    // The old, unindexed row is still found by an erasure.
+    assert_eq!(
+        handoff_store::sqlite::erase_quarantined(dir.path(), &["old-1"], &[]).unwrap(),
+        1
+    );
+    assert_eq!(
+        JournalReader::open(dir.path())
+            .unwrap()
+            .sources()
+            .unwrap()
+            .len(),
+        1
     );
 }

@@ -480,3 +480,59 @@ fn commands_other_than_serve_refuse_a_data_directory_that_does_not_exist() {
         assert!(!missing.exists(), "{args:?} created {}", missing.display());
     }
 }
+
+#[tokio::test]
+async fn a_body_that_never_arrives_is_timed_out_on_every_route() {
+    // Busy connections are never evicted at the cap, so no route may wait for a body forever.
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "");
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let write_key = {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
+        )
+    };
+    let mut streams = Vec::new();
+    for (path, kind, auth) in [
+        (
+            "/oauth/token",
+            "application/x-www-form-urlencoded",
+            "Bearer x",
+        ),
+        ("/admin/v1/plan", "application/json", "Bearer x"),
+        ("/v1/track", "application/json", write_key.as_str()),
+    ] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: {kind}\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .unwrap();
+        streams.push((path, s));
+    }
+    let answers: Vec<(String, String)> = tokio::task::spawn_blocking(move || {
+        streams
+            .into_iter()
+            .map(|(path, mut s)| {
+                s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+                let mut text = String::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if text.contains("\r\n\r\n") && text.contains('}') {
+                        break;
+                    }
+                }
+                (path.to_owned(), text)
+            })
+            .collect()
+    })
+    .await
+    .unwrap();
+    for (path, text) in answers {
+        assert!(text.starts_with("HTTP/1.1 408"), "{path}: {text}");
+        assert!(text.contains("request.body.timeout"), "{path}: {text}");
+    }
+}
