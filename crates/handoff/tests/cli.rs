@@ -85,6 +85,20 @@ fn check_reports_every_problem_and_exits_1() {
 }
 
 #[test]
+fn clients_create_help_lists_every_role() {
+    let out = std::process::Command::new(common::BIN)
+        .args(["clients", "create", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for role in [
+        "ingest", "viewer", "monitor", "admin", "auditor", "privacy", "vault",
+    ] {
+        assert!(help.contains(role), "{role} missing from:\n{help}");
+    }
+}
+
+#[test]
 fn serve_refuses_an_invalid_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");

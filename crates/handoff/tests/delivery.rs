@@ -262,6 +262,38 @@ async fn a_dead_vendor_never_holds_back_another_and_recovers_without_loss() {
     until(20, "B delivered", || b.delivered().len() >= 30).await;
     assert!(a.delivered().is_empty());
     until(20, "A retried", || a.requests() >= 3).await;
+    // Operators see both destinations, the healthy one too, with the dead one's breaker and
+    // last error.
+    let data = dir.path().join("data");
+    let status_of = |id: &str| -> Value {
+        cli(&data, &["destinations", "status"])
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|d| d["destination"] == id)
+            .unwrap_or(Value::Null)
+    };
+    until(20, "A's breaker recorded open", || {
+        status_of("hook-a")["breaker"] == "open"
+    })
+    .await;
+    let dead = status_of("hook-a");
+    assert!(
+        dead["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("HTTP 500"),
+        "{dead}"
+    );
+    let healthy = status_of("hook-b");
+    assert_eq!(
+        (
+            &healthy["breaker"],
+            &healthy["state"],
+            &healthy["last_error"]
+        ),
+        (&json!("closed"), &json!("active"), &Value::Null),
+        "{healthy}"
+    );
     // Ingest keeps answering during the outage.
     send(&gw, 30, 10).await;
     until(20, "B delivered the rest", || b.delivered().len() >= 40).await;
@@ -310,11 +342,12 @@ async fn rate_limits_are_honoured_permanent_errors_dead_lettered_and_401_pauses(
         r#"HTTP 400: {"error":"field x is not allowed"}"#
     );
     assert_eq!(dead["payload"]["userId"], "u1");
-    // Replayed once the vendor takes it.
+    // Replayed once the vendor takes it: without --destination, every destination's are.
     a.set(Mode::Ok);
-    cli(
-        &data,
-        &["dead-letters", "replay", "--destination", "hook-a"],
+    let replayed = cli(&data, &["dead-letters", "replay"]);
+    assert!(
+        replayed.contains("1 dead letter(s) of hook-a queued again"),
+        "{replayed}"
     );
     until(10, "replayed delivery", || a.delivered().len() == 2).await;
     assert!(cli(&data, &["dead-letters", "list"]).is_empty());

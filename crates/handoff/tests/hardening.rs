@@ -298,6 +298,11 @@ async fn the_data_directory_is_private_whatever_the_umask_and_loose_modes_are_fi
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("tightened to owner-only"))
     })
     .await;
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !written.contains('\u{1b}'),
+        "no colour codes in a log file: {written}"
+    );
     assert_eq!(mode(&data), 0o700);
     for f in files.iter().filter(|f| f.exists()) {
         assert_eq!(mode(f), 0o600, "{}", f.display());

@@ -686,7 +686,10 @@ allow = ["event"]
     // A disabled destination may stay declared while its paperwork is done.
     assert!(with(&no_dpa.replace("connector =", "enabled = false\nconnector =")).is_ok());
     let dup = with("[[vendors]]\nid = \"meta\"\nlegal_name = \"x\"\ncountry = \"usa\"\nrisk_tier = \"low\"\ntransfer_mechanism = \"none\"\nsmell = 1").unwrap_err();
-    assert_eq!(dup, vec![("vendors[4]".into(), "config.vendor.invalid")]);
+    assert_eq!(
+        dup,
+        vec![("vendors[4].smell".into(), "config.vendor.invalid")]
+    );
     let dup = with("[[vendors]]\nid = \"meta\"\nlegal_name = \"x\"\ncountry = \"usa\"\nrisk_tier = \"low\"\ntransfer_mechanism = \"none\"").unwrap_err();
     assert_eq!(
         dup,
