@@ -416,7 +416,9 @@ async fn a_restart_in_the_middle_of_an_outage_loses_nothing() {
     let (a, b) = (Vendor::start().await, Vendor::start().await);
     a.set(Mode::Fail500);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&a, &b);
+    // A generous timeout: on a loaded machine a 2 s one can expire on an answer the fake vendor
+    // already counted, and the retry is a (legitimate) duplicate this test would count.
+    let cfg = config(&a, &b).replace("request_timeout_ms = 2000", "request_timeout_ms = 30000");
     let gw = start(dir.path(), &cfg);
     send(&gw, 0, 25).await;
     until(20, "A failing", || a.requests() >= 2).await;
@@ -428,9 +430,11 @@ async fn a_restart_in_the_middle_of_an_outage_loses_nothing() {
         a.delivered().len() >= 25
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(distinct(&a.delivered()), 25);
-    assert_eq!(a.delivered().len(), 25);
+    assert_eq!(distinct(&a.delivered()), 25, "nothing lost");
+    // Not asserted: exactly 25 calls. A request the killed gateway had written may be handled
+    // by the fake only after it was switched to OK (it counts it delivered), and the new
+    // gateway, which never saw the answer, sends it again: a duplicate with the same
+    // webhook-id, which receivers drop. That is the at-least-once contract.
     drop(gw);
 }
 

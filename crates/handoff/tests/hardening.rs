@@ -316,7 +316,10 @@ async fn every_route_answers_every_error_in_the_json_format() {
     let gw = start(tmp.path(), "");
     let admin = common::create_client(&gw.data_dir, &["--name", "ops", "--role", "admin"]).unwrap();
     let token = common::fetch_token(&gw.url, &admin, None).await;
-    let big = vec![b'{'; 1024 * 1024];
+    // Over every route's limit but /v1/batch's (which calls it malformed JSON), and small
+    // enough to sit in loopback's socket buffers: a server that refuses a body before reading it
+    // closes the connection, and a client still writing a larger one may see a broken pipe.
+    let big = vec![b'{'; 100 * 1024];
     let routes: &[(&str, &str)] = &[
         ("POST", "/v1/track"),
         ("POST", "/v1/batch"),
@@ -346,7 +349,12 @@ async fn every_route_answers_every_error_in_the_json_format() {
             if let Some(b) = body {
                 req = req.body(b.to_vec());
             }
-            let resp = req.send().await.unwrap();
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                // The refusal raced the upload (see `big`); the other routes still answer.
+                Err(e) if body.is_some_and(|b| b.len() == big.len()) && e.is_request() => continue,
+                Err(e) => panic!("{method} {path}: {e}"),
+            };
             let status = resp.status();
             if status.is_success() {
                 continue;
