@@ -72,7 +72,8 @@ pub struct Task {
     pub last_error: Option<String>,
     pub done_at_ms: Option<i64>,
     pub instructions: String,
-    /// What the deletion call needs (identifiers as given, the vendor's id); removed once done.
+    /// What the deletion call needs, or what an operator quotes for a manual part (identifiers
+    /// as the vendor received them, the vendor's id); removed once done.
     #[serde(skip)]
     pub target: Option<String>,
     /// The identifiers this vendor has been asked about (see [`NewTask`]).
@@ -234,7 +235,8 @@ pub fn add_task(conn: &Connection, id: &str, t: &NewTask) -> Result<(), StoreErr
         } else {
             status::PENDING
         },
-        if t.manual { None } else { Some(&t.target) },
+        // A manual task keeps its target too, until confirmed: what the operator must quote.
+        Some(&t.target).filter(|t| !t.is_empty()),
         t.instructions,
         t.named
     ])?;
