@@ -498,16 +498,7 @@ impl OutboxStore {
         conn.execute_batch(ledger::SCHEMA)?;
         conn.execute_batch(crate::dsr::SCHEMA)?;
         conn.execute_batch(crate::sent_ids::SCHEMA)?;
-        for (table, column, decl) in ADDED_COLUMNS {
-            let present: bool = conn.query_row(
-                &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
-                [column],
-                |r| r.get::<_, i64>(0).map(|n| n > 0),
-            )?;
-            if !present {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
-            }
-        }
+        crate::sqlite::add_missing_columns(&conn, &ADDED_COLUMNS)?;
         conn.execute_batch(
             // Erasure finds a subject's items by scanning the queues (rare, and queues are
             // short when vendors keep up); an index would cost every item a write.

@@ -244,6 +244,24 @@ pub fn read_events_at(data_dir: &Path, seqs: &[Seq]) -> Result<Vec<StoredEvent>,
     Ok(out)
 }
 
+/// Adds each (table, column, declaration) the table lacks: migrations that can run again.
+pub(crate) fn add_missing_columns(
+    conn: &Connection,
+    columns: &[(&str, &str, &str)],
+) -> Result<(), StoreError> {
+    for (table, column, decl) in columns {
+        let present: bool = conn.query_row(
+            &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(())
@@ -288,16 +306,7 @@ impl SqliteJournal {
         {
             // One transaction, the version included: a crash midway leaves schema 1 whole.
             let tx = conn.unchecked_transaction()?;
-            for (table, column, decl) in COLUMNS_OF_2 {
-                let present: bool = tx.query_row(
-                    &format!("SELECT count(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
-                    [column],
-                    |r| r.get::<_, i64>(0).map(|n| n > 0),
-                )?;
-                if !present {
-                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
-                }
-            }
+            add_missing_columns(&tx, &COLUMNS_OF_2)?;
             tx.execute_batch(MIGRATE_TO_2)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
