@@ -31,6 +31,9 @@ pub const FD_RESERVE_MIN: u64 = 256;
 /// How long a connection told to close (evicted at the cap) may take to finish the response it is
 /// writing before it is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long, at shutdown, a connection may take to finish the request it is serving: a body may
+/// take [`BODY_TIMEOUT`], and the journal answers within it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How long a client may take to send a request's whole body, on every route: a slow or stalled
 /// body would otherwise keep its connection busy (busy connections are never evicted).
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,6 +89,8 @@ struct Entry {
 /// The open connections.
 struct Registry {
     started: Instant,
+    /// Set when the server stops: connections then get [`SHUTDOWN_GRACE`], not [`CLOSE_GRACE`].
+    stopping: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
     open: Mutex<HashMap<u64, Entry>>,
 }
@@ -157,6 +162,7 @@ pub async fn serve(
 ) {
     let registry = Arc::new(Registry {
         started: Instant::now(),
+        stopping: std::sync::atomic::AtomicBool::new(false),
         next_id: AtomicU64::new(0),
         open: Mutex::new(HashMap::new()),
     });
@@ -246,6 +252,7 @@ pub async fn serve(
                         header_timeout,
                         &close,
                         &busy_here,
+                        &registry.stopping,
                     )
                     .await
                 }
@@ -260,6 +267,7 @@ pub async fn serve(
                                 header_timeout,
                                 &close,
                                 &busy_here,
+                                &registry.stopping,
                             )
                             .await
                         }
@@ -274,6 +282,7 @@ pub async fn serve(
     }
     // Shutting down: no new connections; each open one finishes its request and closes.
     drop(listener);
+    registry.stopping.store(true, Ordering::SeqCst);
     for e in registry.lock().values() {
         e.close.notify_one();
     }
@@ -345,6 +354,7 @@ async fn serve_one<I, S>(
     header_timeout: Duration,
     close: &Notify,
     busy: &AtomicUsize,
+    stopping: &std::sync::atomic::AtomicBool,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body> + Send,
@@ -367,7 +377,12 @@ async fn serve_one<I, S>(
             // descriptor now. Otherwise it finishes what it is writing, within a bound.
             if busy.load(Ordering::Acquire) > 0 {
                 conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+                let grace = if stopping.load(Ordering::SeqCst) {
+                    SHUTDOWN_GRACE
+                } else {
+                    CLOSE_GRACE
+                };
+                let _ = tokio::time::timeout(grace, conn).await;
             }
         }
     }
