@@ -60,12 +60,7 @@ fn id_at(payload: &Value, key: &str) -> Option<String> {
 pub fn derived_client_id(user_id: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest([b"handoff-ga4-client-id\0", user_id.as_bytes()].concat());
-    let mut s = String::with_capacity(36);
-    s.push_str("uid.");
-    for b in &digest[..16] {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    crate::wire::prefixed_hex("uid.", &digest)
 }
 
 /// The `client_id` of an event: its `anonymousId`, else one derived from its `userId`.

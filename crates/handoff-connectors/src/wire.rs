@@ -135,8 +135,13 @@ impl std::fmt::Debug for DeliveryIdKey {
 
 /// `hd_` and the first 16 bytes of `digest` in hex.
 fn hex_id(digest: &[u8]) -> String {
-    let mut s = String::with_capacity(35);
-    s.push_str("hd_");
+    prefixed_hex("hd_", digest)
+}
+
+/// `prefix` and the first 16 bytes of `digest` in hex: the ids the connectors make up.
+pub(crate) fn prefixed_hex(prefix: &str, digest: &[u8]) -> String {
+    let mut s = String::with_capacity(prefix.len() + 32);
+    s.push_str(prefix);
     for b in &digest[..16] {
         s.push_str(&format!("{b:02x}"));
     }

@@ -37,12 +37,6 @@ fn start(dir: &std::path::Path, extra_server: &str) -> Gateway {
     )
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
-}
-
 /// POSTs `body` (gzip-compressed when `zip`) and returns the status, the body's size and JSON.
 async fn post(gw: &Gateway, path: &str, body: &[u8], zip: bool) -> (StatusCode, usize, Value) {
     let mut req = client()
@@ -50,7 +44,8 @@ async fn post(gw: &Gateway, path: &str, body: &[u8], zip: bool) -> (StatusCode, 
         .basic_auth(KEY, Some(""))
         .header("content-type", "application/json");
     req = if zip {
-        req.header("content-encoding", "gzip").body(gzip(body))
+        req.header("content-encoding", "gzip")
+            .body(common::gzip(body))
     } else {
         req.body(body.to_vec())
     };
@@ -75,7 +70,7 @@ async fn a_batch_envelope_cannot_multiply_what_is_stored() {
         r#"{{"batch":[{tracks}],"context":{{"pad":"{}"}}}}"#,
         "x".repeat(200_000)
     );
-    assert!(gzip(body.as_bytes()).len() < 4_000);
+    assert!(common::gzip(body.as_bytes()).len() < 4_000);
     let (status, _, resp) = post(&gw, "/v1/batch", body.as_bytes(), true).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
     assert_eq!(code(&resp), "batch.envelope.too_large");

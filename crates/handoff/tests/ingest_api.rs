@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::io::Write;
-
 use common::{Gateway, client, dump, metric};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -50,12 +48,6 @@ async fn post_raw(
         status,
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}")),
     )
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
 }
 
 fn basic(key: &str) -> String {
@@ -166,7 +158,7 @@ async fn write_key_in_body_gzip_and_liberal_content_types() {
 
     // gzip with the header, and gzip whose client forgot the header.
     let auth = basic(KEY);
-    let gz = gzip(
+    let gz = common::gzip(
         json!({"batch": [{"type": "track", "userId": "u1", "event": "gz"}]})
             .to_string()
             .as_bytes(),
@@ -333,14 +325,14 @@ async fn bad_requests_get_clear_errors() {
         // A gzip bomb: 100 KB on the wire, inflating far past the 500 KB batch limit.
         (
             "/v1/batch",
-            gzip(&vec![b' '; 50 * 1024 * 1024]),
+            common::gzip(&vec![b' '; 50 * 1024 * 1024]),
             a.to_vec(),
             StatusCode::PAYLOAD_TOO_LARGE,
             "request.body.too_large",
         ),
         (
             "/v1/track",
-            gzip(&vec![b' '; 40 * 1024]),
+            common::gzip(&vec![b' '; 40 * 1024]),
             a.to_vec(),
             StatusCode::PAYLOAD_TOO_LARGE,
             "request.body.too_large",

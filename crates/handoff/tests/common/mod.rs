@@ -193,6 +193,36 @@ pub async fn until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `f()` answers `want` (an observable state behind an async call), for at most
+/// `secs`.
+pub async fn until_async<T: PartialEq + std::fmt::Debug, Fut: std::future::Future<Output = T>>(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+    want: T,
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = f().await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what} (last: {got:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `data` gzip-compressed, as an SDK sends a `Content-Encoding: gzip` body.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
 /// `handoff journal dump` as parsed JSON lines.
 pub fn dump(data_dir: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(BIN)
