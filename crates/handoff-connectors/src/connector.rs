@@ -12,7 +12,8 @@ use crate::meta_capi::MetaCapi;
 use crate::segment::SegmentForward;
 use crate::stripe::Stripe;
 use crate::webhook::{Secret, Webhook};
-use crate::wire::{Classification, Item, WireRequest, classify_status};
+use crate::wire::{Classification, Item, MASKED, WireRequest, classify_status, wire_fields};
+use serde_json::Value;
 
 /// A connector: how many items a request may carry, which may share one, the request, and what
 /// the answer means.
@@ -29,6 +30,13 @@ pub trait Connector: Send + Sync {
     }
     /// The request for `items` (all with one batch key), or why they can never be sent.
     fn request(&self, items: &[Item<'_>], now: OffsetDateTime) -> Result<WireRequest, String>;
+    /// The body of the request `item` alone would be sent in, as JSON (a form body as the
+    /// object its fields describe), built by the code that builds [`Connector::request`], with
+    /// secrets as [`MASKED`]: what the vendor receives about the item. `plan` shows it and the
+    /// ledger records its field names ([`wire_fields`]). Err: why it can never be sent.
+    fn wire_body(&self, item: &Item<'_>, now: OffsetDateTime) -> Result<Value, String>;
+    /// The secrets this connector puts into its requests (masked in what `plan` shows).
+    fn secrets(&self) -> Vec<&str>;
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification;
     /// The vendor's own id for the subject in a successful answer (a Stripe customer id), kept
     /// to update and erase that record later.
@@ -48,10 +56,69 @@ pub trait Connector: Send + Sync {
     }
 }
 
-/// Turns each `send` of `plan` that its destination's connector would refuse to map into a
-/// `block` with `connector.refused`, so a plan never says SEND for what delivery would
-/// dead-letter. The CLI's `plan` and `POST /admin/v1/plan` both call it.
-pub fn apply_refusals(
+/// What a plan shows where a delivery carries its delivery id (keyed per source with the
+/// installation's secret, so only known when sent).
+pub const PLANNED_DELIVERY_ID: &str = "(delivery id)";
+
+/// The request a vendor receives for one item, as `plan` shows it: secrets masked, the body
+/// as JSON, and the field names the ledger records for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WireView {
+    pub method: &'static str,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    pub fields: Vec<String>,
+}
+
+/// What `connector` sends for `item` alone, secrets masked, or why it never would.
+pub fn wire_view(
+    connector: &dyn Connector,
+    item: &Item<'_>,
+    now: OffsetDateTime,
+) -> Result<WireView, String> {
+    let body = connector.wire_body(item, now)?;
+    let request = connector.request(std::slice::from_ref(item), now)?;
+    let secrets: Vec<&str> = connector
+        .secrets()
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mask = |text: &str| {
+        let mut out = text.to_owned();
+        for secret in &secrets {
+            let encoded: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+            out = out.replace(secret, MASKED).replace(&encoded, MASKED);
+        }
+        out
+    };
+    let headers = request
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            // Basic credentials are the secret in base64: the whole value is masked.
+            let value = if name.eq_ignore_ascii_case("authorization") {
+                MASKED.to_owned()
+            } else {
+                mask(value)
+            };
+            (name.clone(), value)
+        })
+        .collect();
+    Ok(WireView {
+        method: request.method,
+        url: mask(&request.url),
+        headers,
+        fields: wire_fields(&body),
+        body,
+    })
+}
+
+/// Adds to each `send` of `plan` the request its destination's vendor would receive
+/// ([`WireView`]), and turns each `send` its connector would refuse to map into a `block` with
+/// `connector.refused`, so a plan never says SEND for what delivery would not send. The CLI's
+/// `plan` and `POST /admin/v1/plan` both call it.
+pub fn apply_wire(
     plan: &mut handoff_core::policy::Plan,
     destinations: &[Destination],
     now: OffsetDateTime,
@@ -76,17 +143,22 @@ pub fn apply_refusals(
             .unwrap_or("");
         let item = Item {
             message_id,
-            delivery_id: "plan",
+            delivery_id: PLANNED_DELIVERY_ID,
             vendor_ref: None,
             payload,
         };
-        if let Err(why) = connector.request(&[item], now) {
-            planned.decision = "block";
-            planned.reasons.push("connector.refused");
-            planned
-                .details
-                .push(handoff_core::policy::Reason::connector_refused(why));
-            planned.payload = None;
+        match wire_view(connector.as_ref(), &item, now) {
+            Ok(view) => {
+                planned.wire = Some(serde_json::to_value(view).expect("a view serialises"));
+            }
+            Err(why) => {
+                planned.decision = "block";
+                planned.reasons.push("connector.refused");
+                planned
+                    .details
+                    .push(handoff_core::policy::Reason::connector_refused(why));
+                planned.payload = None;
+            }
         }
     }
 }
@@ -225,6 +297,12 @@ impl Connector for Webhook {
         let item = items.first().ok_or("nothing to send")?;
         Ok(Webhook::request(self, item, now.unix_timestamp()))
     }
+    fn wire_body(&self, item: &Item<'_>, _now: OffsetDateTime) -> Result<Value, String> {
+        Ok(Webhook::body(item))
+    }
+    fn secrets(&self) -> Vec<&str> {
+        Vec::new() // the signing key never travels; the signature is made with it
+    }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[])
     }
@@ -239,6 +317,14 @@ impl Connector for MetaCapi {
     }
     fn request(&self, items: &[Item<'_>], _now: OffsetDateTime) -> Result<WireRequest, String> {
         Ok(MetaCapi::request(self, items))
+    }
+    fn wire_body(&self, item: &Item<'_>, _now: OffsetDateTime) -> Result<Value, String> {
+        let mut body = self.body(std::slice::from_ref(item));
+        body["access_token"] = Value::from(MASKED);
+        Ok(body)
+    }
+    fn secrets(&self) -> Vec<&str> {
+        vec![&self.access_token]
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         MetaCapi::classify(self, status, retry_after, body)
@@ -269,6 +355,12 @@ impl Connector for Ga4 {
     fn request(&self, items: &[Item<'_>], _now: OffsetDateTime) -> Result<WireRequest, String> {
         Ga4::request(self, items).map_err(|e| e.to_string())
     }
+    fn wire_body(&self, item: &Item<'_>, _now: OffsetDateTime) -> Result<Value, String> {
+        Ga4::body(std::slice::from_ref(item)).map_err(|e| e.to_string())
+    }
+    fn secrets(&self) -> Vec<&str> {
+        vec![&self.api_secret]
+    }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.api_secret])
     }
@@ -292,16 +384,17 @@ impl Connector for Stripe {
     }
     fn request(&self, items: &[Item<'_>], _now: OffsetDateTime) -> Result<WireRequest, String> {
         let item = items.first().ok_or("nothing to send")?;
-        match item.payload.get("type").and_then(|t| t.as_str()) {
-            Some("identify") => Ok(match item.vendor_ref {
-                Some(customer) => self.update_customer(customer, item),
-                None => self.create_customer(item),
-            }),
-            other => Err(format!(
-                "the Stripe connector sends identify calls only, not {}",
-                other.unwrap_or("untyped")
-            )),
-        }
+        Stripe::body(item)?;
+        Ok(match item.vendor_ref {
+            Some(customer) => self.update_customer(customer, item),
+            None => self.create_customer(item),
+        })
+    }
+    fn wire_body(&self, item: &Item<'_>, _now: OffsetDateTime) -> Result<Value, String> {
+        Stripe::body(item)
+    }
+    fn secrets(&self) -> Vec<&str> {
+        vec![&self.api_key]
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.api_key])
@@ -344,6 +437,13 @@ impl Connector for SegmentForward {
     fn request(&self, items: &[Item<'_>], now: OffsetDateTime) -> Result<WireRequest, String> {
         let sent_at = now.format(&Rfc3339).unwrap_or_default();
         Ok(SegmentForward::request(self, items, &sent_at))
+    }
+    fn wire_body(&self, item: &Item<'_>, now: OffsetDateTime) -> Result<Value, String> {
+        let sent_at = now.format(&Rfc3339).unwrap_or_default();
+        Ok(SegmentForward::body(std::slice::from_ref(item), &sent_at))
+    }
+    fn secrets(&self) -> Vec<&str> {
+        vec![&self.write_key]
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.write_key])

@@ -254,6 +254,22 @@ impl Ga4 {
 
     /// The request for items sharing one [`Ga4::batch_key`] (at most [`MAX_BATCH`]).
     pub fn request(&self, items: &[Item<'_>]) -> Result<WireRequest, Ga4Error> {
+        let body = Self::body(items)?;
+        let query = serde_urlencoded::to_string([
+            ("measurement_id", &self.measurement_id),
+            ("api_secret", &self.api_secret),
+        ])
+        .expect("strings always encode");
+        Ok(WireRequest {
+            method: "POST",
+            url: format!("{}/mp/collect?{query}", self.base_url.trim_end_matches('/')),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&body).expect("a Value always serialises"),
+        })
+    }
+
+    /// The body of one request for items sharing one [`Ga4::batch_key`].
+    pub fn body(items: &[Item<'_>]) -> Result<Value, Ga4Error> {
         let first = items.first().ok_or(Ga4Error::NoClientId)?;
         let client_id = client_id(first.payload).ok_or(Ga4Error::NoClientId)?;
         let mut body = json!({
@@ -268,17 +284,7 @@ impl Ga4 {
         {
             body["timestamp_micros"] = json!((t.unix_timestamp_nanos() / 1000) as i64);
         }
-        let query = serde_urlencoded::to_string([
-            ("measurement_id", &self.measurement_id),
-            ("api_secret", &self.api_secret),
-        ])
-        .expect("strings always encode");
-        Ok(WireRequest {
-            method: "POST",
-            url: format!("{}/mp/collect?{query}", self.base_url.trim_end_matches('/')),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: serde_json::to_vec(&body).expect("a Value always serialises"),
-        })
+        Ok(body)
     }
 }
 

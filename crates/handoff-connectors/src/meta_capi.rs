@@ -186,14 +186,20 @@ impl MetaCapi {
         event
     }
 
-    /// One request for up to [`MAX_BATCH`] items. The access token travels in the body, not the
-    /// URL, so it never lands in a proxy's access log.
-    pub fn request(&self, items: &[Item<'_>]) -> WireRequest {
+    /// The body of one request for `items`.
+    pub fn body(&self, items: &[Item<'_>]) -> Value {
         let data: Vec<Value> = items.iter().map(|i| self.event(i)).collect();
         let mut body = json!({ "data": data, "access_token": self.access_token });
         if let Some(code) = &self.test_event_code {
             body["test_event_code"] = json!(code);
         }
+        body
+    }
+
+    /// One request for up to [`MAX_BATCH`] items. The access token travels in the body, not the
+    /// URL, so it never lands in a proxy's access log.
+    pub fn request(&self, items: &[Item<'_>]) -> WireRequest {
+        let body = self.body(items);
         WireRequest {
             method: "POST",
             url: format!(

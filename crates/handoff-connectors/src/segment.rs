@@ -22,7 +22,8 @@ pub struct SegmentForward {
 }
 
 impl SegmentForward {
-    pub fn request(&self, items: &[Item<'_>], sent_at: &str) -> WireRequest {
+    /// The body of one request for `items`.
+    pub fn body(items: &[Item<'_>], sent_at: &str) -> Value {
         let batch: Vec<Value> = items
             .iter()
             .map(|i| {
@@ -31,7 +32,11 @@ impl SegmentForward {
                 m
             })
             .collect();
-        let body = json!({ "batch": batch, "sentAt": sent_at });
+        json!({ "batch": batch, "sentAt": sent_at })
+    }
+
+    pub fn request(&self, items: &[Item<'_>], sent_at: &str) -> WireRequest {
+        let body = Self::body(items, sent_at);
         WireRequest {
             method: "POST",
             url: format!("{}/v1/batch", self.base_url.trim_end_matches('/')),

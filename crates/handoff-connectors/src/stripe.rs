@@ -95,6 +95,17 @@ impl Stripe {
             .then(|| id.to_owned())
     }
 
+    /// An identify's customer request body as Stripe reads it, or why the item is not one.
+    pub fn body(item: &Item<'_>) -> Result<Value, String> {
+        match item.payload.get("type").and_then(|t| t.as_str()) {
+            Some("identify") => Ok(crate::wire::form_json(&Self::customer_fields(item.payload))),
+            other => Err(format!(
+                "the Stripe connector sends identify calls only, not {}",
+                other.unwrap_or("untyped")
+            )),
+        }
+    }
+
     fn customer_request(&self, url: String, item: &Item<'_>) -> WireRequest {
         let body = serde_urlencoded::to_string(Self::customer_fields(item.payload))
             .expect("strings always encode");

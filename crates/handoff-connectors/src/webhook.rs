@@ -122,7 +122,12 @@ impl Webhook {
     }
 
     pub fn request(&self, item: &Item<'_>, now: i64) -> WireRequest {
-        let id = item.delivery_id.to_owned();
+        let body = serde_json::to_vec(&Self::body(item)).expect("a Value always serialises");
+        self.signed(item.delivery_id.to_owned(), now, body)
+    }
+
+    /// The body of one item's request.
+    pub fn body(item: &Item<'_>) -> Value {
         let kind = item
             .payload
             .get("type")
@@ -133,13 +138,11 @@ impl Webhook {
             .get("timestamp")
             .cloned()
             .unwrap_or(Value::Null);
-        let body = serde_json::to_vec(&json!({
+        json!({
             "type": format!("event.{kind}"),
             "timestamp": timestamp,
             "data": item.payload,
-        }))
-        .expect("a Value always serialises");
-        self.signed(id, now, body)
+        })
     }
 }
 

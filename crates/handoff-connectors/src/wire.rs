@@ -159,6 +159,72 @@ pub fn delivery_id(destination: &str, name: &str) -> String {
     hex_id(&h.finalize())
 }
 
+/// What stands in for a secret in what `plan` prints (and what the ledger's field names skip).
+pub const MASKED: &str = "[secret]";
+
+/// The object a form body describes, as the vendor reads it: `address[city]=…` is `city`
+/// inside `address` (Stripe's documented encoding of nested parameters); values are text.
+pub fn form_json(pairs: &[(String, String)]) -> Value {
+    let mut out = serde_json::Map::new();
+    for (key, value) in pairs {
+        let mut parts = key.split('[').map(|p| p.trim_end_matches(']'));
+        let first = parts.next().unwrap_or_default();
+        let rest: Vec<&str> = parts.collect();
+        let mut at = out
+            .entry(first.to_owned())
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        for part in rest {
+            if !at.is_object() {
+                *at = Value::Object(serde_json::Map::new());
+            }
+            at = at
+                .as_object_mut()
+                .expect("made an object above")
+                .entry(part.to_owned())
+                .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        }
+        *at = Value::String(value.clone());
+    }
+    Value::Object(out)
+}
+
+/// The field names of a wire body as the ledger records them: dotted paths of its leaves,
+/// arrays collapsed (`data.custom_data.contents.id`), sorted, each once; a masked secret is
+/// not a field about anybody and is left out. Never values.
+pub fn wire_fields(body: &Value) -> Vec<String> {
+    fn walk(v: &Value, path: &mut String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, child) in m {
+                    let len = path.len();
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(k);
+                    walk(child, path, out);
+                    path.truncate(len);
+                }
+            }
+            Value::Array(items) => {
+                for child in items {
+                    walk(child, path, out);
+                }
+            }
+            Value::String(s) if s == MASKED => {}
+            _ => {
+                if !path.is_empty() {
+                    out.push(path.clone());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(body, &mut String::new(), &mut out);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// A string at a dotted `path`, if it is one.
 pub fn str_at<'v>(v: &'v Value, path: &str) -> Option<&'v str> {
     get_path(v, path).and_then(Value::as_str)
@@ -216,6 +282,24 @@ mod tests {
         assert_ne!(key.id("d", "a", "bc"), key.id("d", "ab", "c"));
         assert_ne!(a, delivery_id("meta-capi", "order-1001"));
         assert!(a.starts_with("hd_") && a.len() == 35, "{a}");
+    }
+
+    #[test]
+    fn form_bodies_read_as_nested_objects_and_fields_skip_secrets() {
+        let pairs = [
+            ("email".to_owned(), "a@b.c".to_owned()),
+            ("address[city]".to_owned(), "Berlin".to_owned()),
+            ("metadata[handoff_user_id]".to_owned(), "u1".to_owned()),
+        ];
+        let v = form_json(&pairs);
+        assert_eq!(v["address"]["city"], "Berlin");
+        assert_eq!(
+            wire_fields(&v),
+            ["address.city", "email", "metadata.handoff_user_id"]
+        );
+        let body = serde_json::json!({"data": [{"a": 1, "b": {"c": null}}, {"a": 2, "d": [1, 2]}],
+            "access_token": MASKED});
+        assert_eq!(wire_fields(&body), ["data.a", "data.b.c", "data.d"]);
     }
 
     #[test]

@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use handoff_connectors::connector::Connector;
-use handoff_connectors::wire::{Classification, Item};
+use handoff_connectors::wire::{Classification, Item, wire_fields};
 use handoff_core::consent::{ConsentContext, PreferenceUpdate, StoredPreferences, SubjectState};
 use handoff_core::policy::model::{DeliverySettings, Destination};
 use handoff_core::policy::{Outcome, PreparedEvent, decide};
-use handoff_core::subject::{SubjectKey, categories_of, field_names, identifiers};
+use handoff_core::subject::{SubjectKey, categories_of, identifiers};
 use handoff_store::ledger::{self, Entry};
 use handoff_store::outbox::{
     DestinationState, NewItem, OutboxItem, OutboxStore, Routing, Sent, SentIds,
@@ -45,6 +45,15 @@ const PARALLEL: usize = 16;
 const ROUND: usize = 256;
 /// Reason recorded when a killed destination is not decided for.
 pub const KILLED_REASON: &str = "destination.killed";
+/// Reason recorded when a stored event cannot be read back (it is blocked for every
+/// destination, never guessed at).
+pub const UNREADABLE_REASON: &str = "journal.unreadable";
+/// The reason codes delivery writes to the ledger besides the policy's
+/// [`handoff_core::policy::REASON_CODES`].
+pub const LEDGER_REASON_CODES: &[&str] = &[KILLED_REASON, UNREADABLE_REASON];
+/// Reason recorded when the destination's connector cannot map a decided event (GA4 without a
+/// client id, Stripe given a track call): it would never be sent.
+pub const REFUSED_REASON: &str = handoff_core::policy::CONNECTOR_REFUSED;
 
 /// One destination at run time.
 pub struct Lane {
@@ -280,7 +289,7 @@ fn decide_events(
         })
         .collect();
     let subjects = delivery.store.resolve_subjects(&ids)?;
-    let today = time::OffsetDateTime::now_utc().date();
+    let now = time::OffsetDateTime::now_utc();
     Ok(decide_batch(
         events,
         parsed,
@@ -288,7 +297,7 @@ fn decide_events(
         &delivery.lanes,
         settings,
         &delivery.delivery_ids,
-        today,
+        now,
     ))
 }
 
@@ -534,8 +543,9 @@ fn decide_batch(
     lanes: &[Arc<Lane>],
     settings: &handoff_core::policy::model::PolicySettings,
     delivery_ids: &handoff_connectors::wire::DeliveryIdKey,
-    today: time::Date,
+    now: time::OffsetDateTime,
 ) -> Plan {
+    let today = now.date();
     let mut plan = Plan {
         routed: Routed {
             blocked: Vec::new(),
@@ -565,7 +575,7 @@ fn decide_batch(
                     source = %e.source,
                     "journal.unreadable: a stored event cannot be parsed; blocked for every destination"
                 );
-                "journal.unreadable"
+                UNREADABLE_REASON
             };
             for lane in lanes {
                 plan.routed
@@ -626,7 +636,36 @@ fn decide_batch(
             entry.reasons = reasons.join(",");
             match decision.outcome {
                 Outcome::Send(payload) => {
-                    let fields = field_names(&payload.0);
+                    // The connector's mapping, as pure code, inside the decision: the ledger
+                    // records the field names of what the vendor receives, and what the
+                    // connector could never send is blocked here, with its reason.
+                    let delivery_id = delivery_ids.id(&d.id, &e.source, &e.message_id);
+                    let wire = serde_json::from_str::<Value>(&payload.0)
+                        .map_err(|e| format!("the decided payload cannot be read: {e}"))
+                        .and_then(|decided| {
+                            let item = Item {
+                                message_id: &e.message_id,
+                                delivery_id: &delivery_id,
+                                vendor_ref: None,
+                                payload: &decided,
+                            };
+                            lane.connector.wire_body(&item, now)
+                        });
+                    let fields = match wire {
+                        Ok(body) => wire_fields(&body),
+                        Err(why) => {
+                            plan.routed.blocked.push((d.id.clone(), REFUSED_REASON));
+                            entry.outcome = "block".into();
+                            entry.reasons = if entry.reasons.is_empty() {
+                                REFUSED_REASON.into()
+                            } else {
+                                format!("{},{REFUSED_REASON}", entry.reasons)
+                            };
+                            entry.detail = why;
+                            plan.entries.push(entry);
+                            continue;
+                        }
+                    };
                     entry.fields = fields.join(",");
                     // Most events of a batch share a few shapes.
                     entry.categories = categories
@@ -641,7 +680,7 @@ fn decide_batch(
                         vendor: d.vendor.id.clone(),
                         seq: e.seq,
                         message_id: e.message_id.clone(),
-                        delivery_id: delivery_ids.id(&d.id, &e.source, &e.message_id),
+                        delivery_id,
                         subject: subject_id.clone(),
                         shape: entry.shape(),
                         payload: payload.0,

@@ -114,6 +114,6 @@ async fn plan(
         SubjectState::default(),
     )
     .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code, e.message))?;
-    handoff_connectors::connector::apply_refusals(&mut plan, &p.destinations, now);
+    handoff_connectors::connector::apply_wire(&mut plan, &p.destinations, now);
     Ok(Json(plan).into_response())
 }

@@ -65,7 +65,7 @@ pub fn run(
         SubjectState::default(),
     )
     .map_err(|e| anyhow::anyhow!("{}: {e} [{}]", event_path.display(), e.code))?;
-    handoff_connectors::connector::apply_refusals(&mut plan, &config.destinations, now);
+    handoff_connectors::connector::apply_wire(&mut plan, &config.destinations, now);
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(ExitCode::SUCCESS);
@@ -91,10 +91,31 @@ pub fn run(
         }
         if let Some(p) = &d.payload {
             let text = serde_json::to_string_pretty(p)?;
-            println!("  payload:");
+            println!("  decided payload (before the vendor's mapping):");
             for line in text.lines() {
                 println!("    {line}");
             }
+        }
+        if let Some(w) = &d.wire {
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            println!(
+                "  the vendor receives: {} {}",
+                text(&w["method"]),
+                text(&w["url"])
+            );
+            for h in w["headers"].as_array().into_iter().flatten() {
+                println!("    {}: {}", text(&h[0]), text(&h[1]));
+            }
+            for line in serde_json::to_string_pretty(&w["body"])?.lines() {
+                println!("    {line}");
+            }
+            let fields: Vec<String> = w["fields"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            println!("  the ledger records: {}", fields.join(", "));
         }
         println!();
     }

@@ -225,7 +225,8 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
         acme["fields"]
             .as_array()
             .unwrap()
-            .contains(&json!("traits.email"))
+            .contains(&json!("data.traits.email")),
+        "the webhook's body carries the event under `data`: {acme}"
     );
     assert!(
         acme["categories"]
@@ -235,6 +236,21 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     );
     let google = vendors.iter().find(|v| v["vendor"] == "google").unwrap();
     assert_eq!(google["handoffs"], 3);
+    // What GA4 received, named as its Measurement Protocol request names it.
+    let google_fields: Vec<&str> = google["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        google_fields.contains(&"client_id") && google_fields.contains(&"events.name"),
+        "{google}"
+    );
+    assert!(
+        google_fields.iter().all(|f| !f.starts_with("context.")),
+        "{google}"
+    );
     assert_eq!(google["legal_bases"], json!(["legitimate_interest"]));
     for value in ["jane", "Jane@Example.com", "anon-j"] {
         let ledger_text = report["vendors"].to_string()

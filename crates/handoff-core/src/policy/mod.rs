@@ -69,8 +69,11 @@ pub const REASON_CODES: &[&str] = &[
     "pii.redacted",
     "pii.alert",
     "transform.invalid_value",
-    "connector.refused",
+    CONNECTOR_REFUSED,
 ];
+
+/// The connector cannot map the decided payload into a request: it would never be sent.
+pub const CONNECTOR_REFUSED: &str = "connector.refused";
 
 /// A reason: a stable code from [`REASON_CODES`] and a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -83,7 +86,7 @@ impl Reason {
     /// The destination's connector cannot map the decided payload into a request (GA4 with
     /// neither `anonymousId` nor `userId`): it would never be sent.
     pub fn connector_refused(message: impl Into<String>) -> Reason {
-        Reason::new("connector.refused", message)
+        Reason::new(CONNECTOR_REFUSED, message)
     }
 
     fn new(code: &'static str, message: impl Into<String>) -> Reason {
@@ -667,8 +670,13 @@ pub struct PlannedDestination {
     pub reasons: Vec<&'static str>,
     /// The same reasons with a sentence each.
     pub details: Vec<Reason>,
-    /// Exactly what would be sent (before the connector's wire mapping); `null` when blocked.
+    /// The minimised event the policy decided, before the connector's mapping; `null` when
+    /// blocked.
     pub payload: Option<Value>,
+    /// The request the vendor would receive (method, URL, headers and body with secrets
+    /// masked, and the field names the ledger records), set by the connectors'
+    /// `apply_wire`; `null` when blocked.
+    pub wire: Option<Value>,
     pub dropped: Vec<String>,
     pub pii: Vec<PiiHit>,
 }
@@ -701,6 +709,7 @@ pub fn plan(
                     Outcome::Send(p) => Some(p.to_value()),
                     Outcome::Block => None,
                 },
+                wire: None,
                 dropped: d.dropped.to_vec(),
                 pii: d.pii.clone(),
             }
