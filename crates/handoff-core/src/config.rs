@@ -37,6 +37,15 @@ pub const MAX_DRAIN_DELAY_SECS: i64 = 300;
 /// sends bad events over a month's release cycle, short enough that refused personal data does
 /// not pile up.
 pub const DEFAULT_QUARANTINE_RETENTION_DAYS: i64 = 30;
+/// How long accepted events stay in the journal after every destination has passed them, by
+/// default: the window in which they can be replayed (three days covers a vendor's weekend
+/// outage). Keeping raw personal data longer than needed is itself a privacy fault.
+pub const DEFAULT_RETENTION_HOURS: i64 = 72;
+/// Shortest journal retention accepted: the 24 h in which a repeated `messageId` is recognised
+/// as a duplicate, and a margin.
+pub const MIN_RETENTION_HOURS: i64 = 25;
+/// Longest journal retention accepted (one year).
+pub const MAX_RETENTION_HOURS: i64 = 366 * 24;
 /// Longest quarantine retention accepted (one year).
 pub const MAX_QUARANTINE_RETENTION_DAYS: i64 = 366;
 /// How long a client may take to send a request's header block, counted from the connection's
@@ -96,6 +105,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// How long refused messages stay in quarantine.
     pub quarantine_retention: Duration,
+    /// How long accepted events stay in the journal once every destination has passed them.
+    pub retention: Duration,
     /// Most concurrent client connections; `None`: derived from the file-descriptor limit at
     /// start.
     pub max_connections: Option<usize>,
@@ -344,6 +355,7 @@ impl Config {
                 quarantine_retention: Duration::from_secs(
                     DEFAULT_QUARANTINE_RETENTION_DAYS as u64 * 86_400,
                 ),
+                retention: Duration::from_secs(DEFAULT_RETENTION_HOURS as u64 * 3600),
                 max_connections: None,
                 header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS as u64),
             },
@@ -415,6 +427,7 @@ impl Config {
                         "master_key_file",
                         "tls",
                         "quarantine_retention_days",
+                        "retention_hours",
                         "max_connections",
                         "header_timeout_secs",
                     ],
@@ -444,6 +457,13 @@ impl Config {
                     1..=MAX_QUARANTINE_RETENTION_DAYS,
                 ) {
                     config.server.quarantine_retention = Duration::from_secs(days * 86_400);
+                }
+                if let Some(hours) = whole(
+                    "retention_hours",
+                    "config.server.retention.invalid",
+                    MIN_RETENTION_HOURS..=MAX_RETENTION_HOURS,
+                ) {
+                    config.server.retention = Duration::from_secs(hours * 3600);
                 }
                 if let Some(n) = whole(
                     "max_connections",

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub task_restarts: Family<TaskLabel, Counter>,
     /// Quarantined messages deleted by retention.
     pub quarantine_purged: Counter,
+    /// Journal events deleted by retention.
+    pub journal_purged: Counter,
     pub delivery: DeliveryMetrics,
     accepted: Family<SourceLabel, Counter>,
     duplicates: Family<SourceLabel, Counter>,
@@ -207,6 +209,12 @@ impl Metrics {
             "quarantine_purged",
             "Quarantined messages deleted after [server] quarantine_retention_days",
             quarantine_purged.clone(),
+        );
+        let journal_purged = Counter::default();
+        registry.register(
+            "journal_events_purged",
+            "Journal events deleted after every destination passed them and [server] retention_hours elapsed",
+            journal_purged.clone(),
         );
         let connections = ConnectionMetrics::default();
         registry.register(
@@ -325,6 +333,7 @@ impl Metrics {
             connections,
             task_restarts,
             quarantine_purged,
+            journal_purged,
             delivery,
             accepted,
             duplicates,

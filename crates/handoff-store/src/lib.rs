@@ -184,6 +184,11 @@ pub trait Journal: Send + Sync + 'static {
     /// retention); returns how many.
     async fn purge_quarantine(&self, before_ms: i64) -> Result<u64, StoreError>;
 
+    /// Deletes the events with a sequence number below `upto` received before `before_ms`
+    /// (the journal's retention: every consumer has passed them and they are older than the
+    /// replay window); the newest event is always kept. Returns how many were deleted.
+    async fn purge_events(&self, upto: Seq, before_ms: i64) -> Result<u64, StoreError>;
+
     /// The last sequence number `consumer` acknowledged (0 if never).
     async fn acked(&self, consumer: &str) -> Result<Seq, StoreError>;
 

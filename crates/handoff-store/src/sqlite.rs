@@ -122,7 +122,43 @@ enum Command {
         before_ms: i64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Deletes events before `upto` received before `before_ms` (retention), a chunk of
+    /// sequence numbers at a time.
+    PurgeEvents {
+        upto: Seq,
+        before_ms: i64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     Shutdown,
+}
+
+/// Sequence numbers one retention step looks at: a bounded range of the primary key, so a
+/// step is short (the writer holds ingest's next commit while it runs).
+pub const PURGE_EVENTS_CHUNK: Seq = 10_000;
+
+/// Deletes, among the oldest [`PURGE_EVENTS_CHUNK`] sequence numbers, the events before
+/// `upto` received before `before_ms`. The newest event is always kept: the next sequence
+/// number is its successor, also after a restart. Returns how many were deleted.
+fn purge_events_in(
+    tx: &rusqlite::Transaction<'_>,
+    upto: Seq,
+    before_ms: i64,
+) -> Result<u64, StoreError> {
+    let (min, max): (Option<i64>, Option<i64>) =
+        tx.query_row("SELECT min(seq), max(seq) FROM events", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (Some(min), Some(max)) = (min, max) else {
+        return Ok(0);
+    };
+    let below = i64::try_from(upto)
+        .unwrap_or(i64::MAX)
+        .min(max)
+        .min(min.saturating_add(PURGE_EVENTS_CHUNK as i64));
+    let n = tx
+        .prepare_cached("DELETE FROM events WHERE seq < ?1 AND received_at_ms < ?2")?
+        .execute(params![below, before_ms])?;
+    Ok(n as u64)
 }
 
 /// A source registered in the store (the embedded default's own source).
@@ -507,6 +543,26 @@ impl Journal for SqliteJournal {
         }
     }
 
+    async fn purge_events(&self, upto: Seq, before_ms: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Command::PurgeEvents {
+                    upto,
+                    before_ms,
+                    reply,
+                })
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            let n = rx.await.map_err(|_| StoreError::Closed)??;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
     async fn acked(&self, consumer: &str) -> Result<Seq, StoreError> {
         let consumer = consumer.to_owned();
         self.with_reader(move |c| read_acked(c, &consumer)).await
@@ -706,7 +762,8 @@ impl Writer {
                             replies.push(Reply::Append(reply, AppendOutcome::default()))
                         }
                         Command::Ack { reply, .. } => replies.push(Reply::Ack(reply)),
-                        Command::PurgeQuarantine { reply, .. } => {
+                        Command::PurgeQuarantine { reply, .. }
+                        | Command::PurgeEvents { reply, .. } => {
                             replies.push(Reply::Purge(reply, 0))
                         }
                         Command::Shutdown => {}
@@ -746,6 +803,17 @@ impl Writer {
                         }
                         replies.push(Reply::Ack(reply));
                     }
+                    Command::PurgeEvents {
+                        upto,
+                        before_ms,
+                        reply,
+                    } => match purge_events_in(tx, upto, before_ms) {
+                        Ok(n) => replies.push(Reply::Purge(reply, n)),
+                        Err(e) => {
+                            failure = Some(e);
+                            replies.push(Reply::Purge(reply, 0));
+                        }
+                    },
                     Command::PurgeQuarantine { before_ms, reply } => {
                         match crate::quarantine::purge_in(tx, before_ms) {
                             Ok(n) => {

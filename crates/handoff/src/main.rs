@@ -621,9 +621,21 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
             },
         )
     });
+    // Delivery's router is the journal's one consumer: what it has decided is queued (or
+    // recorded as blocked) in the outbox, so the journal's copy is needed no more.
+    let lowest_cursor: handoff_server::retention::LowestCursor = if delivery.lanes.is_empty() {
+        Arc::new(|| Ok(handoff_store::Seq::MAX))
+    } else {
+        let store = delivery.store.clone();
+        Arc::new(move || store.router_position())
+    };
     let retention = handoff_server::retention::start(
         journal.clone(),
-        config.server.quarantine_retention,
+        handoff_server::retention::Retention {
+            events: config.server.retention,
+            lowest_cursor,
+            quarantine: config.server.quarantine_retention,
+        },
         &state.metrics,
     );
     let tasks = delivery.start(journal, state.clone(), stop_rx);
