@@ -50,7 +50,10 @@ pub const KILLED_REASON: &str = "destination.killed";
 pub const UNREADABLE_REASON: &str = "journal.unreadable";
 /// The reason codes delivery writes to the ledger besides the policy's
 /// [`handoff_core::policy::REASON_CODES`].
-pub const LEDGER_REASON_CODES: &[&str] = &[KILLED_REASON, UNREADABLE_REASON];
+pub const LEDGER_REASON_CODES: &[&str] = &[KILLED_REASON, UNREADABLE_REASON, UNDECIDABLE_REASON];
+/// Reason recorded when deciding or mapping an event failed (a bug, logged with the event's
+/// sequence number): it is blocked for every destination and the pipeline goes on.
+pub const UNDECIDABLE_REASON: &str = "event.undecidable";
 /// Reason recorded when the destination's connector cannot map a decided event (GA4 without a
 /// client id, Stripe given a track call): it would never be sent.
 pub const REFUSED_REASON: &str = handoff_core::policy::CONNECTOR_REFUSED;
@@ -189,29 +192,42 @@ impl Delivery {
         if self.lanes.is_empty() {
             return tasks;
         }
-        tasks.push(tokio::spawn(router(
-            self.clone(),
-            journal,
-            app.clone(),
-            stop.clone(),
-        )));
-        tasks.push(tokio::spawn(poll_states(
-            self.clone(),
-            app.clone(),
-            stop.clone(),
-        )));
-        tasks.push(tokio::spawn(erasures(
-            self.clone(),
-            app.clone(),
-            stop.clone(),
-        )));
+        // Each task is supervised: a panic is logged, counted and the task started again
+        // from what the store holds (the router from its committed position, a worker from its
+        // queue), so one bug never silently ends a destination's delivery.
+        let restarts = app.metrics.task_restarts.clone();
+        {
+            let (delivery, journal, app, stop) = (self.clone(), journal, app.clone(), stop.clone());
+            tasks.push(crate::supervisor::supervise(
+                "delivery-router",
+                restarts.clone(),
+                move || router(delivery.clone(), journal.clone(), app.clone(), stop.clone()),
+            ));
+        }
+        {
+            let (delivery, app, stop) = (self.clone(), app.clone(), stop.clone());
+            tasks.push(crate::supervisor::supervise(
+                "delivery-states",
+                restarts.clone(),
+                move || poll_states(delivery.clone(), app.clone(), stop.clone()),
+            ));
+        }
+        {
+            let (delivery, app, stop) = (self.clone(), app.clone(), stop.clone());
+            tasks.push(crate::supervisor::supervise(
+                "dsr-erasures",
+                restarts.clone(),
+                move || erasures(delivery.clone(), app.clone(), stop.clone()),
+            ));
+        }
         for lane in &self.lanes {
-            tasks.push(tokio::spawn(worker(
-                self.clone(),
-                lane.clone(),
-                app.clone(),
-                stop.clone(),
-            )));
+            let (delivery, lane, app, stop) =
+                (self.clone(), lane.clone(), app.clone(), stop.clone());
+            tasks.push(crate::supervisor::supervise(
+                "delivery-worker",
+                restarts.clone(),
+                move || worker(delivery.clone(), lane.clone(), app.clone(), stop.clone()),
+            ));
         }
         tasks
     }
@@ -589,112 +605,153 @@ fn decide_batch(
             continue;
         };
         let subject_id = subject.as_ref().map_or("", |s| s.id.as_str()).to_owned();
-        if let Some(s) = &subject
-            && seen.insert(s.id.clone())
-        {
-            plan.basis.push((
-                s.id.clone(),
-                (None, s.suppressed_at_ms, s.preferences.clone()),
-            ));
-        }
-        let stored = changed.get(&subject_id).cloned().or_else(|| {
-            subject
-                .as_ref()
-                .and_then(|s| s.preferences.as_deref())
-                .and_then(StoredPreferences::from_json)
-        });
-        let mut state = SubjectState {
-            suppressed: subject
-                .as_ref()
-                .is_some_and(|s| s.suppressed_at_ms.is_some()),
-            preferences: stored,
-        };
-        if state.suppressed {
-            plan.routed.erase.push(e.seq);
-        } else if value.get("type").and_then(Value::as_str) == Some("identify")
-            && let Some(Ok(update)) = PreferenceUpdate::from_identify(&value)
-            && !subject_id.is_empty()
-        {
-            let next = state.preferences.clone().unwrap_or_default().apply(&update);
-            changed.insert(subject_id.clone(), next.clone());
-            state.preferences = Some(next);
-        }
-        let prepared = PreparedEvent::new(value, settings);
-        let consent = ConsentContext::from_event(prepared.value(), &settings.consent_fields, state);
-        for (i, lane) in lanes.iter().enumerate() {
-            let d = &lane.destination;
-            let mut entry = decision_entry(e, &subject_id, lane);
-            if lane.state() == DestinationState::Killed {
-                plan.routed.blocked.push((d.id.clone(), KILLED_REASON));
-                entry.outcome = "block".into();
-                entry.reasons = KILLED_REASON.into();
-                plan.entries.push(entry);
-                continue;
+        // One event that makes deciding or mapping fail (a bug) must not halt the pipeline:
+        // what it added is taken back, it is blocked for every destination with
+        // `event.undecidable`, and the rest flow on.
+        let marks = (
+            plan.entries.len(),
+            plan.items.len(),
+            plan.routed.blocked.len(),
+            plan.routed.erase.len(),
+        );
+        let preferences_before = changed.get(&subject_id).cloned();
+        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(s) = &subject
+                && seen.insert(s.id.clone())
+            {
+                plan.basis.push((
+                    s.id.clone(),
+                    (None, s.suppressed_at_ms, s.preferences.clone()),
+                ));
             }
-            let decision = decide(&prepared, &consent, d, today);
-            let reasons: Vec<&str> = decision.reasons.iter().map(|r| r.code).collect();
-            entry.reasons = reasons.join(",");
-            match decision.outcome {
-                Outcome::Send(payload) => {
-                    // The connector's mapping, as pure code, inside the decision: the ledger
-                    // records the field names of what the vendor receives, and what the
-                    // connector could never send is blocked here, with its reason.
-                    let delivery_id = delivery_ids.id(&d.id, &e.source, &e.message_id);
-                    let wire = serde_json::from_str::<Value>(&payload.0)
-                        .map_err(|e| format!("the decided payload cannot be read: {e}"))
-                        .and_then(|decided| {
-                            let item = Item {
-                                message_id: &e.message_id,
-                                delivery_id: &delivery_id,
-                                vendor_ref: None,
-                                payload: &decided,
-                            };
-                            lane.connector.wire_body(&item, now)
-                        });
-                    let fields = match wire {
-                        Ok(body) => wire_fields(&body),
-                        Err(why) => {
-                            plan.routed.blocked.push((d.id.clone(), REFUSED_REASON));
-                            entry.outcome = "block".into();
-                            entry.reasons = if entry.reasons.is_empty() {
-                                REFUSED_REASON.into()
-                            } else {
-                                format!("{},{REFUSED_REASON}", entry.reasons)
-                            };
-                            entry.detail = why;
-                            plan.entries.push(entry);
-                            continue;
-                        }
-                    };
-                    entry.fields = fields.join(",");
-                    // Most events of a batch share a few shapes.
-                    entry.categories = categories
-                        .entry(entry.fields.clone())
-                        .or_insert_with(|| {
-                            categories_of(fields.iter().map(String::as_str)).join(",")
-                        })
-                        .clone();
-                    entry.outcome = "send".into();
-                    plan.items.push(NewItem {
-                        destination: d.id.clone(),
-                        vendor: d.vendor.id.clone(),
-                        seq: e.seq,
-                        message_id: e.message_id.clone(),
-                        delivery_id,
-                        subject: subject_id.clone(),
-                        shape: entry.shape(),
-                        payload: payload.0,
-                    });
-                    plan.routed.wake[i] = true;
-                }
-                Outcome::Block => {
-                    plan.routed
-                        .blocked
-                        .push((d.id.clone(), decision.reasons[0].code));
+            let stored = changed.get(&subject_id).cloned().or_else(|| {
+                subject
+                    .as_ref()
+                    .and_then(|s| s.preferences.as_deref())
+                    .and_then(StoredPreferences::from_json)
+            });
+            let mut state = SubjectState {
+                suppressed: subject
+                    .as_ref()
+                    .is_some_and(|s| s.suppressed_at_ms.is_some()),
+                preferences: stored,
+            };
+            if state.suppressed {
+                plan.routed.erase.push(e.seq);
+            } else if value.get("type").and_then(Value::as_str) == Some("identify")
+                && let Some(Ok(update)) = PreferenceUpdate::from_identify(&value)
+                && !subject_id.is_empty()
+            {
+                let next = state.preferences.clone().unwrap_or_default().apply(&update);
+                changed.insert(subject_id.clone(), next.clone());
+                state.preferences = Some(next);
+            }
+            let prepared = PreparedEvent::new(value, settings);
+            let consent =
+                ConsentContext::from_event(prepared.value(), &settings.consent_fields, state);
+            for (i, lane) in lanes.iter().enumerate() {
+                let d = &lane.destination;
+                let mut entry = decision_entry(e, &subject_id, lane);
+                if lane.state() == DestinationState::Killed {
+                    plan.routed.blocked.push((d.id.clone(), KILLED_REASON));
                     entry.outcome = "block".into();
+                    entry.reasons = KILLED_REASON.into();
+                    plan.entries.push(entry);
+                    continue;
+                }
+                let decision = decide(&prepared, &consent, d, today);
+                let reasons: Vec<&str> = decision.reasons.iter().map(|r| r.code).collect();
+                entry.reasons = reasons.join(",");
+                match decision.outcome {
+                    Outcome::Send(payload) => {
+                        // The connector's mapping, as pure code, inside the decision: the ledger
+                        // records the field names of what the vendor receives, and what the
+                        // connector could never send is blocked here, with its reason.
+                        let delivery_id = delivery_ids.id(&d.id, &e.source, &e.message_id);
+                        let wire = serde_json::from_str::<Value>(&payload.0)
+                            .map_err(|e| format!("the decided payload cannot be read: {e}"))
+                            .and_then(|decided| {
+                                let item = Item {
+                                    message_id: &e.message_id,
+                                    delivery_id: &delivery_id,
+                                    vendor_ref: None,
+                                    payload: &decided,
+                                };
+                                lane.connector.wire_body(&item, now)
+                            });
+                        let fields = match wire {
+                            Ok(body) => wire_fields(&body),
+                            Err(why) => {
+                                plan.routed.blocked.push((d.id.clone(), REFUSED_REASON));
+                                entry.outcome = "block".into();
+                                entry.reasons = if entry.reasons.is_empty() {
+                                    REFUSED_REASON.into()
+                                } else {
+                                    format!("{},{REFUSED_REASON}", entry.reasons)
+                                };
+                                entry.detail = why;
+                                plan.entries.push(entry);
+                                continue;
+                            }
+                        };
+                        entry.fields = fields.join(",");
+                        // Most events of a batch share a few shapes.
+                        entry.categories = categories
+                            .entry(entry.fields.clone())
+                            .or_insert_with(|| {
+                                categories_of(fields.iter().map(String::as_str)).join(",")
+                            })
+                            .clone();
+                        entry.outcome = "send".into();
+                        plan.items.push(NewItem {
+                            destination: d.id.clone(),
+                            vendor: d.vendor.id.clone(),
+                            seq: e.seq,
+                            message_id: e.message_id.clone(),
+                            delivery_id,
+                            subject: subject_id.clone(),
+                            shape: entry.shape(),
+                            payload: payload.0,
+                        });
+                        plan.routed.wake[i] = true;
+                    }
+                    Outcome::Block => {
+                        plan.routed
+                            .blocked
+                            .push((d.id.clone(), decision.reasons[0].code));
+                        entry.outcome = "block".into();
+                    }
+                }
+                plan.entries.push(entry);
+            }
+        }));
+        if decided.is_err() {
+            tracing::error!(
+                seq = e.seq,
+                source = %e.source,
+                "event.undecidable: deciding or mapping this event failed; blocked for every destination"
+            );
+            plan.entries.truncate(marks.0);
+            plan.items.truncate(marks.1);
+            plan.routed.blocked.truncate(marks.2);
+            plan.routed.erase.truncate(marks.3);
+            match preferences_before {
+                Some(p) => {
+                    changed.insert(subject_id.clone(), p);
+                }
+                None => {
+                    changed.remove(&subject_id);
                 }
             }
-            plan.entries.push(entry);
+            for lane in lanes {
+                plan.routed
+                    .blocked
+                    .push((lane.destination.id.clone(), UNDECIDABLE_REASON));
+                let mut entry = decision_entry(e, &subject_id, lane);
+                entry.outcome = "block".into();
+                entry.reasons = UNDECIDABLE_REASON.into();
+                plan.entries.push(entry);
+            }
         }
     }
     plan.preferences = changed.into_iter().map(|(s, p)| (s, p.to_json())).collect();
@@ -1439,6 +1496,129 @@ pub(crate) async fn send_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connector whose mapping panics on events named "Boom" (standing in for a bug).
+    struct Panicky(Box<dyn Connector>);
+
+    impl Connector for Panicky {
+        fn max_batch(&self) -> usize {
+            self.0.max_batch()
+        }
+        fn request(
+            &self,
+            items: &[Item<'_>],
+            now: time::OffsetDateTime,
+        ) -> Result<handoff_connectors::wire::WireRequest, String> {
+            self.0.request(items, now)
+        }
+        fn wire_body(&self, item: &Item<'_>, now: time::OffsetDateTime) -> Result<Value, String> {
+            assert_ne!(item.payload["event"], "Boom", "a bug in a mapping");
+            self.0.wire_body(item, now)
+        }
+        fn secrets(&self) -> Vec<&str> {
+            self.0.secrets()
+        }
+        fn classify(
+            &self,
+            status: u16,
+            retry_after: Option<Duration>,
+            body: &[u8],
+        ) -> Classification {
+            self.0.classify(status, retry_after, body)
+        }
+        fn erasure(
+            &self,
+            target: &handoff_connectors::erasure::ErasureTarget,
+            now: time::OffsetDateTime,
+        ) -> handoff_connectors::erasure::Erasure {
+            self.0.erasure(target, now)
+        }
+    }
+
+    #[test]
+    fn an_event_that_cannot_be_decided_is_blocked_and_the_rest_flow_on() {
+        let today = time::OffsetDateTime::now_utc().date();
+        let toml = format!(
+            r#"
+[[sources]]
+id = "web"
+write_key = "test-write-key-0123456789"
+
+[[vendors]]
+id = "acme"
+legal_name = "Acme"
+country = "IE"
+dpa_signed = 2025-01-01
+last_assessment = {today}
+risk_tier = "low"
+transfer_mechanism = "adequacy"
+
+[[destinations]]
+id = "hook"
+vendor = "acme"
+connector = "webhook"
+purposes = ["support"]
+legal_basis = "contract"
+event_types = ["track"]
+allow = ["event", "userId"]
+endpoint = "http://127.0.0.1:9/hook"
+settings = {{ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" }}
+"#
+        );
+        let config = handoff_core::config::Config::from_toml_on(&toml, &|_| None, today)
+            .expect("a valid config");
+        let d = config.destinations[0].clone();
+        let inner = handoff_connectors::connector::for_destination(&d).unwrap();
+        let client = handoff_connectors::http::client(&d.tls, Duration::from_secs(1)).unwrap();
+        let lane = Arc::new(Lane {
+            connector: Arc::new(Panicky(inner)),
+            purposes: "support".into(),
+            client,
+            state: AtomicU8::new(0),
+            wake: Notify::new(),
+            limiter: None,
+            destination: d,
+        });
+        let events: Vec<handoff_store::StoredEvent> = ["Boom", "Fine"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| handoff_store::StoredEvent {
+                seq: i as u64 + 1,
+                source: "web".into(),
+                message_id: format!("m{i}"),
+                received_at_ms: 0,
+                payload: serde_json::json!({"type": "track", "event": name, "userId": "u1",
+                    "messageId": format!("m{i}"), "timestamp": "2026-11-25T10:00:00.000Z"})
+                .to_string(),
+            })
+            .collect();
+        let parsed = events.iter().map(parse_event).collect();
+        let plan = decide_batch(
+            &events,
+            parsed,
+            vec![None, None],
+            &[lane],
+            &config.policy,
+            &handoff_connectors::wire::DeliveryIdKey::new([1; 32]),
+            time::OffsetDateTime::now_utc(),
+        );
+        let outcomes: Vec<(handoff_store::Seq, &str, &str)> = plan
+            .entries
+            .iter()
+            .map(|e| (e.event_seq, e.outcome.as_str(), e.reasons.as_str()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [(1, "block", UNDECIDABLE_REASON), (2, "send", "")],
+            "one entry per event, the undecidable one blocked"
+        );
+        assert_eq!(plan.items.len(), 1);
+        assert_eq!(plan.items[0].seq, 2);
+        assert_eq!(
+            plan.routed.blocked,
+            [("hook".to_owned(), UNDECIDABLE_REASON)]
+        );
+    }
 
     #[test]
     fn backoff_grows_with_full_jitter_and_a_cap() {
