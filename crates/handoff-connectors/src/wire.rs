@@ -159,6 +159,21 @@ pub fn delivery_id(destination: &str, name: &str) -> String {
     hex_id(&h.finalize())
 }
 
+/// How long a vendor asked us to wait (`Retry-After`: seconds, or an HTTP date, which is
+/// counted from `now`; a date in the past means now). `None` when the value is neither.
+pub fn retry_after(value: &str, now: time::OffsetDateTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let fmt = time::format_description::parse_borrowed::<2>(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT",
+    )
+    .ok()?;
+    let at = time::PrimitiveDateTime::parse(v, &fmt).ok()?.assume_utc();
+    Some(Duration::from_secs((at - now).whole_seconds().max(0) as u64))
+}
+
 /// What stands in for a secret in what `plan` prints (and what the ledger's field names skip).
 pub const MASKED: &str = "[secret]";
 
@@ -282,6 +297,26 @@ mod tests {
         assert_ne!(key.id("d", "a", "bc"), key.id("d", "ab", "c"));
         assert_ne!(a, delivery_id("meta-capi", "order-1001"));
         assert!(a.starts_with("hd_") && a.len() == 35, "{a}");
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        // 2015-10-21 07:27:00 UTC.
+        let now = time::OffsetDateTime::from_unix_timestamp(1_445_412_420).unwrap();
+        assert_eq!(retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            retry_after(
+                "Wed, 21 Oct 2015 07:28:00 GMT",
+                now + Duration::from_secs(3600)
+            ),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(retry_after("soon", now), None);
     }
 
     #[test]

@@ -1,0 +1,86 @@
+//! Which queued items go out together, as pure functions of the queue's head: the worker
+//! builds requests from what they choose.
+
+use std::collections::HashSet;
+
+/// A queued item as batching sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending<'a> {
+    /// Whose event it is: the subject, or the message id when the event names nobody (so it
+    /// orders only against itself).
+    pub subject: &'a str,
+    /// Its next attempt is due.
+    pub due: bool,
+}
+
+/// For a connector that sends one event (or one subject's events) per request: the items of
+/// this round, in queue order, at most `round`, one per subject, and none that would overtake
+/// an earlier item of its subject still waiting for a retry.
+pub fn one_per_subject(pending: &[Pending<'_>], round: usize) -> Vec<usize> {
+    let mut waiting: HashSet<&str> = HashSet::new();
+    let mut taken: HashSet<&str> = HashSet::new();
+    let mut out = Vec::new();
+    for (i, p) in pending.iter().enumerate() {
+        if out.len() == round {
+            break;
+        }
+        if !p.due || waiting.contains(p.subject) || taken.contains(p.subject) {
+            waiting.insert(p.subject);
+            continue;
+        }
+        taken.insert(p.subject);
+        out.push(i);
+    }
+    out
+}
+
+/// For a batching connector (strict order per destination): how many items from the head
+/// form the next request: the due items sharing the head's batch key, up to the first that is
+/// not due or has another key. 0 when the head itself is waiting.
+pub fn leading_batch<K: PartialEq>(pending: &[(bool, K)]) -> usize {
+    let Some((_, key)) = pending.first() else {
+        return 0;
+    };
+    pending
+        .iter()
+        .take_while(|(due, k)| *due && k == key)
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(subject: &str, due: bool) -> Pending<'_> {
+        Pending { subject, due }
+    }
+
+    #[test]
+    fn one_request_per_subject_and_nobody_overtakes_their_own_retry() {
+        let queue = [
+            p("ann", true),
+            p("bob", false), // waiting for its retry
+            p("ann", true),  // ann is in this round already
+            p("bob", true),  // must not overtake bob's earlier event
+            p("cy", true),
+        ];
+        assert_eq!(one_per_subject(&queue, 10), [0, 4]);
+        assert_eq!(one_per_subject(&queue, 1), [0], "at most a round");
+        assert!(one_per_subject(&[p("bob", false)], 10).is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_the_due_run_sharing_the_heads_key() {
+        assert_eq!(
+            leading_batch(&[(true, "a"), (true, "a"), (true, "b"), (true, "a")]),
+            2
+        );
+        assert_eq!(leading_batch(&[(true, "a"), (false, "a"), (true, "a")]), 1);
+        assert_eq!(
+            leading_batch(&[(false, "a"), (true, "a")]),
+            0,
+            "the head waits"
+        );
+        assert_eq!(leading_batch::<&str>(&[]), 0);
+    }
+}
