@@ -222,7 +222,7 @@ impl Privacy {
     pub fn find_subject(&self, identity: &Identity) -> Result<subjects::Subject, PrivacyError> {
         let hashes = self.hashes(identity)?;
         self.store
-            .with_conn(|c| {
+            .with_reader(|c| {
                 for (_, h) in &hashes {
                     if let Some(s) = subjects::find(c, h)? {
                         return Ok(Some(s));
@@ -596,7 +596,7 @@ impl Privacy {
 
     pub fn get(&self, id: &str) -> Result<dsr::Request, PrivacyError> {
         self.store
-            .with_conn(|c| dsr::get(c, id))?
+            .with_reader(|c| dsr::get(c, id))?
             .ok_or(PrivacyError {
                 code: "dsr.not_found",
                 message: format!("no request {id}"),
@@ -680,7 +680,7 @@ impl Privacy {
 
     /// What Handoff holds about a subject and what each vendor received.
     pub fn export(&self, subject: &str) -> Result<Value, PrivacyError> {
-        let (s, kinds, rows, queued, dead) = self.store.with_conn(|c| {
+        let (s, kinds, rows, queued, dead) = self.store.with_reader(|c| {
             let s = c
                 .query_row(
                     "SELECT created_at_ms, suppressed_at_ms, preferences FROM subjects WHERE id = ?1",
@@ -739,7 +739,9 @@ impl Privacy {
             SubjectQuery::Id(id) => id,
             SubjectQuery::Identity(i) => self.find_subject(&i)?.id,
         };
-        let rows = self.store.with_conn(|c| ledger::for_subject(c, &subject))?;
+        let rows = self
+            .store
+            .with_reader(|c| ledger::for_subject(c, &subject))?;
         let vendors = per_vendor(&rows);
         let csv = vendors
             .iter()
@@ -783,7 +785,7 @@ impl Privacy {
     pub fn exposure(&self, name: &str, from_ms: i64, to_ms: i64) -> Result<Report, PrivacyError> {
         let mut recipients: Vec<(String, String)> = self
             .store
-            .with_conn(ledger::recipients)?
+            .with_reader(ledger::recipients)?
             .into_iter()
             .chain(
                 self.destinations
@@ -821,7 +823,7 @@ impl Privacy {
         let vendor = name;
         let rows = self
             .store
-            .with_conn(|c| ledger::delivered(c, filter, from_ms, to_ms))?;
+            .with_reader(|c| ledger::delivered(c, filter, from_ms, to_ms))?;
         let mut per: BTreeMap<&str, Agg> = BTreeMap::new();
         let mut all = Agg::default();
         for r in &rows {
@@ -881,7 +883,7 @@ impl Privacy {
     pub fn processing(&self, from_ms: i64, to_ms: i64) -> Result<Report, PrivacyError> {
         let rows = self
             .store
-            .with_conn(|c| ledger::delivered(c, ledger::Recipient::All, from_ms, to_ms))?;
+            .with_reader(|c| ledger::delivered(c, ledger::Recipient::All, from_ms, to_ms))?;
         // (vendor, purpose, day) → (handoffs, subjects, categories)
         type Day = (u64, BTreeSet<String>, BTreeSet<String>);
         let mut per: BTreeMap<(String, String, String), Day> = BTreeMap::new();

@@ -123,7 +123,7 @@ async fn list(
     require(&state, &headers, Scope::DsrWrite)?;
     let p = privacy(&state)?;
     let views = blocking(move || {
-        let all = p.store.with_conn(handoff_store::dsr::list)?;
+        let all = p.store.with_reader(handoff_store::dsr::list)?;
         all.iter().map(|r| p.view(r)).collect::<Result<Vec<_>, _>>()
     })
     .await?;

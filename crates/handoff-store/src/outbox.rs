@@ -335,6 +335,10 @@ pub struct QueueStats {
 
 pub struct OutboxStore {
     conn: Mutex<Connection>,
+    /// Read-only connections (WAL readers, each on its own snapshot): queue reads, status and
+    /// reports never wait for the writer, and a long report does not hold delivery's writes.
+    readers: Vec<Mutex<Connection>>,
+    next_reader: std::sync::atomic::AtomicUsize,
     path: PathBuf,
     /// Signs ledger checkpoints (the gateway sets it; operator commands run without).
     signer: OnceLock<SigningKey>,
@@ -347,6 +351,21 @@ pub struct OutboxStore {
     shapes: ledger::ShapeCache,
     /// Copies the WAL into the database in the background (the gateway starts it).
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+/// Read-only connections kept open: the workers' queue reads, the state poller and a report
+/// at once; past that, callers wait for one.
+const READERS: usize = 4;
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.pragma_update(None, "cache_size", -8_192)?;
+    Ok(conn)
 }
 
 /// Entries of the recently-recorded identifier cache (16 bytes each, about 6 MB at most with the
@@ -505,8 +524,13 @@ impl OutboxStore {
             "DROP INDEX IF EXISTS outbox_by_subject;
              DROP INDEX IF EXISTS dead_letters_by_subject;",
         )?;
+        let readers = (0..READERS)
+            .map(|_| open_reader(&path).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(OutboxStore {
             conn: Mutex::new(conn),
+            readers,
+            next_reader: std::sync::atomic::AtomicUsize::new(0),
             path,
             signer: OnceLock::new(),
             sealer: OnceLock::new(),
@@ -580,6 +604,30 @@ impl OutboxStore {
     /// The sealer set with [`OutboxStore::set_identifier_sealer`].
     pub fn identifier_sealer(&self) -> Option<&std::sync::Arc<dyn crate::sent_ids::Sealer>> {
         self.sealer.get()
+    }
+
+    /// Runs `f` on a read-only connection, on a snapshot of what is committed now: for
+    /// reads that must not wait for (or hold) the writer. Writes through it fail.
+    pub fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&self.reader())
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        let start = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.readers.len();
+        for i in 0..n {
+            if let Ok(guard) = self.readers[(start + i) % n].try_lock() {
+                return guard;
+            }
+        }
+        self.readers[start % n]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on the connection (for the ledger, subject and DSR modules).
@@ -659,7 +707,7 @@ impl OutboxStore {
     /// The last journal position the router committed.
     pub fn router_position(&self) -> Result<Seq, StoreError> {
         let seq: Option<i64> = self
-            .conn()
+            .reader()
             .query_row("SELECT seq FROM router WHERE id = 1", [], |r| r.get(0))
             .optional()?;
         Ok(seq.unwrap_or(0) as Seq)
@@ -691,7 +739,7 @@ impl OutboxStore {
 
     /// The first `limit` items of a destination's queue, in order.
     pub fn head(&self, destination: &str, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT o.id, o.destination, o.seq, o.message_id, o.payload, o.created_at_ms, o.attempts,
                     o.next_at_ms, o.last_error, o.subject, r.ref, o.delivery_id
@@ -878,7 +926,7 @@ impl OutboxStore {
         after_id: i64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT id, destination, seq, message_id, payload, created_at_ms, failed_at_ms, attempts, reason, subject
              FROM dead_letters WHERE (?1 IS NULL OR destination = ?1) AND id > ?2 ORDER BY id LIMIT ?3",
@@ -959,7 +1007,7 @@ impl OutboxStore {
 
     /// Queue figures per destination.
     pub fn stats(&self, destination: &str) -> Result<QueueStats, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         // Index-only count; the oldest item is the first (replays get new ids, and a
         // replayed item's age counts from its replay).
         let depth: i64 = conn
@@ -1016,7 +1064,7 @@ impl OutboxStore {
 
     /// Every destination the outbox knows of (queued items, dead letters or a state).
     pub fn destinations(&self) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT destination FROM outbox UNION SELECT destination FROM dead_letters
              UNION SELECT destination FROM destination_state ORDER BY 1",
@@ -1029,7 +1077,7 @@ impl OutboxStore {
 
     /// Decisions not to send, per destination and reason.
     pub fn blocked(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt =
             conn.prepare_cached("SELECT destination, reason, count FROM blocked ORDER BY 1, 2")?;
         let rows = stmt
@@ -1043,7 +1091,7 @@ impl OutboxStore {
     /// A destination's state and the reason it was set (active when never set).
     pub fn state(&self, destination: &str) -> Result<(DestinationState, String), StoreError> {
         let row: Option<(String, String)> = self
-            .conn()
+            .reader()
             .query_row(
                 "SELECT state, reason FROM destination_state WHERE destination = ?1",
                 [destination],

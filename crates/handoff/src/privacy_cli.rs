@@ -332,7 +332,7 @@ pub fn dsr(cmd: DsrCommand) -> Result<ExitCode> {
         }
         DsrCommand::List { state } => {
             let p = privacy(&state, None)?;
-            let all = p.store.with_conn(handoff_store::dsr::list)?;
+            let all = p.store.with_reader(handoff_store::dsr::list)?;
             for r in &all {
                 println!("{}", serde_json::to_string(&p.view(r).map_err(fail)?)?);
             }

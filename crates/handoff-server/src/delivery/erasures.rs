@@ -17,7 +17,7 @@ pub(super) async fn erasures(
         let store = delivery.store.clone();
         let now = handoff_store::sqlite::now_ms();
         let due = blocking(move || {
-            store.with_conn(|c| {
+            store.with_reader(|c| {
                 Ok((
                     dsr::due(c, now, 16)?,
                     dsr::open_count(c)?,
