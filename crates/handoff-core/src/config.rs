@@ -46,6 +46,11 @@ pub const DEFAULT_RETENTION_HOURS: i64 = 72;
 pub const MIN_RETENTION_HOURS: i64 = 25;
 /// Longest journal retention accepted (one year).
 pub const MAX_RETENTION_HOURS: i64 = 366 * 24;
+/// Requests in handlers at once by default, past which new ones get 503 with `Retry-After`.
+/// An ingest request holds at most a 500 KB batch (and what it stores is bounded by it), so
+/// the default bounds what requests hold to a few hundred MB; the ingest benchmark's 16
+/// connections never come near it.
+pub const DEFAULT_MAX_IN_FLIGHT: i64 = 512;
 /// Longest quarantine retention accepted (one year).
 pub const MAX_QUARANTINE_RETENTION_DAYS: i64 = 366;
 /// How long a client may take to send a request's header block, counted from the connection's
@@ -107,6 +112,8 @@ pub struct ServerConfig {
     pub quarantine_retention: Duration,
     /// How long accepted events stay in the journal once every destination has passed them.
     pub retention: Duration,
+    /// Most requests in handlers at once; past it, 503 `server.busy` with `Retry-After`.
+    pub max_in_flight: usize,
     /// Most concurrent client connections; `None`: derived from the file-descriptor limit at
     /// start.
     pub max_connections: Option<usize>,
@@ -356,6 +363,7 @@ impl Config {
                     DEFAULT_QUARANTINE_RETENTION_DAYS as u64 * 86_400,
                 ),
                 retention: Duration::from_secs(DEFAULT_RETENTION_HOURS as u64 * 3600),
+                max_in_flight: DEFAULT_MAX_IN_FLIGHT as usize,
                 max_connections: None,
                 header_timeout: Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS as u64),
             },
@@ -429,6 +437,7 @@ impl Config {
                         "quarantine_retention_days",
                         "retention_hours",
                         "max_connections",
+                        "max_in_flight",
                         "header_timeout_secs",
                     ],
                 );
@@ -464,6 +473,13 @@ impl Config {
                     MIN_RETENTION_HOURS..=MAX_RETENTION_HOURS,
                 ) {
                     config.server.retention = Duration::from_secs(hours * 3600);
+                }
+                if let Some(n) = whole(
+                    "max_in_flight",
+                    "config.server.max_in_flight.invalid",
+                    1..=MAX_CONNECTIONS_LIMIT,
+                ) {
+                    config.server.max_in_flight = n as usize;
                 }
                 if let Some(n) = whole(
                     "max_connections",

@@ -75,6 +75,21 @@ pub fn default_max_connections(fd_limit: u64) -> usize {
 pub struct ConnectionSettings {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// Requests in handlers at once (all connections together); past it a request is answered
+    /// 503 `server.busy` with `Retry-After: 1` at once, without reading its body.
+    pub max_in_flight: usize,
+}
+
+/// Routes served past the in-flight cap: probes must tell "overloaded" from "down".
+const NEVER_SHED: [&str; 2] = ["/healthz", "/readyz"];
+
+/// The answer to a request past the in-flight cap.
+fn busy_response() -> axum::response::Response {
+    axum::response::IntoResponse::into_response(crate::error::ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "server.busy",
+        "the gateway is handling as many requests as it is configured to; retry in a second",
+    ))
 }
 
 /// One open connection, as the registry sees it.
@@ -166,6 +181,7 @@ pub async fn serve(
         next_id: AtomicU64::new(0),
         open: Mutex::new(HashMap::new()),
     });
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(settings.max_in_flight.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -214,9 +230,11 @@ pub async fn serve(
         let header_timeout = settings.header_timeout;
         let metrics = metrics.clone();
         let busy_here = busy.clone();
+        let in_flight = in_flight.clone();
         tasks.spawn(async move {
             let service = {
                 let registry = registry.clone();
+                let shed = metrics.shed.clone();
                 hyper::service::service_fn(move |req: Request<Incoming>| {
                     busy.fetch_add(1, Ordering::Acquire);
                     let guard = Busy {
@@ -225,7 +243,20 @@ pub async fn serve(
                         registry: registry.clone(),
                     };
                     let app = app.clone();
+                    // Held until the response is written, like the busy mark.
+                    let permit = if NEVER_SHED.contains(&req.uri().path()) {
+                        Ok(None)
+                    } else {
+                        in_flight.clone().try_acquire_owned().map(Some)
+                    };
+                    let shed = shed.clone();
                     async move {
+                        let Ok(permit) = permit else {
+                            shed.inc();
+                            drop(guard);
+                            return Ok(busy_response());
+                        };
+                        let guard = (guard, permit);
                         let req =
                             req.map(|b| axum::body::Body::new(TimedBody::new(b, BODY_TIMEOUT)));
                         let response = tower::ServiceExt::oneshot(app, req).await;

@@ -95,6 +95,8 @@ pub struct ConnectionMetrics {
     pub evicted: Counter,
     /// New connections closed at once: the cap was reached and every open one was busy.
     pub refused: Counter,
+    /// Requests answered 503 `server.busy`: `max_in_flight` requests were in handlers.
+    pub shed: Counter,
 }
 
 pub struct Metrics {
@@ -231,6 +233,11 @@ impl Metrics {
             "connections_refused",
             "New client connections closed at once: at the cap with every connection busy",
             connections.refused.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests answered 503 server.busy because [server] max_in_flight requests were being handled",
+            connections.shed.clone(),
         );
         let delivery = DeliveryMetrics {
             delivered: Family::default(),

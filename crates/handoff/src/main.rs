@@ -463,11 +463,13 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
             .max_connections
             .unwrap_or_else(|| handoff_server::listener::default_max_connections(fd_limit)),
         header_timeout: config.server.header_timeout,
+        max_in_flight: config.server.max_in_flight,
     };
     tracing::info!(
         fd_limit,
         max_connections = connections.max_connections,
         header_timeout_secs = connections.header_timeout.as_secs(),
+        max_in_flight = connections.max_in_flight,
         "connection limits"
     );
     let journal = SqliteJournal::open(data_dir)

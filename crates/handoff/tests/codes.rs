@@ -45,7 +45,7 @@ fn api_codes() -> BTreeMap<String, BTreeSet<String>> {
     let code = r#""([a-z0-9_]+(?:\.[a-z0-9_]+)+)""#;
     let written = [
         regex::Regex::new(&format!(
-            r"(?:ApiError|Self)::new\(\s*StatusCode::\w+,\s*{code}"
+            r"(?:ApiError|Self)::new\(\s*(?:[a-z_]+::)*StatusCode::\w+,\s*{code}"
         ))
         .unwrap(),
         regex::Regex::new(&format!(r"\bcode:\s*{code}")).unwrap(),

@@ -544,3 +544,88 @@ async fn a_body_that_never_arrives_is_timed_out_on_every_route() {
         assert!(text.contains("request.body.timeout"), "{path}: {text}");
     }
 }
+
+#[tokio::test]
+async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_probes_still_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "max_in_flight = 2");
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let write_key = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
+    };
+    // Two requests whose bodies are on their way hold both places.
+    let body = r#"{"type":"track","event":"Slow","userId":"u1"}"#;
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {write_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            &body[..1]
+        )
+        .unwrap();
+        slow.push(s);
+    }
+    let track = serde_json::json!({"type": "track", "event": "Fast", "userId": "u2"}).to_string();
+    // Once both are in handlers, a third is refused at once, without its body being read.
+    let mut shed = None;
+    for _ in 0..500 {
+        let resp = client()
+            .post(format!("{}/v1/track", gw.url))
+            .basic_auth(KEY, Some(""))
+            .header("content-type", "application/json")
+            .body(track.clone())
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            shed = Some(resp);
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resp = shed.expect("a request past the cap is refused");
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(code(&err), "server.busy", "{err}");
+    // Probes are never shed: overloaded is not down.
+    let health = client()
+        .get(format!("{}/healthz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    // The slow requests finish; the places are free again.
+    let finished = tokio::task::spawn_blocking(move || {
+        slow.into_iter()
+            .map(|mut s| {
+                s.write_all(&body.as_bytes()[1..]).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).unwrap();
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for answer in finished {
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let (status, _, _) = post(&gw, "/v1/track", track.as_bytes(), false).await;
+    assert_eq!(status, StatusCode::OK);
+    let metrics = gw.metrics().await;
+    assert!(
+        common::metric(&metrics, "handoff_requests_shed_total") >= 1.0,
+        "{metrics}"
+    );
+}
