@@ -268,6 +268,7 @@ pub async fn run(
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
+    disk_report(&tmp.join("data"), sent);
     for &i in &only {
         let (name, n) = (SINKS[i], counts.0[i].load(Ordering::Relaxed));
         if n != sent {
@@ -292,4 +293,80 @@ fn print_row(start: Instant, counts: &Counts, only: &[usize]) {
         c.iter().map(|n| format!("  {n:>10}")).collect::<String>(),
         c.iter().min().unwrap_or(&0)
     );
+}
+
+/// Bytes on disk per event: each file of the data directory (write-ahead logs included), and
+/// inside `outbox.db` the ledger, its indexes, the queues and the rest (SQLite's `dbstat`).
+fn disk_report(data: &std::path::Path, events: u64) {
+    let per = |bytes: u64| bytes as f64 / events.max(1) as f64;
+    let mut files: Vec<(String, u64)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(data) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            // journal.db, journal.db-wal and journal.db-shm count as journal.db.
+            let base = name.split('-').next().unwrap_or(&name).to_owned();
+            match files.iter_mut().find(|(n, _)| *n == base) {
+                Some((_, total)) => *total += len,
+                None => files.push((base, len)),
+            }
+        }
+    }
+    files.sort();
+    let total: u64 = files.iter().map(|(_, b)| b).sum();
+    println!(
+        "\ndisk: data directory {:.1} MiB after {events} events = {:.0} bytes/event (the event's JSON is about {} bytes)",
+        total as f64 / 1048576.0,
+        per(total),
+        super::track_message(0).len()
+    );
+    for (name, bytes) in &files {
+        println!("  {name:<14} {:>8.0} bytes/event", per(*bytes));
+    }
+    let parts = rusqlite::Connection::open_with_flags(
+        data.join("outbox.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .and_then(|c| {
+        let mut stmt = c.prepare("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    });
+    match parts {
+        Ok(rows) => {
+            let mut groups: [(&str, u64); 4] = [
+                ("ledger", 0),
+                ("ledger indexes", 0),
+                ("queues", 0),
+                ("other", 0),
+            ];
+            for (name, bytes) in rows {
+                let g = if name == "ledger"
+                    || name.starts_with("ledger_shapes")
+                    || name.starts_with("ledger_checkpoints")
+                {
+                    0
+                } else if name.starts_with("ledger_") || name.starts_with("sqlite_autoindex_ledger")
+                {
+                    1
+                } else if name.starts_with("outbox") || name.starts_with("dead_letters") {
+                    2
+                } else {
+                    3
+                };
+                groups[g].1 += bytes as u64;
+            }
+            let line: Vec<String> = groups
+                .iter()
+                .map(|(n, b)| format!("{n} {:.0}", per(*b)))
+                .collect();
+            println!(
+                "  in outbox.db (bytes/event, pages in use): {}",
+                line.join(", ")
+            );
+        }
+        Err(e) => println!("  (outbox.db's tables not measured: {e})"),
+    }
 }

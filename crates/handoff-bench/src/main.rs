@@ -259,7 +259,7 @@ fn message_id(n: u64) -> String {
     )
 }
 
-fn track_message(id: u64) -> String {
+pub(crate) fn track_message(id: u64) -> String {
     format!(
         r#"{{"type":"track","userId":"user-{u}","anonymousId":"anon-{u}","event":"Order Completed","messageId":"{mid}","properties":{{"order_id":"o-{id}","total":30.5,"currency":"EUR","items":2}},"context":{{"library":{{"name":"handoff-bench","version":"1"}},"ip":"203.0.113.5","userAgent":"Mozilla/5.0"}},"timestamp":"2026-11-25T12:00:00.000Z"}}"#,
         u = id % 1000,
