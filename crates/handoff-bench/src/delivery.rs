@@ -188,6 +188,17 @@ pub async fn run(
         names.join(", ")
     );
 
+    // The yardstick for the one-event destinations: single POSTs per second this client pushes
+    // to the same sink, as many at once as the gateway sends (16), with nothing else running.
+    let bare = if only.contains(&0) || only.contains(&2) {
+        let rate = bare_posts(&sink, 16, Duration::from_secs(2)).await?;
+        counts.0[0].store(0, Ordering::Relaxed);
+        println!("bare single POSTs to the sink from this client: {rate:.0} requests/s");
+        Some(rate)
+    } else {
+        None
+    };
+
     let start = Instant::now();
     let ingest = {
         let url = gw.url.clone();
@@ -234,7 +245,14 @@ pub async fn run(
     }
     let sent = sent.unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(600);
+    // When each destination had received every event.
+    let mut done: [Option<Duration>; 4] = [None; 4];
     loop {
+        for &i in &only {
+            if done[i].is_none() && counts.0[i].load(Ordering::Relaxed) >= sent {
+                done[i] = Some(start.elapsed());
+            }
+        }
         let min = only
             .iter()
             .map(|&i| counts.0[i].load(Ordering::Relaxed))
@@ -262,6 +280,19 @@ pub async fn run(
         sent as f64 / all.as_secs_f64(),
         only.len() as f64 * sent as f64 / all.as_secs_f64()
     );
+    for &i in &only {
+        let took = done[i].unwrap_or(all);
+        let rate = sent as f64 / took.as_secs_f64();
+        let versus = match (bare, i) {
+            (Some(b), 0 | 2) => format!(" = {:.0} % of the bare POST rate", 100.0 * rate / b),
+            _ => String::new(),
+        };
+        println!(
+            "  {:<10} all delivered after {:.1} s: {rate:.0} events/s{versus}",
+            SINKS[i],
+            took.as_secs_f64()
+        );
+    }
     let (rss, hwm) = gw.rss_kib();
     println!(
         "gateway RSS {:.0} MiB (peak {:.0} MiB)",
@@ -369,4 +400,37 @@ fn disk_report(data: &std::path::Path, events: u64) {
         }
         Err(e) => println!("  (outbox.db's tables not measured: {e})"),
     }
+}
+
+/// Single POSTs per second to the sink's webhook route from `parallel` keep-alive connections.
+async fn bare_posts(sink: &str, parallel: usize, secs: Duration) -> Result<f64> {
+    let addr = sink.trim_start_matches("http://").to_owned();
+    let until = Instant::now() + secs;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..parallel {
+        let (addr, sent) = (addr.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            let _ = stream.set_nodelay(true);
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let body = Bytes::from_static(br#"{"type":"event.track","data":{"event":"bare"}}"#);
+            while Instant::now() < until {
+                let req = Request::post("/hook")
+                    .header("host", &addr)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))?;
+                let resp = send.send_request(req).await?;
+                let _ = resp.into_body().collect().await;
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(sent.load(Ordering::Relaxed) as f64 / secs.as_secs_f64())
 }
