@@ -33,6 +33,9 @@ pub const MAX_NOTE_CHARS: usize = 500;
 
 /// Name of the secret the identifiers sent to vendors are sealed and digested with.
 pub const SENT_IDS_KEY_SECRET: &str = "subjects/sent-identifiers-key";
+/// The data key event payloads are encrypted under in the journal (key id 1; a later
+/// rotation adds `journal/payload-key-2`, and so on, keeping the older ones to read with).
+pub const JOURNAL_KEY_SECRET: &str = "journal/payload-key-1";
 
 /// Seals the identifiers each vendor is sent (`handoff_store::sent_ids`): AES-256-GCM and
 /// HMAC-SHA-256, each under its own key derived from one installation secret (itself sealed
@@ -88,6 +91,8 @@ pub struct PrivacyKeys {
     pub ledger: ed25519_dalek::SigningKey,
     pub delivery_ids: handoff_connectors::wire::DeliveryIdKey,
     pub sent_ids: Arc<IdentifierSealer>,
+    /// Encrypts and decrypts event payloads in the journal.
+    pub journal: Arc<handoff_store::sealed_payloads::PayloadCipher>,
 }
 
 pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
@@ -103,11 +108,16 @@ pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
     let ledger = as32(auth.installation_secret(LEDGER_KEY_SECRET, random)?)?;
     let delivery_ids = as32(auth.installation_secret(DELIVERY_ID_KEY_SECRET, random)?)?;
     let sent_ids = as32(auth.installation_secret(SENT_IDS_KEY_SECRET, random)?)?;
+    let journal = as32(auth.installation_secret(JOURNAL_KEY_SECRET, random)?)?;
     Ok(PrivacyKeys {
         subjects: SubjectKey::new(subjects),
         ledger: ed25519_dalek::SigningKey::from_bytes(&ledger),
         delivery_ids: handoff_connectors::wire::DeliveryIdKey::new(delivery_ids),
         sent_ids: Arc::new(IdentifierSealer::new(sent_ids)),
+        journal: Arc::new(handoff_store::sealed_payloads::PayloadCipher::new(
+            1,
+            [(1, journal)],
+        )),
     })
 }
 
@@ -119,6 +129,8 @@ pub struct Privacy {
     pub destinations: Vec<(Destination, Arc<dyn Connector>)>,
     /// Policy settings (the deadline of requests; how identifiers are read).
     pub settings: PolicySettings,
+    /// Decrypts the journal's payloads (an access request exports the events still held).
+    pub journal_cipher: Arc<handoff_store::sealed_payloads::PayloadCipher>,
 }
 
 /// A user-facing error with a stable code.
@@ -712,16 +724,20 @@ impl Privacy {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let events: Vec<Value> = handoff_store::sqlite::read_events_at(&self.data_dir, &seqs)?
-            .into_iter()
-            .map(|e| {
-                json!({
-                    "seq": e.seq,
-                    "messageId": e.message_id,
-                    "event": serde_json::from_str::<Value>(&e.payload).unwrap_or(Value::Null),
-                })
+        let events: Vec<Value> = handoff_store::sqlite::read_events_at(
+            &self.data_dir,
+            Some(self.journal_cipher.as_ref()),
+            &seqs,
+        )?
+        .into_iter()
+        .map(|e| {
+            json!({
+                "seq": e.seq,
+                "messageId": e.message_id,
+                "event": serde_json::from_str::<Value>(&e.payload).unwrap_or(Value::Null),
             })
-            .collect();
+        })
+        .collect();
         Ok(json!({
             "subject": subject,
             "created_at": rfc3339(s.0),

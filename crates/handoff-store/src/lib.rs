@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod operator;
 pub mod outbox;
 pub mod quarantine;
+pub mod sealed_payloads;
 pub mod sent_ids;
 pub mod sqlite;
 pub mod state;
@@ -125,6 +126,8 @@ pub enum StoreError {
     IndexDamaged(String),
     #[error("the journal could not commit ({code}): {message}")]
     CommitFailed { code: &'static str, message: String },
+    #[error("the payload of event {seq} cannot be read: {why}")]
+    Undecryptable { seq: Seq, why: String },
     #[error(
         "the journal at {path} was written by a newer Handoff (schema {found}, this build knows {known})"
     )]
@@ -158,6 +161,7 @@ impl StoreError {
             StoreError::IndexDamaged(_) => "journal.dedup.damaged",
             StoreError::CommitFailed { code, .. } => code,
             StoreError::SchemaTooNew { .. } => "journal.schema.too_new",
+            StoreError::Undecryptable { .. } => "journal.payload.undecryptable",
         }
     }
 }

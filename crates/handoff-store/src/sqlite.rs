@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::sealed_payloads::PayloadCipher;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dedup::{self, Dedup};
@@ -173,6 +175,9 @@ pub struct StoredSource {
 }
 
 struct Shared {
+    /// Encrypts payloads as they are stored and decrypts them as they are read (set by the
+    /// gateway before it serves; without it payloads are stored as text).
+    cipher: std::sync::OnceLock<Arc<PayloadCipher>>,
     /// Set by the checkpoint thread when the writer should finish a checkpoint (see
     /// [`WAL_RESTART_PAGES`]).
     restart_wal: std::sync::atomic::AtomicBool,
@@ -262,8 +267,13 @@ pub(crate) fn erasing(
 
 pub use crate::quarantine::erase_quarantined;
 
-/// The payloads of the events `seqs` (for a data-subject access export).
-pub fn read_events_at(data_dir: &Path, seqs: &[Seq]) -> Result<Vec<StoredEvent>, StoreError> {
+/// The payloads of the events `seqs` (for a data-subject access export), decrypted with
+/// `cipher`.
+pub fn read_events_at(
+    data_dir: &Path,
+    cipher: Option<&PayloadCipher>,
+    seqs: &[Seq],
+) -> Result<Vec<StoredEvent>, StoreError> {
     let conn = Connection::open_with_flags(
         data_dir.join(DB_FILE),
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -272,7 +282,7 @@ pub fn read_events_at(data_dir: &Path, seqs: &[Seq]) -> Result<Vec<StoredEvent>,
     let mut out = Vec::new();
     for seq in seqs {
         out.extend(
-            read_events(&conn, seq - 1, 1)?
+            read_events(&conn, cipher, seq - 1, 1)?
                 .into_iter()
                 .filter(|e| e.seq == *seq),
         );
@@ -363,6 +373,7 @@ impl SqliteJournal {
         let quarantined: i64 =
             conn.query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))?;
         let shared = Arc::new(Shared {
+            cipher: std::sync::OnceLock::new(),
             restart_wal: std::sync::atomic::AtomicBool::new(false),
             head: AtomicU64::new(head as u64),
             quarantined: AtomicU64::new(quarantined as u64),
@@ -403,6 +414,12 @@ impl SqliteJournal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Encrypts every payload stored from now on with `cipher` and decrypts what is read (the
+    /// gateway sets it before it serves). Set once; later calls are ignored.
+    pub fn set_cipher(&self, cipher: Arc<PayloadCipher>) {
+        let _ = self.shared.cipher.set(cipher);
     }
 
     /// Sources registered in the store (used by the embedded default, which has no config file).
@@ -460,6 +477,7 @@ fn read_sources(conn: &Connection) -> Result<Vec<StoredSource>, StoreError> {
 
 fn read_events(
     conn: &Connection,
+    cipher: Option<&PayloadCipher>,
     after: Seq,
     limit: usize,
 ) -> Result<Vec<StoredEvent>, StoreError> {
@@ -467,16 +485,39 @@ fn read_events(
         "SELECT seq, source, message_id, received_at_ms, payload FROM events
          WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
-        Ok(StoredEvent {
-            seq: r.get::<_, i64>(0)? as Seq,
-            source: r.get(1)?,
-            message_id: r.get(2)?,
-            received_at_ms: r.get(3)?,
-            payload: r.get(4)?,
+    let rows = stmt
+        .query_map(params![after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as Seq,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, rusqlite::types::Value>(4)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(seq, source, message_id, received_at_ms, stored)| {
+            let payload = match crate::sealed_payloads::read((&stored).into(), seq, cipher) {
+                Ok(p) => p,
+                // A damaged row: read as an unreadable payload, which delivery records
+                // (`journal.unreadable`) and `journal dump` marks, instead of stopping every
+                // reader at it.
+                Err(e) if cipher.is_some() => {
+                    tracing::warn!(seq, error = %e, "a stored payload cannot be decrypted");
+                    String::new()
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(StoredEvent {
+                seq,
+                source,
+                message_id,
+                received_at_ms,
+                payload,
+            })
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        .collect()
 }
 
 fn read_acked(conn: &Connection, consumer: &str) -> Result<Seq, StoreError> {
@@ -510,8 +551,11 @@ impl Journal for SqliteJournal {
     }
 
     async fn read(&self, after: Seq, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        self.with_reader(move |c| read_events(c, after, limit))
-            .await
+        let shared = self.shared.clone();
+        self.with_reader(move |c| {
+            read_events(c, shared.cipher.get().map(Arc::as_ref), after, limit)
+        })
+        .await
     }
 
     async fn ack(&self, consumer: &str, upto: Seq) -> Result<(), StoreError> {
@@ -775,7 +819,14 @@ impl Writer {
                         events,
                         quarantine,
                         reply,
-                    } => match append_in(tx, dedup, &mut seq, &events, &quarantine) {
+                    } => match append_in(
+                        tx,
+                        dedup,
+                        self.shared.cipher.get().map(Arc::as_ref),
+                        &mut seq,
+                        &events,
+                        &quarantine,
+                    ) {
                         Ok(outcome) => {
                             new_quarantined += quarantine.len() as u64;
                             replies.push(Reply::Append(reply, outcome));
@@ -903,6 +954,7 @@ impl Writer {
 fn append_in(
     tx: &rusqlite::Transaction<'_>,
     dedup: &mut Dedup,
+    cipher: Option<&PayloadCipher>,
     seq: &mut Seq,
     events: &[NewEvent],
     quarantine: &[QuarantineEntry],
@@ -916,12 +968,20 @@ fn append_in(
         let fresh =
             dedup.check_and_remember(dedup::key(source, &e.message_id), e.received_at_ms)?;
         if fresh {
+            let sealed;
+            let payload: &dyn rusqlite::ToSql = match cipher {
+                Some(c) => {
+                    sealed = c.seal(*seq, &e.payload);
+                    &sealed
+                }
+                None => &e.payload,
+            };
             insert.execute(params![
                 *seq as i64,
                 source,
                 e.message_id,
                 e.received_at_ms,
-                e.payload
+                payload
             ])?;
             *seq += 1;
             outcome.stored += 1;
@@ -974,6 +1034,8 @@ fn append_in(
 /// Read-only access for operators (`handoff journal dump`), safe while the server runs.
 pub struct JournalReader {
     conn: Connection,
+    /// Decrypts the events' payloads ([`JournalReader::with_cipher`]).
+    cipher: Option<Arc<PayloadCipher>>,
     /// Schema version of the file (events and quarantine read the same in every version).
     version: i64,
     path: PathBuf,
@@ -993,9 +1055,16 @@ impl JournalReader {
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         Ok(Self {
             conn,
+            cipher: None,
             version,
             path,
         })
+    }
+
+    /// Reads encrypted payloads with `cipher` (without it, reading one is an error).
+    pub fn with_cipher(mut self, cipher: Arc<PayloadCipher>) -> Self {
+        self.cipher = Some(cipher);
+        self
     }
 
     /// The sources the embedded default registered (none for a gateway run from a file).
@@ -1018,7 +1087,7 @@ impl JournalReader {
     ) -> Result<u64, StoreError> {
         let mut n = 0;
         loop {
-            let page = read_events(&self.conn, after, 1000)?;
+            let page = read_events(&self.conn, self.cipher.as_deref(), after, 1000)?;
             let Some(last) = page.last() else {
                 return Ok(n);
             };

@@ -238,9 +238,10 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum JournalCommand {
     /// Write stored events as JSON lines: {"seq", "receivedAt", "source", "messageId", "event"}.
+    /// Payloads are encrypted at rest: this needs the master key.
     Dump {
-        #[arg(long, default_value = handoff_core::config::DEFAULT_DATA_DIR, env = "HANDOFF_DATA_DIR")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
         /// Only events with a sequence number greater than this (or quarantine ids, with --quarantine).
         #[arg(long, default_value_t = 0)]
         after: u64,
@@ -268,10 +269,10 @@ fn main() -> ExitCode {
             gpc,
         } => plan::run(&config, &event, format == Format::Json, as_of, gpc),
         Command::Journal(JournalCommand::Dump {
-            data_dir,
+            state,
             after,
             quarantine,
-        }) => dump(&data_dir, after, quarantine),
+        }) => dump(&state, after, quarantine),
         Command::Journal(JournalCommand::Verify { data_dir }) => verify(&data_dir),
         Command::Clients(cmd) => clients(cmd),
         Command::Destinations(cmd) => ops::destinations(cmd),
@@ -533,6 +534,8 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     // Subjects and the ledger: identifiers are hashed under, and checkpoints signed with,
     // keys sealed under the master key.
     let privacy_keys = handoff_server::privacy::keys(&auth)?;
+    // Payloads are encrypted at rest from here on, before anything is served.
+    journal.set_cipher(privacy_keys.journal.clone());
     let outbox = Arc::new(handoff_store::outbox::OutboxStore::open(data_dir)?);
     outbox.set_ledger_signer(privacy_keys.ledger.clone());
     outbox.set_identifier_sealer(privacy_keys.sent_ids.clone());
@@ -557,6 +560,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         subject_key: privacy_keys.subjects.clone(),
         destinations: connectors,
         settings: config.policy.clone(),
+        journal_cipher: privacy_keys.journal.clone(),
     });
     {
         let mut out = std::io::stdout().lock();
@@ -739,9 +743,16 @@ pub(crate) fn require_data_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn dump(data_dir: &Path, after: u64, quarantine: bool) -> Result<ExitCode> {
-    require_data_dir(data_dir)?;
-    let reader = JournalReader::open(data_dir)?;
+fn dump(state: &StateArgs, after: u64, quarantine: bool) -> Result<ExitCode> {
+    require_data_dir(&state.data_dir)?;
+    let reader = JournalReader::open(&state.data_dir)?;
+    let reader = if quarantine {
+        reader
+    } else {
+        // The events' payloads are sealed under a data key that the master key unseals.
+        let auth = cli_auth(state)?;
+        reader.with_cipher(handoff_server::privacy::keys(&auth)?.journal)
+    };
     let mut out = BufWriter::new(std::io::stdout().lock());
     let result = if quarantine {
         reader.for_each_quarantined(after, |m| {

@@ -179,6 +179,7 @@ fn privacy(state: &StateArgs, config: Option<&PathBuf>) -> Result<Privacy> {
         subject_key: keys.subjects,
         destinations,
         settings,
+        journal_cipher: keys.journal,
     })
 }
 

@@ -629,3 +629,65 @@ async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_probes_sti
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_copied_journal_reveals_nobody_and_the_gateway_still_reads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = start(tmp.path(), "");
+    let data = tmp.path().join("data");
+    let email = "unmistakable.person.4711@example.org";
+    let event = serde_json::json!({"type": "identify", "userId": "copy-test-user",
+        "traits": {"email": email, "name": "Wilhelmina Unmistakable"}});
+    let (status, _, body) = post(&gw, "/v1/identify", event.to_string().as_bytes(), false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // What a copy of the journal's files (database and write-ahead log) holds: no name, no
+    // e-mail, no user id.
+    let mut raw = Vec::new();
+    for file in ["journal.db", "journal.db-wal"] {
+        if let Ok(bytes) = std::fs::read(data.join(file)) {
+            raw.extend(bytes);
+        }
+    }
+    assert!(!raw.is_empty());
+    for secret in [email, "Wilhelmina", "copy-test-user"] {
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} is readable in journal.db"
+        );
+    }
+    // With the master key the operator reads it back.
+    let events = dump(&data, &[]);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["event"]["traits"]["email"], email);
+
+    // A copy with another master key reads nothing.
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for file in [
+        "journal.db",
+        "journal.db-wal",
+        "journal.db-shm",
+        "state.db",
+        "state.db-wal",
+        "state.db-shm",
+    ] {
+        if data.join(file).exists() {
+            std::fs::copy(data.join(file), copy.join(file)).unwrap();
+        }
+    }
+    let other_key = tmp.path().join("other.key");
+    std::fs::write(&other_key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["journal", "dump", "--data-dir"])
+        .arg(&copy)
+        .arg("--master-key-file")
+        .arg(&other_key)
+        .output()
+        .unwrap();
+    let printed =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{printed}");
+    assert!(printed.contains("sealed under master key"), "{printed}");
+    assert!(!printed.contains(email), "{printed}");
+}

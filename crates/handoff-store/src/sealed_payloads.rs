@@ -1,0 +1,164 @@
+//! Event payloads at rest: each is encrypted with AES-256-GCM under a data key that the
+//! gateway keeps sealed under the master key (in `state.db`, never in `journal.db`), so a copied
+//! `journal.db` reveals nobody. The sequence number is bound as associated data: a payload
+//! moved to another row does not decrypt.
+//!
+//! Stored form (a BLOB in the `payload` column): version byte `1`, the data key's id (4 bytes,
+//! big-endian), a random 12-byte nonce, then the ciphertext with its 16-byte tag. Text in the
+//! column is a payload stored before encryption, or an erased one: read as it is.
+
+use std::collections::HashMap;
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use rusqlite::types::ValueRef;
+
+use crate::{Seq, StoreError};
+
+const VERSION: u8 = 1;
+const HEADER: usize = 1 + 4 + 12;
+
+/// The journal's data keys: the current one encrypts, every one decrypts.
+pub struct PayloadCipher {
+    current: u32,
+    keys: HashMap<u32, Aes256Gcm>,
+}
+
+impl std::fmt::Debug for PayloadCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PayloadCipher(current key {}, <secret>)", self.current)
+    }
+}
+
+fn aad(seq: Seq) -> [u8; 29] {
+    let mut a = [0u8; 29];
+    a[..21].copy_from_slice(b"handoff journal event");
+    a[21..].copy_from_slice(&seq.to_be_bytes());
+    a
+}
+
+impl PayloadCipher {
+    /// `keys` by id; `current` must be one of them.
+    pub fn new(current: u32, keys: impl IntoIterator<Item = (u32, [u8; 32])>) -> Self {
+        let keys: HashMap<u32, Aes256Gcm> = keys
+            .into_iter()
+            .map(|(id, k)| (id, Aes256Gcm::new(&k.into())))
+            .collect();
+        assert!(
+            keys.contains_key(&current),
+            "the current key is one of the keys"
+        );
+        PayloadCipher { current, keys }
+    }
+
+    /// The stored form of the payload of event `seq`.
+    pub fn seal(&self, seq: Seq, payload: &str) -> Vec<u8> {
+        let nonce: [u8; 12] = rand::random();
+        let ct = self.keys[&self.current]
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: payload.as_bytes(),
+                    aad: &aad(seq),
+                },
+            )
+            .expect("AES-GCM encrypts any message this size");
+        let mut out = Vec::with_capacity(HEADER + ct.len());
+        out.push(VERSION);
+        out.extend_from_slice(&self.current.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        out
+    }
+
+    /// The payload of event `seq` from its stored form.
+    pub fn open(&self, seq: Seq, stored: &[u8]) -> Result<String, StoreError> {
+        let undecryptable = |why: &str| StoreError::Undecryptable {
+            seq,
+            why: why.to_owned(),
+        };
+        if stored.len() < HEADER + 16 || stored[0] != VERSION {
+            return Err(undecryptable("not a sealed payload of a known version"));
+        }
+        let id = u32::from_be_bytes(stored[1..5].try_into().expect("4 bytes"));
+        let key = self.keys.get(&id).ok_or_else(|| {
+            undecryptable(&format!(
+                "sealed under data key {id}, which this gateway does not hold"
+            ))
+        })?;
+        let nonce: [u8; 12] = stored[5..HEADER].try_into().expect("12 bytes");
+        let plain = key
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: &stored[HEADER..],
+                    aad: &aad(seq),
+                },
+            )
+            .map_err(|_| {
+                undecryptable(
+                    "it fails its authentication tag (altered, or moved from another row)",
+                )
+            })?;
+        String::from_utf8(plain).map_err(|_| undecryptable("the decrypted payload is not UTF-8"))
+    }
+}
+
+/// A `payload` column value as the event's text: text as stored, a blob decrypted.
+pub(crate) fn read(
+    value: ValueRef<'_>,
+    seq: Seq,
+    cipher: Option<&PayloadCipher>,
+) -> Result<String, StoreError> {
+    match value {
+        ValueRef::Text(t) => Ok(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => match cipher {
+            Some(c) => c.open(seq, b),
+            None => Err(StoreError::Undecryptable {
+                seq,
+                why: "the payload is encrypted and no data key was given (pass the master key)"
+                    .into(),
+            }),
+        },
+        _ => Err(StoreError::Undecryptable {
+            seq,
+            why: "the payload column holds neither text nor a sealed payload".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_payloads_open_only_in_their_row_and_with_their_key() {
+        let c = PayloadCipher::new(2, [(1, [1u8; 32]), (2, [2u8; 32])]);
+        let text = r#"{"type":"track","userId":"jane@example.com"}"#;
+        let sealed = c.seal(7, text);
+        assert!(
+            !sealed.windows(4).any(|w| w == b"jane"),
+            "nothing in the clear"
+        );
+        assert_eq!(&sealed[1..5], &2u32.to_be_bytes(), "the current key's id");
+        assert_eq!(c.open(7, &sealed).unwrap(), text);
+        assert!(c.open(8, &sealed).is_err(), "moved to another row");
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert!(c.open(7, &altered).is_err(), "tampered");
+        assert!(c.open(7, &sealed[..10]).is_err(), "truncated");
+        let other = PayloadCipher::new(2, [(2, [9u8; 32])]);
+        assert!(
+            other.open(7, &sealed).is_err(),
+            "another installation's key"
+        );
+        let only_old = PayloadCipher::new(1, [(1, [1u8; 32])]);
+        let Err(StoreError::Undecryptable { why, .. }) = only_old.open(7, &sealed) else {
+            panic!()
+        };
+        assert!(why.contains("data key 2"), "{why}");
+        // Older keys still open what they sealed.
+        assert_eq!(c.open(3, &only_old.seal(3, "old")).unwrap(), "old");
+        assert_ne!(c.seal(7, text), sealed, "a fresh nonce each time");
+    }
+}
