@@ -323,9 +323,9 @@ impl Privacy {
                 }
                 return Ok(((id, false, erase), entries));
             }
-            let id: String = tx.query_row("SELECT 'dsr_' || lower(hex(randomblob(10)))", [], |r| {
-                r.get(0)
-            })?;
+            let id: String = std::iter::once("dsr_".to_owned())
+                .chain(rand::random::<[u8; 10]>().iter().map(|b| format!("{b:02x}")))
+                .collect();
             let mut entry = Entry {
                 kind: ledger::kind::DSR,
                 subject: subject.id.clone(),
@@ -415,7 +415,7 @@ impl Privacy {
     #[allow(clippy::too_many_arguments)]
     fn erasure_task(
         &self,
-        tx: &rusqlite::Connection,
+        tx: &handoff_store::Conn,
         id: &str,
         subject: &str,
         (destination, vendor): (String, String),
@@ -516,7 +516,7 @@ impl Privacy {
     /// names for the first time (which they may know the person by). Returns how many.
     fn extend_erasure(
         &self,
-        tx: &rusqlite::Connection,
+        tx: &handoff_store::Conn,
         id: &str,
         subject: &str,
         identity: &Identity,
@@ -693,29 +693,16 @@ impl Privacy {
     /// What Handoff holds about a subject and what each vendor received.
     pub fn export(&self, subject: &str) -> Result<Value, PrivacyError> {
         let (s, kinds, rows, queued, dead) = self.store.with_reader(|c| {
-            let s = c
-                .query_row(
-                    "SELECT created_at_ms, suppressed_at_ms, preferences FROM subjects WHERE id = ?1",
-                    [subject],
-                    |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, Option<i64>>(1)?,
-                            r.get::<_, Option<String>>(2)?,
-                        ))
-                    },
-                )
-                .map_err(StoreError::from)?;
+            let s = subjects::load(c, subject)?;
             let kinds = subjects::identifier_kinds(c, subject)?;
             let rows = ledger::for_subject(c, subject)?;
-            let count = |table: &str| -> Result<i64, StoreError> {
-                Ok(c.query_row(
-                    &format!("SELECT count(*) FROM {table} WHERE subject = ?1"),
-                    [subject],
-                    |r| r.get(0),
-                )?)
-            };
-            Ok((s, kinds, rows, count("outbox")?, count("dead_letters")?))
+            let (queued, dead) = handoff_store::outbox::held_for_subject(c, subject)?;
+            Ok((s, kinds, rows, queued, dead))
+        })?;
+        let s = s.ok_or(PrivacyError {
+            code: "subject.unknown",
+            message: format!("no subject {subject}"),
+            not_found: true,
         })?;
         let seqs: Vec<handoff_store::Seq> = rows
             .iter()
@@ -740,9 +727,9 @@ impl Privacy {
         .collect();
         Ok(json!({
             "subject": subject,
-            "created_at": rfc3339(s.0),
-            "suppressed_at": s.1.map(rfc3339),
-            "preferences": s.2.as_deref().and_then(|p| serde_json::from_str::<Value>(p).ok()),
+            "created_at": rfc3339(s.created_at_ms),
+            "suppressed_at": s.suppressed_at_ms.map(rfc3339),
+            "preferences": s.preferences.as_deref().and_then(|p| serde_json::from_str::<Value>(p).ok()),
             "identifiers": kinds.iter().map(|(k, n)| (k.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
             "held": {"events": events, "queued_payloads": queued, "dead_letters": dead},
             "vendors": per_vendor(&rows),
@@ -1074,15 +1061,5 @@ pub fn verify(
     store: &OutboxStore,
     public_key: &ed25519_dalek::VerifyingKey,
 ) -> Result<ledger::Verification, StoreError> {
-    // A connection of its own, in one read transaction: a consistent snapshot while the
-    // gateway keeps writing, and the outbox is not held for the walk.
-    let mut conn = rusqlite::Connection::open_with_flags(
-        store.path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    let tx = conn.transaction()?;
-    let position: i64 =
-        tx.query_row("SELECT coalesce(max(seq), 0) FROM router", [], |r| r.get(0))?;
-    ledger::verify(&tx, public_key, Some(position as u64))
+    store.verify_ledger(public_key)
 }

@@ -17,6 +17,11 @@ pub mod files;
 pub mod ledger;
 pub mod operator;
 pub mod outbox;
+/// A connection to one of the stores' databases, as the store's module functions take it (the
+/// DSR service composes them inside [`outbox::OutboxStore::transact`]). Callers above the store
+/// never write SQL through it.
+pub type Conn = rusqlite::Connection;
+
 pub mod quarantine;
 pub mod sealed_payloads;
 pub mod sent_ids;

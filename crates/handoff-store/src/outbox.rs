@@ -257,6 +257,18 @@ fn late_for_erasure(
     crate::dsr::reopen(tx, &dsr)
 }
 
+/// How many of a subject's payloads wait in queues and in dead letters (an access export says
+/// what Handoff still holds).
+pub fn held_for_subject(conn: &Connection, subject: &str) -> Result<(u64, u64), StoreError> {
+    let count = |sql: &str| -> Result<u64, StoreError> {
+        Ok(conn.query_row(sql, [subject], |r| r.get::<_, i64>(0))? as u64)
+    };
+    Ok((
+        count("SELECT count(*) FROM outbox WHERE subject = ?1")?,
+        count("SELECT count(*) FROM dead_letters WHERE subject = ?1")?,
+    ))
+}
+
 /// A payload in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxItem {
@@ -604,6 +616,20 @@ impl OutboxStore {
     /// The sealer set with [`OutboxStore::set_identifier_sealer`].
     pub fn identifier_sealer(&self) -> Option<&std::sync::Arc<dyn crate::sent_ids::Sealer>> {
         self.sealer.get()
+    }
+
+    /// Walks the ledger (the chain, the checkpoints against `public_key`, and the router's
+    /// position) on a connection of its own, in one read transaction: a consistent snapshot
+    /// while the gateway keeps writing, and the outbox is not held for the walk.
+    pub fn verify_ledger(
+        &self,
+        public_key: &ed25519_dalek::VerifyingKey,
+    ) -> Result<ledger::Verification, StoreError> {
+        let mut conn = open_reader(&self.path)?;
+        let tx = conn.transaction()?;
+        let position: i64 =
+            tx.query_row("SELECT coalesce(max(seq), 0) FROM router", [], |r| r.get(0))?;
+        ledger::verify(&tx, public_key, Some(position as u64))
     }
 
     /// Runs `f` on a read-only connection, on a snapshot of what is committed now: for

@@ -49,7 +49,8 @@ pub struct Resolution {
     pub merged: Vec<String>,
 }
 
-fn load(conn: &Connection, id: &str) -> Result<Option<Subject>, StoreError> {
+/// The subject `id` (`None` when there is no such subject).
+pub fn load(conn: &Connection, id: &str) -> Result<Option<Subject>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, created_at_ms, suppressed_at_ms, preferences FROM subjects WHERE id = ?1",
     )?;
