@@ -37,6 +37,13 @@ pub trait Connector: Send + Sync {
     fn wire_body(&self, item: &Item<'_>, now: OffsetDateTime) -> Result<Value, String>;
     /// The secrets this connector puts into its requests (masked in what `plan` shows).
     fn secrets(&self) -> Vec<&str>;
+    /// The Segment path a wire field carries (`data.user_data.em` → `context.traits.email`),
+    /// so its data category is found by the same rules as an event's
+    /// ([`handoff_core::subject::data_category`]); a field with no Segment counterpart maps to
+    /// itself.
+    fn category_path(&self, wire_field: &str) -> String {
+        wire_field.to_owned()
+    }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification;
     /// The vendor's own id for the subject in a successful answer (a Stripe customer id), kept
     /// to update and erase that record later.
@@ -69,6 +76,19 @@ pub struct WireView {
     pub headers: Vec<(String, String)>,
     pub body: Value,
     pub fields: Vec<String>,
+    /// The data categories of `fields`, as the ledger records them.
+    pub categories: Vec<&'static str>,
+}
+
+/// The data categories of a connector's wire fields.
+pub fn wire_categories(connector: &dyn Connector, fields: &[String]) -> Vec<&'static str> {
+    let paths: Vec<String> = fields.iter().map(|f| connector.category_path(f)).collect();
+    handoff_core::subject::categories_of(paths.iter().map(String::as_str))
+}
+
+/// `field` under `prefix.`, if it is.
+fn under<'a>(field: &'a str, prefix: &str) -> Option<&'a str> {
+    field.strip_prefix(prefix)?.strip_prefix('.')
 }
 
 /// What `connector` sends for `item` alone, secrets masked, or why it never would.
@@ -96,8 +116,11 @@ pub fn wire_view(
         .headers
         .iter()
         .map(|(name, value)| {
-            // Basic credentials are the secret in base64: the whole value is masked.
-            let value = if name.eq_ignore_ascii_case("authorization") {
+            // Basic credentials are the secret in base64, and a signature made with the
+            // secret would be a valid one to replay: the whole value is masked.
+            let value = if name.eq_ignore_ascii_case("authorization")
+                || name.to_ascii_lowercase().ends_with("-signature")
+            {
                 MASKED.to_owned()
             } else {
                 mask(value)
@@ -105,11 +128,13 @@ pub fn wire_view(
             (name.clone(), value)
         })
         .collect();
+    let fields = wire_fields(&body);
     Ok(WireView {
         method: request.method,
         url: mask(&request.url),
         headers,
-        fields: wire_fields(&body),
+        categories: wire_categories(connector, &fields),
+        fields,
         body,
     })
 }
@@ -303,6 +328,9 @@ impl Connector for Webhook {
     fn secrets(&self) -> Vec<&str> {
         Vec::new() // the signing key never travels; the signature is made with it
     }
+    fn category_path(&self, wire_field: &str) -> String {
+        under(wire_field, "data").unwrap_or(wire_field).to_owned()
+    }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[])
     }
@@ -325,6 +353,9 @@ impl Connector for MetaCapi {
     }
     fn secrets(&self) -> Vec<&str> {
         vec![&self.access_token]
+    }
+    fn category_path(&self, wire_field: &str) -> String {
+        crate::meta_capi::segment_path(wire_field)
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         MetaCapi::classify(self, status, retry_after, body)
@@ -361,6 +392,9 @@ impl Connector for Ga4 {
     fn secrets(&self) -> Vec<&str> {
         vec![&self.api_secret]
     }
+    fn category_path(&self, wire_field: &str) -> String {
+        crate::ga4::segment_path(wire_field)
+    }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.api_secret])
     }
@@ -395,6 +429,12 @@ impl Connector for Stripe {
     }
     fn secrets(&self) -> Vec<&str> {
         vec![&self.api_key]
+    }
+    fn category_path(&self, wire_field: &str) -> String {
+        match wire_field {
+            "metadata.handoff_user_id" => "userId".to_owned(),
+            other => format!("traits.{other}"),
+        }
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.api_key])
@@ -444,6 +484,9 @@ impl Connector for SegmentForward {
     }
     fn secrets(&self) -> Vec<&str> {
         vec![&self.write_key]
+    }
+    fn category_path(&self, wire_field: &str) -> String {
+        under(wire_field, "batch").unwrap_or(wire_field).to_owned()
     }
     fn classify(&self, status: u16, retry_after: Option<Duration>, body: &[u8]) -> Classification {
         classify_status(status, retry_after, body, &[&self.write_key])

@@ -69,6 +69,25 @@ pub fn client_id(payload: &Value) -> Option<String> {
         .or_else(|| id_at(payload, "userId").map(|u| derived_client_id(&u)))
 }
 
+/// The Segment path a field of a Measurement Protocol request carries (for its category).
+pub fn segment_path(wire_field: &str) -> String {
+    match wire_field {
+        "client_id" => return "anonymousId".to_owned(),
+        "user_id" => return "userId".to_owned(),
+        "timestamp_micros" => return "timestamp".to_owned(),
+        "events.name" => return "event".to_owned(),
+        _ => {}
+    }
+    match wire_field.strip_prefix("events.params.") {
+        Some("page_location") => "context.page.url".to_owned(),
+        Some("page_title") => "context.page.title".to_owned(),
+        Some("page_referrer") => "context.page.referrer".to_owned(),
+        Some("screen_name") => "name".to_owned(),
+        Some(param) => format!("properties.{param}"),
+        None => wire_field.to_owned(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Ga4 {
     pub base_url: String,
@@ -167,11 +186,14 @@ impl Ga4 {
         }
     }
 
-    /// Items with the same key may share a request.
+    /// Items with the same key may share a request: one `client_id`, `user_id` and
+    /// `timestamp_micros` per request, so items differing in any of them never share one (each
+    /// then goes out exactly as its own mapping, which the ledger records, says).
     pub fn batch_key(item: &Item<'_>) -> String {
         format!(
-            "{}|{}",
+            "{}|{}|{}",
             client_id(item.payload).unwrap_or_default(),
+            id_at(item.payload, "userId").unwrap_or_default(),
             str_at(item.payload, "timestamp").unwrap_or("")
         )
     }

@@ -60,6 +60,38 @@ const HASHED: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The Segment path a field of Meta's request carries (for its data category).
+pub fn segment_path(wire_field: &str) -> String {
+    let Some(f) = wire_field.strip_prefix("data.") else {
+        return wire_field.to_owned();
+    };
+    if let Some(user) = f.strip_prefix("user_data.") {
+        if let Some((_, paths)) = HASHED.iter().find(|(name, _)| *name == user) {
+            return paths[0].to_owned();
+        }
+        return match user {
+            "external_id" => "userId",
+            "client_ip_address" => "context.ip",
+            "client_user_agent" => "context.userAgent",
+            "fbc" | "fbp" => "context.fbp",
+            other => return format!("context.{other}"),
+        }
+        .to_owned();
+    }
+    if let Some(custom) = f.strip_prefix("custom_data.") {
+        return format!("properties.{custom}");
+    }
+    match f {
+        "event_name" => "event",
+        "event_time" => "timestamp",
+        "event_id" => "messageId",
+        "event_source_url" => "context.page.url",
+        "action_source" => "channel",
+        other => other,
+    }
+    .to_owned()
+}
+
 #[derive(Debug, Clone)]
 pub struct MetaCapi {
     pub destination: String,

@@ -46,7 +46,8 @@ pub const DEFAULT_RETENTION_HOURS: i64 = 72;
 pub const MIN_RETENTION_HOURS: i64 = 25;
 /// Longest journal retention accepted (one year).
 pub const MAX_RETENTION_HOURS: i64 = 366 * 24;
-/// Requests in handlers at once by default, past which new ones get 503 with `Retry-After`.
+/// Whole requests (body arrived) in handlers at once by default, past which new ones get 503
+/// with `Retry-After`.
 /// An ingest request holds at most a 500 KB batch (and what it stores is bounded by it), so
 /// the default bounds what requests hold to a few hundred MB; the ingest benchmark's 16
 /// connections never come near it.
@@ -112,7 +113,7 @@ pub struct ServerConfig {
     pub quarantine_retention: Duration,
     /// How long accepted events stay in the journal once every destination has passed them.
     pub retention: Duration,
-    /// Most requests in handlers at once; past it, 503 `server.busy` with `Retry-After`.
+    /// Most whole requests in handlers at once; past it, 503 `server.busy` with `Retry-After`.
     pub max_in_flight: usize,
     /// Most concurrent client connections; `None`: derived from the file-descriptor limit at
     /// start.

@@ -75,8 +75,8 @@ pub fn default_max_connections(fd_limit: u64) -> usize {
 pub struct ConnectionSettings {
     pub max_connections: usize,
     pub header_timeout: Duration,
-    /// Requests in handlers at once (all connections together); past it a request is answered
-    /// 503 `server.busy` with `Retry-After: 1` at once, without reading its body.
+    /// Whole requests (body arrived) in handlers at once, all connections together; past it a
+    /// request is answered 503 `server.busy` with `Retry-After: 1` at once.
     pub max_in_flight: usize,
 }
 
@@ -243,22 +243,29 @@ pub async fn serve(
                         registry: registry.clone(),
                     };
                     let app = app.clone();
-                    // Held until the response is written, like the busy mark.
-                    let permit = if NEVER_SHED.contains(&req.uri().path()) {
-                        Ok(None)
-                    } else {
-                        in_flight.clone().try_acquire_owned().map(Some)
-                    };
-                    let shed = shed.clone();
+                    let never_shed = NEVER_SHED.contains(&req.uri().path());
+                    let (in_flight, shed) = (in_flight.clone(), shed.clone());
                     async move {
-                        let Ok(permit) = permit else {
-                            shed.inc();
-                            drop(guard);
-                            return Ok(busy_response());
+                        // A request takes a place only once its whole body is here: one still
+                        // sending it costs a connection (capped, and timed out), not a place,
+                        // so slow senders cannot hold every place.
+                        let (parts, body) = req.into_parts();
+                        let body = Prefetched::read(TimedBody::new(body, BODY_TIMEOUT)).await;
+                        // Held until the response is written, like the busy mark.
+                        let permit = if never_shed || !body.complete() {
+                            None
+                        } else {
+                            match in_flight.try_acquire_owned() {
+                                Ok(p) => Some(p),
+                                Err(_) => {
+                                    shed.inc();
+                                    drop(guard);
+                                    return Ok(busy_response());
+                                }
+                            }
                         };
                         let guard = (guard, permit);
-                        let req =
-                            req.map(|b| axum::body::Body::new(TimedBody::new(b, BODY_TIMEOUT)));
+                        let req = Request::from_parts(parts, axum::body::Body::new(body));
                         let response = tower::ServiceExt::oneshot(app, req).await;
                         // Busy until the response is written, not only until the handler ends.
                         response.map(|r| {
@@ -318,6 +325,95 @@ pub async fn serve(
         e.close.notify_one();
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Most of a body read before the request takes a place in flight: past every route's own
+/// limit (500 KB for a batch), so what is larger is refused by its route, with its code.
+const PREFETCH_LIMIT: usize = 1024 * 1024;
+
+/// A request body read ahead (up to [`PREFETCH_LIMIT`], or until it failed), then handed to
+/// the route as if it were still arriving: the bytes read, then the rest or the error.
+struct Prefetched {
+    first: Option<bytes::Bytes>,
+    error: Option<Box<dyn std::error::Error + Send + Sync>>,
+    rest: Option<TimedBody>,
+}
+
+impl Prefetched {
+    async fn read(mut body: TimedBody) -> Self {
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match http_body_util::BodyExt::frame(&mut body).await {
+                None => {
+                    return Prefetched {
+                        first: Some(buf.freeze()),
+                        error: None,
+                        rest: None,
+                    };
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                    if buf.len() > PREFETCH_LIMIT {
+                        return Prefetched {
+                            first: Some(buf.freeze()),
+                            error: None,
+                            rest: Some(body),
+                        };
+                    }
+                }
+                Some(Err(e)) => {
+                    return Prefetched {
+                        first: Some(buf.freeze()),
+                        error: Some(e),
+                        rest: None,
+                    };
+                }
+            }
+        }
+    }
+
+    /// The whole body arrived.
+    fn complete(&self) -> bool {
+        self.error.is_none() && self.rest.is_none()
+    }
+}
+
+impl hyper::body::Body for Prefetched {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(first) = this.first.take().filter(|b| !b.is_empty()) {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(first))));
+        }
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        match this.rest.as_mut() {
+            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.as_ref().is_none_or(|b| b.is_empty())
+            && self.error.is_none()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match (&self.first, &self.rest, &self.error) {
+            (Some(first), None, None) => hyper::body::SizeHint::with_exact(first.len() as u64),
+            _ => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 /// A request body that must arrive whole within a deadline; past it, reading fails (the

@@ -114,11 +114,13 @@ pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
         ledger: ed25519_dalek::SigningKey::from_bytes(&ledger),
         delivery_ids: handoff_connectors::wire::DeliveryIdKey::new(delivery_ids),
         sent_ids: Arc::new(IdentifierSealer::new(sent_ids)),
-        journal: Arc::new(handoff_store::sealed_payloads::PayloadCipher::new(
-            1,
-            [(1, journal)],
-        )),
+        journal: Arc::new(journal_cipher(journal)),
     })
+}
+
+/// The journal's cipher from its data key ([`JOURNAL_KEY_SECRET`], key id 1).
+pub fn journal_cipher(key: [u8; 32]) -> handoff_store::sealed_payloads::PayloadCipher {
+    handoff_store::sealed_payloads::PayloadCipher::new(1, [(1, key)])
 }
 
 /// Everything requests and reports need, in the gateway and in the CLI alike.
@@ -131,6 +133,9 @@ pub struct Privacy {
     pub settings: PolicySettings,
     /// Decrypts the journal's payloads (an access request exports the events still held).
     pub journal_cipher: Arc<handoff_store::sealed_payloads::PayloadCipher>,
+    /// The gateway's journal: erasure overwrites events through its writer (one writer per
+    /// file). `None` in CLI commands, which write the file themselves.
+    pub journal: Option<Arc<dyn handoff_store::Journal>>,
 }
 
 /// A user-facing error with a stable code.
@@ -388,7 +393,18 @@ impl Privacy {
             Ok(((id, true, erase), entries))
         })?;
         if !erase.is_empty() {
-            handoff_store::sqlite::erase_events(&self.data_dir, &erase)?;
+            match &self.journal {
+                // The API runs requests off the async threads; `block_in_place` keeps waiting
+                // for the writer's answer safe wherever this is called from in the gateway.
+                Some(journal) => {
+                    tokio::task::block_in_place(|| {
+                        tokio::runtime::Handle::current().block_on(journal.erase_events(erase))
+                    })?;
+                }
+                None => {
+                    handoff_store::sqlite::erase_events(&self.data_dir, &erase)?;
+                }
+            }
         }
         if kind == "erasure" {
             let given = input.identity.identifiers();

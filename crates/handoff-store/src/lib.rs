@@ -193,6 +193,10 @@ pub trait Journal: Send + Sync + 'static {
     /// retention); returns how many.
     async fn purge_quarantine(&self, before_ms: i64) -> Result<u64, StoreError>;
 
+    /// Overwrites the payloads of the events `seqs` by the erased marker (erasure), through the
+    /// journal's own writer; freed content is overwritten in the file. Returns how many.
+    async fn erase_events(&self, seqs: Vec<Seq>) -> Result<u64, StoreError>;
+
     /// Deletes the events with a sequence number below `upto` received before `before_ms`
     /// (the journal's retention: every consumer has passed them and they are older than the
     /// replay window); the newest event is always kept. Returns how many were deleted.

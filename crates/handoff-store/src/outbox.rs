@@ -638,7 +638,12 @@ impl OutboxStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        f(&self.reader())
+        let conn = self.reader();
+        // One read transaction: every query of `f` sees the same snapshot.
+        let tx = conn.unchecked_transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
     }
 
     fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {

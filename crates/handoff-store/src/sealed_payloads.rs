@@ -3,25 +3,41 @@
 //! `journal.db` reveals nobody. The sequence number is bound as associated data: a payload
 //! moved to another row does not decrypt.
 //!
+//! Each payload gets a key of its own, HMAC-SHA-256 of the data key and a random 16-byte salt,
+//! so the data key never reaches AES-GCM's limit on random nonces (2^32 messages per key, days
+//! at high rates): salts do not collide in practice.
+//!
 //! Stored form (a BLOB in the `payload` column): version byte `1`, the data key's id (4 bytes,
-//! big-endian), a random 12-byte nonce, then the ciphertext with its 16-byte tag. Text in the
-//! column is a payload stored before encryption, or an erased one: read as it is.
+//! big-endian), the salt (16 bytes), a random 12-byte nonce, then the ciphertext with its
+//! 16-byte tag. Text in the column is a payload stored before encryption, or an erased one: read
+//! as it is.
 
 use std::collections::HashMap;
 
 use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, Payload};
 use rusqlite::types::ValueRef;
 
 use crate::{Seq, StoreError};
 
 const VERSION: u8 = 1;
-const HEADER: usize = 1 + 4 + 12;
+const SALT: usize = 16;
+const HEADER: usize = 1 + 4 + SALT + 12;
 
 /// The journal's data keys: the current one encrypts, every one decrypts.
 pub struct PayloadCipher {
     current: u32,
-    keys: HashMap<u32, Aes256Gcm>,
+    keys: HashMap<u32, [u8; 32]>,
+}
+
+/// The key of one payload: HMAC-SHA-256(data key, label || salt).
+fn payload_key(data_key: &[u8; 32], salt: &[u8]) -> Aes256Gcm {
+    use hmac::{KeyInit as _, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(data_key).expect("HMAC takes any key");
+    mac.update(b"handoff journal payload key\0");
+    mac.update(salt);
+    let key: [u8; 32] = mac.finalize().into_bytes().into();
+    Aes256Gcm::new(&key.into())
 }
 
 impl std::fmt::Debug for PayloadCipher {
@@ -40,10 +56,7 @@ fn aad(seq: Seq) -> [u8; 29] {
 impl PayloadCipher {
     /// `keys` by id; `current` must be one of them.
     pub fn new(current: u32, keys: impl IntoIterator<Item = (u32, [u8; 32])>) -> Self {
-        let keys: HashMap<u32, Aes256Gcm> = keys
-            .into_iter()
-            .map(|(id, k)| (id, Aes256Gcm::new(&k.into())))
-            .collect();
+        let keys: HashMap<u32, [u8; 32]> = keys.into_iter().collect();
         assert!(
             keys.contains_key(&current),
             "the current key is one of the keys"
@@ -53,8 +66,9 @@ impl PayloadCipher {
 
     /// The stored form of the payload of event `seq`.
     pub fn seal(&self, seq: Seq, payload: &str) -> Vec<u8> {
+        let salt: [u8; SALT] = rand::random();
         let nonce: [u8; 12] = rand::random();
-        let ct = self.keys[&self.current]
+        let ct = payload_key(&self.keys[&self.current], &salt)
             .encrypt(
                 &nonce.into(),
                 Payload {
@@ -66,6 +80,7 @@ impl PayloadCipher {
         let mut out = Vec::with_capacity(HEADER + ct.len());
         out.push(VERSION);
         out.extend_from_slice(&self.current.to_be_bytes());
+        out.extend_from_slice(&salt);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         out
@@ -86,8 +101,9 @@ impl PayloadCipher {
                 "sealed under data key {id}, which this gateway does not hold"
             ))
         })?;
-        let nonce: [u8; 12] = stored[5..HEADER].try_into().expect("12 bytes");
-        let plain = key
+        let salt = &stored[5..5 + SALT];
+        let nonce: [u8; 12] = stored[5 + SALT..HEADER].try_into().expect("12 bytes");
+        let plain = payload_key(key, salt)
             .decrypt(
                 &nonce.into(),
                 Payload {
@@ -101,6 +117,16 @@ impl PayloadCipher {
                 )
             })?;
         String::from_utf8(plain).map_err(|_| undecryptable("the decrypted payload is not UTF-8"))
+    }
+}
+
+impl PayloadCipher {
+    /// Whether the data key `stored` was sealed under is one of these keys.
+    pub fn holds_key_of(&self, stored: &[u8]) -> bool {
+        stored.len() >= 5
+            && self.keys.contains_key(&u32::from_be_bytes(
+                stored[1..5].try_into().expect("4 bytes"),
+            ))
     }
 }
 

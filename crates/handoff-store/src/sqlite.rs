@@ -124,6 +124,11 @@ enum Command {
         before_ms: i64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Overwrites the payloads of events (erasure).
+    EraseEvents {
+        seqs: Vec<Seq>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     /// Deletes events before `upto` received before `before_ms` (retention), a chunk of
     /// sequence numbers at a time.
     PurgeEvents {
@@ -157,9 +162,15 @@ fn purge_events_in(
         .unwrap_or(i64::MAX)
         .min(max)
         .min(min.saturating_add(PURGE_EVENTS_CHUNK as i64));
+    // Only a leading run goes, so the numbers left have no gaps: times are taken before the
+    // writer numbers events, so they are not quite in order.
+    let young: Option<i64> = tx
+        .prepare_cached("SELECT min(seq) FROM events WHERE seq < ?1 AND received_at_ms >= ?2")?
+        .query_row(params![below, before_ms], |r| r.get(0))?;
+    let below = young.map_or(below, |y| y.min(below));
     let n = tx
-        .prepare_cached("DELETE FROM events WHERE seq < ?1 AND received_at_ms < ?2")?
-        .execute(params![below, before_ms])?;
+        .prepare_cached("DELETE FROM events WHERE seq < ?1")?
+        .execute([below])?;
     Ok(n as u64)
 }
 
@@ -235,19 +246,24 @@ pub fn rotate_source_key(
 /// [`ERASED_PAYLOAD`] (erasure). Safe while the gateway runs: SQLite serialises this write
 /// with the journal's writer. `secure_delete` overwrites the freed content in the file.
 /// Returns how many events were erased.
+///
+/// For a process without the gateway (the CLI): the gateway itself erases through its
+/// journal's writer ([`Journal::erase_events`]), one writer per file.
 pub fn erase_events(data_dir: &Path, seqs: &[Seq]) -> Result<usize, StoreError> {
     if seqs.is_empty() {
         return Ok(0);
     }
-    erasing(data_dir, |tx| {
-        let mut up =
-            tx.prepare("UPDATE events SET payload = ?2 WHERE seq = ?1 AND payload != ?2")?;
-        let mut n = 0;
-        for seq in seqs {
-            n += up.execute(params![*seq as i64, ERASED_PAYLOAD])?;
-        }
-        Ok(n)
-    })
+    erasing(data_dir, |tx| erase_events_in(tx, seqs))
+}
+
+fn erase_events_in(tx: &rusqlite::Transaction<'_>, seqs: &[Seq]) -> Result<usize, StoreError> {
+    let mut up =
+        tx.prepare_cached("UPDATE events SET payload = ?2 WHERE seq = ?1 AND payload IS NOT ?2")?;
+    let mut n = 0;
+    for seq in seqs {
+        n += up.execute(params![*seq as i64, ERASED_PAYLOAD])?;
+    }
+    Ok(n)
 }
 
 /// Runs `f` in one durable transaction on the journal of `data_dir`, freed content overwritten.
@@ -337,6 +353,9 @@ impl SqliteJournal {
             ))));
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Erasure and retention go through this writer: what they delete or overwrite is
+        // overwritten in the file too, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         // Checkpoints belong to the checkpoint thread (below), not to commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
@@ -417,9 +436,32 @@ impl SqliteJournal {
     }
 
     /// Encrypts every payload stored from now on with `cipher` and decrypts what is read (the
-    /// gateway sets it before it serves). Set once; later calls are ignored.
-    pub fn set_cipher(&self, cipher: Arc<PayloadCipher>) {
+    /// gateway sets it before it serves). Set once; later calls are ignored. Fails when the
+    /// newest sealed payload does not open with it: the keys belong to another journal (a
+    /// `state.db` restored from another backup), and every event would read as damaged.
+    pub fn set_cipher(&self, cipher: Arc<PayloadCipher>) -> Result<(), StoreError> {
+        let newest: Option<(i64, Vec<u8>)> = self
+            .reader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .query_row(
+                "SELECT seq, payload FROM events WHERE typeof(payload) = 'blob' ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((seq, stored)) = newest
+            && let Err(e) = cipher.open(seq as Seq, &stored)
+        {
+            return Err(StoreError::Undecryptable {
+                seq: seq as Seq,
+                why: format!(
+                    "{e}; the data keys in state.db are not this journal's (restored from another backup?): start with the state.db and master key that belong to it"
+                ),
+            });
+        }
         let _ = self.shared.cipher.set(cipher);
+        Ok(())
     }
 
     /// Sources registered in the store (used by the embedded default, which has no config file).
@@ -498,12 +540,19 @@ fn read_events(
         .collect::<Result<Vec<_>, _>>()?;
     rows.into_iter()
         .map(|(seq, source, message_id, received_at_ms, stored)| {
+            // A payload sealed under a data key this process does not hold is a configuration
+            // fault (another installation's state.db): an error, so that nothing is decided
+            // about events that only look unreadable.
+            let foreign = match (&stored, cipher) {
+                (rusqlite::types::Value::Blob(b), Some(c)) => !c.holds_key_of(b),
+                _ => false,
+            };
             let payload = match crate::sealed_payloads::read((&stored).into(), seq, cipher) {
                 Ok(p) => p,
                 // A damaged row: read as an unreadable payload, which delivery records
                 // (`journal.unreadable`) and `journal dump` marks, instead of stopping every
                 // reader at it.
-                Err(e) if cipher.is_some() => {
+                Err(e) if cipher.is_some() && !foreign => {
                     tracing::warn!(seq, error = %e, "a stored payload cannot be decrypted");
                     String::new()
                 }
@@ -585,6 +634,18 @@ impl Journal for SqliteJournal {
                 return Ok(total);
             }
         }
+    }
+
+    async fn erase_events(&self, seqs: Vec<Seq>) -> Result<u64, StoreError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::EraseEvents { seqs, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn purge_events(&self, upto: Seq, before_ms: i64) -> Result<u64, StoreError> {
@@ -807,7 +868,8 @@ impl Writer {
                         }
                         Command::Ack { reply, .. } => replies.push(Reply::Ack(reply)),
                         Command::PurgeQuarantine { reply, .. }
-                        | Command::PurgeEvents { reply, .. } => {
+                        | Command::PurgeEvents { reply, .. }
+                        | Command::EraseEvents { reply, .. } => {
                             replies.push(Reply::Purge(reply, 0))
                         }
                         Command::Shutdown => {}
@@ -854,6 +916,13 @@ impl Writer {
                         }
                         replies.push(Reply::Ack(reply));
                     }
+                    Command::EraseEvents { seqs, reply } => match erase_events_in(tx, &seqs) {
+                        Ok(n) => replies.push(Reply::Purge(reply, n as u64)),
+                        Err(e) => {
+                            failure = Some(e);
+                            replies.push(Reply::Purge(reply, 0));
+                        }
+                    },
                     Command::PurgeEvents {
                         upto,
                         before_ms,

@@ -512,3 +512,87 @@ async fn retention_deletes_only_what_every_consumer_passed_and_is_old_enough() {
     assert_eq!(out.duplicates, 1);
     j.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_never_leaves_a_gap_when_times_are_out_of_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = t0();
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    // Received times are taken before numbering: a young event can come before an old one.
+    j.append(
+        vec![
+            event("web", "a", t0 - 10_000),
+            event("web", "b", t0),
+            event("web", "c", t0 - 10_000),
+            event("web", "d", t0),
+        ],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        j.purge_events(Seq::MAX, t0 - 1).await.unwrap(),
+        1,
+        "only the leading run"
+    );
+    let left: Vec<Seq> = j.read(0, 10).await.unwrap().iter().map(|e| e.seq).collect();
+    assert_eq!(left, [2, 3, 4]);
+    j.close().await;
+    assert!(
+        JournalReader::open(dir.path())
+            .unwrap()
+            .verify()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_are_sealed_and_another_installations_keys_are_refused() {
+    use handoff_store::sealed_payloads::PayloadCipher;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let j = SqliteJournal::open(dir.path()).unwrap();
+        j.set_cipher(Arc::new(PayloadCipher::new(1, [(1, [7u8; 32])])))
+            .unwrap();
+        j.append(vec![event("web", "secret-id-1", t0())], vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            j.read(0, 1).await.unwrap()[0].payload,
+            r#"{"messageId":"secret-id-1"}"#
+        );
+        j.close().await;
+    }
+    let j = SqliteJournal::open(dir.path()).unwrap();
+    // The same key id under another key: the newest sealed payload does not open.
+    let err = j
+        .set_cipher(Arc::new(PayloadCipher::new(1, [(1, [8u8; 32])])))
+        .unwrap_err();
+    assert_eq!(err.code(), "journal.payload.undecryptable", "{err}");
+    // Keys with no key of the payload's id: reading is an error, never an empty event.
+    let other = JournalReader::open(dir.path())
+        .unwrap()
+        .with_cipher(Arc::new(PayloadCipher::new(2, [(2, [7u8; 32])])));
+    assert!(other.for_each_event(0, |_| Ok(())).is_err());
+    // Without any key, likewise.
+    assert!(
+        JournalReader::open(dir.path())
+            .unwrap()
+            .for_each_event(0, |_| Ok(()))
+            .is_err()
+    );
+    // With the right key it reads.
+    let right = JournalReader::open(dir.path())
+        .unwrap()
+        .with_cipher(Arc::new(PayloadCipher::new(1, [(1, [7u8; 32])])));
+    let mut seen = Vec::new();
+    right
+        .for_each_event(0, |e| {
+            seen.push(e.payload.clone());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(seen, [r#"{"messageId":"secret-id-1"}"#]);
+    j.close().await;
+}

@@ -535,7 +535,9 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     // keys sealed under the master key.
     let privacy_keys = handoff_server::privacy::keys(&auth)?;
     // Payloads are encrypted at rest from here on, before anything is served.
-    journal.set_cipher(privacy_keys.journal.clone());
+    journal.set_cipher(privacy_keys.journal.clone())?;
+    let sqlite_journal = Arc::new(journal);
+    let journal: Arc<dyn Journal> = sqlite_journal.clone();
     let outbox = Arc::new(handoff_store::outbox::OutboxStore::open(data_dir)?);
     outbox.set_ledger_signer(privacy_keys.ledger.clone());
     outbox.set_identifier_sealer(privacy_keys.sent_ids.clone());
@@ -561,6 +563,7 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         destinations: connectors,
         settings: config.policy.clone(),
         journal_cipher: privacy_keys.journal.clone(),
+        journal: Some(journal.clone()),
     });
     {
         let mut out = std::io::stdout().lock();
@@ -594,8 +597,6 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
     }
     tracing::info!(%addr, sources = keys.sources().len(), "listening");
 
-    let sqlite_journal = Arc::new(journal);
-    let journal: Arc<dyn Journal> = sqlite_journal.clone();
     tracing::info!(
         vendors = policy.vendors.len(),
         destinations = policy.destinations.len(),
@@ -743,15 +744,42 @@ pub(crate) fn require_data_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The journal's data key, unsealed with the master key, for reading payloads; creates
+/// nothing (no master key file, no secret): `None` when no gateway ever made the key, so no
+/// payload is sealed.
+fn journal_cipher(
+    state: &StateArgs,
+) -> Result<Option<Arc<handoff_store::sealed_payloads::PayloadCipher>>> {
+    let env = std::env::var(MASTER_KEY_ENV).ok();
+    let default_file = state.data_dir.join(handoff_server::keys::DEFAULT_KEY_FILE);
+    if env.is_none() && state.master_key_file.is_none() && !default_file.exists() {
+        anyhow::bail!(
+            "event payloads are encrypted at rest: give the master key (HANDOFF_MASTER_KEY or --master-key-file); {} does not exist",
+            default_file.display()
+        );
+    }
+    let (keys, _) = KeyRing::load(env, state.master_key_file.as_deref(), &state.data_dir)?;
+    let Some(sealed) =
+        StateStore::open(&state.data_dir)?.secret(handoff_server::privacy::JOURNAL_KEY_SECRET)?
+    else {
+        return Ok(None);
+    };
+    let key: [u8; 32] = keys
+        .open(&sealed)?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the journal's data key is not 32 bytes"))?;
+    Ok(Some(Arc::new(handoff_server::privacy::journal_cipher(key))))
+}
+
 fn dump(state: &StateArgs, after: u64, quarantine: bool) -> Result<ExitCode> {
     require_data_dir(&state.data_dir)?;
     let reader = JournalReader::open(&state.data_dir)?;
-    let reader = if quarantine {
-        reader
-    } else {
-        // The events' payloads are sealed under a data key that the master key unseals.
-        let auth = cli_auth(state)?;
-        reader.with_cipher(handoff_server::privacy::keys(&auth)?.journal)
+    let reader = match quarantine {
+        true => reader,
+        false => match journal_cipher(state)? {
+            Some(cipher) => reader.with_cipher(cipher),
+            None => reader,
+        },
     };
     let mut out = BufWriter::new(std::io::stdout().lock());
     let result = if quarantine {

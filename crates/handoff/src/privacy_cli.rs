@@ -180,6 +180,7 @@ fn privacy(state: &StateArgs, config: Option<&PathBuf>) -> Result<Privacy> {
         destinations,
         settings,
         journal_cipher: keys.journal,
+        journal: None,
     })
 }
 

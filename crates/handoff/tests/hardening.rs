@@ -546,18 +546,18 @@ async fn a_body_that_never_arrives_is_timed_out_on_every_route() {
 }
 
 #[tokio::test]
-async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_probes_still_answer() {
+async fn past_the_in_flight_cap_requests_get_503_and_slow_senders_hold_no_place() {
     let tmp = tempfile::tempdir().unwrap();
-    let gw = start(tmp.path(), "max_in_flight = 2");
+    let gw = start(tmp.path(), "max_in_flight = 1");
     let addr = gw.url.trim_start_matches("http://").to_owned();
     let write_key = {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
     };
-    // Two requests whose bodies are on their way hold both places.
+    // Requests whose bodies are still on their way hold no place: the one place stays free.
     let body = r#"{"type":"track","event":"Slow","userId":"u1"}"#;
     let mut slow = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         write!(
             s,
@@ -569,23 +569,38 @@ async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_probes_sti
         slow.push(s);
     }
     let track = serde_json::json!({"type": "track", "event": "Fast", "userId": "u2"}).to_string();
-    // Once both are in handlers, a third is refused at once, without its body being read.
+    for _ in 0..5 {
+        let (status, _, answer) = post(&gw, "/v1/track", track.as_bytes(), false).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+
+    // Many whole requests at once: past the one place they are refused at once.
+    let batch = serde_json::json!({"batch": (0..200).map(|i| serde_json::json!(
+        {"type": "track", "event": "Burst", "userId": format!("u{i}")})).collect::<Vec<_>>()})
+    .to_string();
     let mut shed = None;
-    for _ in 0..500 {
-        let resp = client()
-            .post(format!("{}/v1/track", gw.url))
-            .basic_auth(KEY, Some(""))
-            .header("content-type", "application/json")
-            .body(track.clone())
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
-            shed = Some(resp);
+    for _ in 0..50 {
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                client()
+                    .post(format!("{}/v1/batch", gw.url))
+                    .basic_auth(KEY, Some(""))
+                    .header("content-type", "application/json")
+                    .body(batch.clone())
+                    .send()
+            })
+            .collect();
+        for resp in futures_join_all(calls).await {
+            let resp = resp.unwrap();
+            match resp.status() {
+                StatusCode::OK => {}
+                StatusCode::SERVICE_UNAVAILABLE => shed = Some(resp),
+                other => panic!("{other}"),
+            }
+        }
+        if shed.is_some() {
             break;
         }
-        assert_eq!(resp.status(), StatusCode::OK);
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let resp = shed.expect("a request past the cap is refused");
     assert_eq!(
@@ -596,7 +611,6 @@ async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_probes_sti
     );
     let err: Value = resp.json().await.unwrap();
     assert_eq!(code(&err), "server.busy", "{err}");
-    // Probes are never shed: overloaded is not down.
     let health = client()
         .get(format!("{}/healthz", gw.url))
         .send()
@@ -604,7 +618,7 @@ async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_probes_sti
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 
-    // The slow requests finish; the places are free again.
+    // The slow requests finish and are served.
     let finished = tokio::task::spawn_blocking(move || {
         slow.into_iter()
             .map(|mut s| {
@@ -621,13 +635,24 @@ async fn past_the_in_flight_cap_requests_get_503_with_retry_after_and_probes_sti
     for answer in finished {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
-    let (status, _, _) = post(&gw, "/v1/track", track.as_bytes(), false).await;
-    assert_eq!(status, StatusCode::OK);
     let metrics = gw.metrics().await;
     assert!(
-        common::metric(&metrics, "handoff_requests_shed_total") >= 1.0,
+        metric(&metrics, "handoff_requests_shed_total") >= 1.0,
         "{metrics}"
     );
+}
+
+/// Runs the futures at once and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(calls: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
 }
 
 #[tokio::test]

@@ -206,6 +206,7 @@ async fn plan_the_ledger_and_the_vendor_agree_on_what_was_sent() {
     let token = fetch_token(&gw.url, &creds, None).await;
 
     let mut checked: BTreeMap<String, usize> = BTreeMap::new();
+    let mut category_checks = 0;
     for event in examples() {
         let user = event["userId"].as_str().unwrap().to_owned();
         let plan: Value = client()
@@ -292,6 +293,10 @@ async fn plan_the_ledger_and_the_vendor_agree_on_what_was_sent() {
             // not vary by send (ids, times, signatures over them) with the same value.
             for h in wire["headers"].as_array().unwrap() {
                 let (name, value) = (h[0].as_str().unwrap(), h[1].as_str().unwrap());
+                if name == "authorization" || name == "webhook-signature" {
+                    // A signature made with the real secret would be valid to replay.
+                    assert_eq!(value, MASKED, "{id}: {name} is masked in a plan");
+                }
                 let sent = got_headers
                     .get(name)
                     .unwrap_or_else(|| panic!("{id}: {name} not sent"));
@@ -328,9 +333,46 @@ async fn plan_the_ledger_and_the_vendor_agree_on_what_was_sent() {
                 ledger_fields, plan_fields,
                 "{id}: the ledger names what was sent"
             );
+            // The categories of what was sent, found through the connector's field meanings.
+            let plan_categories: Vec<&str> = wire["categories"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap())
+                .collect();
+            let ledger_categories: Vec<&str> = recorded[0]["categories"]
+                .as_str()
+                .unwrap()
+                .split(',')
+                .collect();
+            assert_eq!(ledger_categories, plan_categories, "{id}");
+            if event["messageId"] == "ex-order" {
+                let has = |c: &str| plan_categories.contains(&c);
+                match id {
+                    // The IP and user agent travel as client_ip_address / client_user_agent,
+                    // the e-mail hashed as em.
+                    "meta-capi" => {
+                        category_checks += 1;
+                        assert!(
+                            has("location") && has("device") && has("contact") && has("commercial"),
+                            "{id}: {plan_categories:?}"
+                        )
+                    }
+                    // GA4's mapping sends no IP, whatever the allowlist lets through.
+                    "ga4" => {
+                        category_checks += 1;
+                        assert!(
+                            !has("location") && has("commercial") && has("identifiers"),
+                            "{id}: {plan_categories:?}"
+                        )
+                    }
+                    _ => {}
+                }
+            }
             *checked.entry(id.to_owned()).or_default() += 1;
         }
     }
+    assert_eq!(category_checks, 2, "the order reached Meta and GA4");
     // Every connector was proved on at least one example.
     assert_eq!(
         checked.keys().map(String::as_str).collect::<Vec<_>>(),

@@ -20,7 +20,7 @@ use handoff_connectors::wire::{Classification, Item, wire_fields};
 use handoff_core::consent::{ConsentContext, PreferenceUpdate, StoredPreferences, SubjectState};
 use handoff_core::policy::model::{DeliverySettings, Destination};
 use handoff_core::policy::{Outcome, PreparedEvent, decide};
-use handoff_core::subject::{SubjectKey, categories_of, identifiers};
+use handoff_core::subject::{SubjectKey, identifiers};
 use handoff_store::ledger::{self, Entry};
 use handoff_store::outbox::{
     DestinationState, NewItem, OutboxItem, OutboxStore, Routing, Sent, SentIds,

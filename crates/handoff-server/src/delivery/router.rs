@@ -202,11 +202,9 @@ async fn commit_stage(
             erase,
         } = routed;
         if !erase.is_empty() {
-            // Events of suppressed subjects are kept no longer than deciding took.
-            let dir = delivery.data_dir.clone();
-            if let Err(e) =
-                blocking(move || handoff_store::sqlite::erase_events(&dir, &erase)).await
-            {
+            // Events of suppressed subjects are kept no longer than deciding took (erased
+            // through the journal's own writer).
+            if let Err(e) = journal.erase_events(erase).await {
                 tracing::error!(error = %e, "cannot erase the events of suppressed subjects; the next erasure request for them will");
             }
         }
@@ -323,7 +321,7 @@ fn decide_batch(
         basis: Vec::new(),
     };
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-    // Data categories per list of field names.
+    // Data categories per destination and list of field names.
     let mut categories: std::collections::HashMap<String, String> =
         std::collections::HashMap::new();
     // Preferences as this batch left them (an identify changes what later events see).
@@ -444,11 +442,16 @@ fn decide_batch(
                             }
                         };
                         entry.fields = fields.join(",");
-                        // Most events of a batch share a few shapes.
+                        // Most events of a batch share a few shapes (per destination: the
+                        // connector says what its fields carry).
                         entry.categories = categories
-                            .entry(entry.fields.clone())
+                            .entry(format!("{i}\u{1f}{}", entry.fields))
                             .or_insert_with(|| {
-                                categories_of(fields.iter().map(String::as_str)).join(",")
+                                handoff_connectors::connector::wire_categories(
+                                    lane.connector.as_ref(),
+                                    &fields,
+                                )
+                                .join(",")
                             })
                             .clone();
                         entry.outcome = "send".into();
@@ -483,7 +486,14 @@ fn decide_batch(
             plan.entries.truncate(marks.0);
             plan.items.truncate(marks.1);
             plan.routed.blocked.truncate(marks.2);
+            // A suppressed subject's event is erased all the same.
             plan.routed.erase.truncate(marks.3);
+            if subject
+                .as_ref()
+                .is_some_and(|s| s.suppressed_at_ms.is_some())
+            {
+                plan.routed.erase.push(e.seq);
+            }
             match preferences_before {
                 Some(p) => {
                     changed.insert(subject_id.clone(), p);
