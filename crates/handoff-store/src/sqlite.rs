@@ -538,6 +538,7 @@ fn read_events(
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let mut opener = cipher.map(PayloadCipher::opener);
     rows.into_iter()
         .map(|(seq, source, message_id, received_at_ms, stored)| {
             // A payload sealed under a data key this process does not hold is a configuration
@@ -547,7 +548,8 @@ fn read_events(
                 (rusqlite::types::Value::Blob(b), Some(c)) => !c.holds_key_of(b),
                 _ => false,
             };
-            let payload = match crate::sealed_payloads::read((&stored).into(), seq, cipher) {
+            let payload = match crate::sealed_payloads::read((&stored).into(), seq, opener.as_mut())
+            {
                 Ok(p) => p,
                 // A damaged row: read as an unreadable payload, which delivery records
                 // (`journal.unreadable`) and `journal dump` marks, instead of stopping every
@@ -1029,6 +1031,8 @@ fn append_in(
     quarantine: &[QuarantineEntry],
 ) -> Result<AppendOutcome, StoreError> {
     let mut outcome = AppendOutcome::default();
+    // One derived key for the events of this request.
+    let sealer = cipher.map(PayloadCipher::sealer);
     let mut insert = tx.prepare_cached(
         "INSERT INTO events (seq, source, message_id, received_at_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
@@ -1038,7 +1042,7 @@ fn append_in(
             dedup.check_and_remember(dedup::key(source, &e.message_id), e.received_at_ms)?;
         if fresh {
             let sealed;
-            let payload: &dyn rusqlite::ToSql = match cipher {
+            let payload: &dyn rusqlite::ToSql = match &sealer {
                 Some(c) => {
                     sealed = c.seal(*seq, &e.payload);
                     &sealed
