@@ -433,6 +433,7 @@ impl Connector for Stripe {
     fn category_path(&self, wire_field: &str) -> String {
         match wire_field {
             "metadata.handoff_user_id" => "userId".to_owned(),
+            "address.line1" => "traits.address.street".to_owned(),
             other => format!("traits.{other}"),
         }
     }

@@ -250,9 +250,12 @@ pub async fn serve(
                         // sending it costs a connection (capped, and timed out), not a place,
                         // so slow senders cannot hold every place.
                         let (parts, body) = req.into_parts();
-                        let body = Prefetched::read(TimedBody::new(body, BODY_TIMEOUT)).await;
-                        // Held until the response is written, like the busy mark.
-                        let permit = if never_shed || !body.complete() {
+                        let limit = prefetch_limit(parts.uri.path());
+                        let body =
+                            Prefetched::read(TimedBody::new(body, BODY_TIMEOUT), limit).await;
+                        // Held until the response is written, like the busy mark. A body that
+                        // failed or is too large takes a place too (its route answers at once).
+                        let permit = if never_shed {
                             None
                         } else {
                             match in_flight.try_acquire_owned() {
@@ -327,11 +330,19 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Most of a body read before the request takes a place in flight: past every route's own
-/// limit (500 KB for a batch), so what is larger is refused by its route, with its code.
-const PREFETCH_LIMIT: usize = 1024 * 1024;
+/// Most of a body read before the request takes a place in flight: just past the route's own
+/// limit (500 KB for a batch, 32 KB for one message; the admin, OAuth and DSR routes take less),
+/// so what is larger is refused by its route, with its code. What connections buffer is bounded
+/// by this, as it was by the routes' limits before.
+fn prefetch_limit(path: &str) -> usize {
+    if path == "/v1/batch" || path == "/v1/import" {
+        handoff_core::ingest::MAX_BATCH_BYTES + 1
+    } else {
+        64 * 1024
+    }
+}
 
-/// A request body read ahead (up to [`PREFETCH_LIMIT`], or until it failed), then handed to
+/// A request body read ahead (up to [`prefetch_limit`], or until it failed), then handed to
 /// the route as if it were still arriving: the bytes read, then the rest or the error.
 struct Prefetched {
     first: Option<bytes::Bytes>,
@@ -340,8 +351,17 @@ struct Prefetched {
 }
 
 impl Prefetched {
-    async fn read(mut body: TimedBody) -> Self {
-        let mut buf = bytes::BytesMut::new();
+    async fn read(mut body: TimedBody, limit: usize) -> Self {
+        let announced = hyper::body::Body::size_hint(&body).lower() as usize;
+        if announced > limit {
+            // The route refuses it from its Content-Length: nothing to read ahead.
+            return Prefetched {
+                first: None,
+                error: None,
+                rest: Some(body),
+            };
+        }
+        let mut buf = bytes::BytesMut::with_capacity(announced);
         loop {
             match http_body_util::BodyExt::frame(&mut body).await {
                 None => {
@@ -355,7 +375,7 @@ impl Prefetched {
                     if let Ok(data) = frame.into_data() {
                         buf.extend_from_slice(&data);
                     }
-                    if buf.len() > PREFETCH_LIMIT {
+                    if buf.len() > limit {
                         return Prefetched {
                             first: Some(buf.freeze()),
                             error: None,
@@ -372,11 +392,6 @@ impl Prefetched {
                 }
             }
         }
-    }
-
-    /// The whole body arrived.
-    fn complete(&self) -> bool {
-        self.error.is_none() && self.rest.is_none()
     }
 }
 
@@ -417,7 +432,7 @@ impl hyper::body::Body for Prefetched {
 }
 
 /// A request body that must arrive whole within a deadline; past it, reading fails (the
-/// extractor answers 400 with `request.body.timeout`).
+/// route answers 408 with `request.body.timeout`).
 struct TimedBody {
     inner: Incoming,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,

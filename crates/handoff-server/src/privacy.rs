@@ -118,9 +118,9 @@ pub fn keys(auth: &Auth) -> Result<PrivacyKeys, AuthError> {
     })
 }
 
-/// The journal's cipher from its data key ([`JOURNAL_KEY_SECRET`], key id 1).
+/// The journal's cipher from its data key ([`JOURNAL_KEY_SECRET`]).
 pub fn journal_cipher(key: [u8; 32]) -> handoff_store::sealed_payloads::PayloadCipher {
-    handoff_store::sealed_payloads::PayloadCipher::new(1, [(1, key)])
+    handoff_store::sealed_payloads::PayloadCipher::with_key(key)
 }
 
 /// Everything requests and reports need, in the gateway and in the CLI alike.
@@ -394,8 +394,9 @@ impl Privacy {
         })?;
         if !erase.is_empty() {
             match &self.journal {
-                // The API runs requests off the async threads; `block_in_place` keeps waiting
-                // for the writer's answer safe wherever this is called from in the gateway.
+                // The API runs requests on blocking threads (`spawn_blocking`), where waiting
+                // for the writer's answer is allowed; `block_in_place` also covers a worker
+                // thread of the multi-threaded runtime.
                 Some(journal) => {
                     tokio::task::block_in_place(|| {
                         tokio::runtime::Handle::current().block_on(journal.erase_events(erase))

@@ -8,8 +8,8 @@
 //! nonces (2^32 messages per key, days at high rates on one key); salts do not collide in
 //! practice. Deriving per write rather than per event keeps the cost off the journal's writer.
 //!
-//! Stored form (a BLOB in the `payload` column): version byte `1`, the data key's id (4 bytes,
-//! big-endian), the salt (16 bytes), a random 12-byte nonce, then the ciphertext with its
+//! Stored form (a BLOB in the `payload` column): version byte `2`, the data key's id (4 bytes,
+//! big-endian: derived from the key, [`key_id`], so another installation's key is recognised), the salt (16 bytes), a random 12-byte nonce, then the ciphertext with its
 //! 16-byte tag. Text in the column is a payload stored before encryption, or an erased one: read
 //! as it is.
 
@@ -21,7 +21,8 @@ use rusqlite::types::ValueRef;
 
 use crate::{Seq, StoreError};
 
-const VERSION: u8 = 1;
+/// Version 2: a salt per write (version 1, one key for every payload, is no longer read).
+const VERSION: u8 = 2;
 const SALT: usize = 16;
 const HEADER: usize = 1 + 4 + SALT + 12;
 
@@ -169,11 +170,29 @@ impl Opener<'_> {
     }
 }
 
+/// The id of a data key: the first 4 bytes of HMAC-SHA-256(key, label), so a payload sealed
+/// under another installation's key is told from a damaged one.
+pub fn key_id(key: &[u8; 32]) -> u32 {
+    use hmac::{KeyInit as _, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(b"handoff journal data key id");
+    let d = mac.finalize().into_bytes();
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
 impl PayloadCipher {
-    /// Whether the data key `stored` was sealed under is one of these keys.
-    pub fn holds_key_of(&self, stored: &[u8]) -> bool {
-        stored.len() >= 5
-            && self.keys.contains_key(&u32::from_be_bytes(
+    /// A cipher with one data key, under its own [`key_id`].
+    pub fn with_key(key: [u8; 32]) -> Self {
+        let id = key_id(&key);
+        PayloadCipher::new(id, [(id, key)])
+    }
+
+    /// `true` when `stored` is a well-formed sealed payload under a data key this cipher does
+    /// not hold (a configuration fault, not damage).
+    pub fn is_foreign(&self, stored: &[u8]) -> bool {
+        stored.len() >= HEADER + 16
+            && stored[0] == VERSION
+            && !self.keys.contains_key(&u32::from_be_bytes(
                 stored[1..5].try_into().expect("4 bytes"),
             ))
     }
@@ -235,6 +254,22 @@ mod tests {
         // Older keys still open what they sealed.
         assert_eq!(c.open(3, &only_old.seal(3, "old")).unwrap(), "old");
         assert_ne!(c.seal(7, text), sealed, "a fresh nonce each time");
+    }
+
+    #[test]
+    fn another_installations_key_is_recognised_as_such() {
+        let (ours, theirs) = (
+            PayloadCipher::with_key([1u8; 32]),
+            PayloadCipher::with_key([2u8; 32]),
+        );
+        let sealed = theirs.seal(5, "x");
+        assert!(ours.is_foreign(&sealed), "their key id is not ours");
+        assert!(!theirs.is_foreign(&sealed));
+        assert!(
+            !ours.is_foreign(&sealed[..20]),
+            "a damaged blob is damage, not foreign"
+        );
+        assert_ne!(key_id(&[1u8; 32]), key_id(&[2u8; 32]));
     }
 
     #[test]

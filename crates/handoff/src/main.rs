@@ -758,7 +758,16 @@ fn journal_cipher(
             default_file.display()
         );
     }
-    let (keys, _) = KeyRing::load(env, state.master_key_file.as_deref(), &state.data_dir)?;
+    // A file named explicitly is never created.
+    let file = state.master_key_file.clone().unwrap_or(default_file);
+    let (keys, _) = KeyRing::load(env, Some(&file), &state.data_dir)?;
+    let state_db = state.data_dir.join(handoff_store::state::STATE_FILE);
+    if !state_db.exists() {
+        anyhow::bail!(
+            "{} does not exist: it holds the journal's data key (sealed), without which the payloads cannot be read",
+            state_db.display()
+        );
+    }
     let Some(sealed) =
         StateStore::open(&state.data_dir)?.secret(handoff_server::privacy::JOURNAL_KEY_SECRET)?
     else {
