@@ -548,7 +548,6 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
         config.delivery.clone(),
         privacy_keys.subjects.clone(),
         privacy_keys.delivery_ids.clone(),
-        data_dir,
     )?);
     // Requests call the connectors delivery built.
     let connectors = delivery

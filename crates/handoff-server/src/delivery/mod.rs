@@ -110,8 +110,6 @@ pub struct Delivery {
     pub settings: DeliverySettings,
     /// Identifiers are resolved to subjects under this key.
     pub subject_key: SubjectKey,
-    /// Where the journal is (erasure purges the events of suppressed subjects).
-    pub data_dir: std::path::PathBuf,
     /// Delivery ids are keyed by source under this secret.
     pub delivery_ids: handoff_connectors::wire::DeliveryIdKey,
 }
@@ -132,7 +130,6 @@ impl Delivery {
         settings: DeliverySettings,
         subject_key: SubjectKey,
         delivery_ids: handoff_connectors::wire::DeliveryIdKey,
-        data_dir: &std::path::Path,
     ) -> Result<Self, DeliveryError> {
         let mut lanes = Vec::new();
         for d in &policy.destinations {
@@ -166,7 +163,6 @@ impl Delivery {
             lanes,
             settings,
             subject_key,
-            data_dir: data_dir.to_owned(),
             delivery_ids,
         })
     }

@@ -84,13 +84,7 @@ pub(super) async fn worker(
         if !single && first.next_at_ms > now_ms {
             // Strict order per destination: the head waits for its retry time, and so does the
             // rest (the vendor is failing for all of them anyway).
-            let wait = Duration::from_millis((first.next_at_ms - now_ms) as u64);
-            pause(
-                wait.min(Duration::from_secs(1)),
-                &mut stop,
-                Some(&lane.wake),
-            )
-            .await;
+            wait_until_due(first.next_at_ms - now_ms, 0, &mut stop, &lane.wake).await;
             continue;
         }
         // Items past the maximum age are dead-lettered with their last error.
@@ -172,13 +166,7 @@ pub(super) async fn worker(
             );
             if groups.is_empty() {
                 let next = head.iter().map(|i| i.next_at_ms).min().unwrap_or(now_ms);
-                let wait = Duration::from_millis((next - now_ms).max(10) as u64);
-                pause(
-                    wait.min(Duration::from_secs(1)),
-                    &mut stop,
-                    Some(&lane.wake),
-                )
-                .await;
+                wait_until_due(next - now_ms, 10, &mut stop, &lane.wake).await;
                 continue;
             }
         } else {
@@ -198,13 +186,7 @@ pub(super) async fn worker(
             if n == 0 {
                 // The head is waiting for its retry time (a half-open probe of a one-event
                 // connector ends up here too).
-                let wait = Duration::from_millis((parsed[0].0.next_at_ms - now_ms).max(10) as u64);
-                pause(
-                    wait.min(Duration::from_secs(1)),
-                    &mut stop,
-                    Some(&lane.wake),
-                )
-                .await;
+                wait_until_due(parsed[0].0.next_at_ms - now_ms, 10, &mut stop, &lane.wake).await;
                 continue;
             }
             groups.push(readable[..n].to_vec());
@@ -405,6 +387,18 @@ pub(super) async fn worker(
             pause(Duration::from_secs(1), &mut stop, None).await;
         }
     }
+}
+
+/// Waits until an item is due in `in_ms` (at least `floor_ms`, at most a second, so state
+/// changes are seen), or less if the destination's queue changes or the gateway stops.
+async fn wait_until_due(
+    in_ms: i64,
+    floor_ms: i64,
+    stop: &mut watch::Receiver<bool>,
+    wake: &Notify,
+) {
+    let wait = Duration::from_millis(in_ms.max(floor_ms).max(0) as u64);
+    pause(wait.min(Duration::from_secs(1)), stop, Some(wake)).await;
 }
 
 /// Sends one request and classifies the answer; with the vendor's id for the subject when a
