@@ -50,6 +50,11 @@ pub trait Connector: Send + Sync {
     fn vendor_ref(&self, _body: &[u8]) -> Option<String> {
         None
     }
+    /// Whether requests use the id [`Connector::vendor_ref`] kept (delivery looks it up only
+    /// for connectors that do).
+    fn uses_vendor_ref(&self) -> bool {
+        false
+    }
     /// How this vendor is told to erase a subject.
     fn erasure(&self, target: &ErasureTarget, now: OffsetDateTime) -> Erasure;
     /// What the answer to an erasure call means (by default as for deliveries).
@@ -415,6 +420,9 @@ impl Connector for Ga4 {
 impl Connector for Stripe {
     fn max_batch(&self) -> usize {
         1
+    }
+    fn uses_vendor_ref(&self) -> bool {
+        true
     }
     fn request(&self, items: &[Item<'_>], _now: OffsetDateTime) -> Result<WireRequest, String> {
         let item = items.first().ok_or("nothing to send")?;

@@ -376,6 +376,7 @@ impl Privacy {
                         .unwrap_or_default();
                     prefs.opt_out_of_sale = true;
                     subjects::set_preferences(tx, &subject.id, &prefs.to_json())?;
+                    subjects::changed(tx)?;
                 }
                 _ => {}
             }
@@ -723,7 +724,10 @@ impl Privacy {
         })?;
         let seqs: Vec<handoff_store::Seq> = rows
             .iter()
-            .filter(|r| r.kind == ledger::kind::DECISION)
+            .filter(|r| {
+                (r.kind == ledger::kind::DECISION || r.kind == ledger::kind::DELIVERY)
+                    && r.event_seq > 0
+            })
             .map(|r| r.event_seq)
             .collect::<BTreeSet<_>>()
             .into_iter()

@@ -102,8 +102,7 @@ pub struct NewTask {
 pub fn recipients(conn: &Connection, subject: &str) -> Result<Vec<(String, String)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT DISTINCT destination, vendor FROM ledger
-         WHERE kind = 'delivery' AND outcome = 'delivered' AND subject = ?1 AND event_seq IN
-           (SELECT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision')",
+         WHERE subject = ?1 AND kind = 'delivery' AND outcome = 'delivered'",
     )?;
     let mut out = std::collections::BTreeSet::new();
     for id in crate::subjects::aliases(conn, subject)? {
@@ -114,10 +113,10 @@ pub fn recipients(conn: &Connection, subject: &str) -> Result<Vec<(String, Strin
     Ok(out.into_iter().collect())
 }
 
-/// Journal events of `subject` (and subjects merged into it), per the router's decisions.
+/// Journal events of `subject` (and subjects merged into it), per the ledger's records.
 pub fn event_seqs(conn: &Connection, subject: &str) -> Result<Vec<Seq>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision'",
+        "SELECT DISTINCT event_seq FROM ledger WHERE subject = ?1 AND kind IN ('decision', 'delivery') AND event_seq > 0",
     )?;
     let mut out = std::collections::BTreeSet::new();
     for id in crate::subjects::aliases(conn, subject)? {

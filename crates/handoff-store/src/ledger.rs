@@ -34,11 +34,12 @@ CREATE TABLE IF NOT EXISTS ledger (
     prev_hash    BLOB    NOT NULL,
     hash         BLOB    NOT NULL
 );
--- Indexes are what writing the ledger costs. Decisions (and DSR entries) are found by subject;
--- a delivery is found from its event's decisions (event_seq, which grows, so that index is
--- appended to rather than written all over) and by vendor and time.
-CREATE INDEX IF NOT EXISTS ledger_by_subject ON ledger (subject, seq) WHERE kind != 'delivery';
-CREATE INDEX IF NOT EXISTS ledger_deliveries_by_event ON ledger (event_seq) WHERE kind = 'delivery';
+-- Indexes are what writing the ledger costs. Every entry about a person is found by subject
+-- (a delivery straight from the journal has no decision entry before it); deliveries by vendor
+-- and time.
+DROP INDEX IF EXISTS ledger_by_subject;
+DROP INDEX IF EXISTS ledger_deliveries_by_event;
+CREATE INDEX IF NOT EXISTS ledger_by_subject_any ON ledger (subject, seq) WHERE subject != '';
 CREATE INDEX IF NOT EXISTS ledger_deliveries_by_vendor ON ledger (vendor, at_ms) WHERE kind = 'delivery';
 -- What was sent, and why, repeats from event to event: stored once, referenced by id. The hash
 -- of each entry covers the text, so editing a shape shows as every entry using it altered.
@@ -450,13 +451,14 @@ pub struct Problem {
     pub message: String,
 }
 
-/// Walks the whole chain and every checkpoint. `router_position` (the last journal event the
-/// router committed), when given, must be covered by decision entries: a ledger cut short
-/// together with its checkpoints still disagrees with it.
+/// Walks the whole chain and every checkpoint. `cursors` (each destination's position in the
+/// journal), when given, must be covered by that destination's entries: every event a
+/// destination passed has one, so a ledger cut short together with its checkpoints still
+/// disagrees with them.
 pub fn verify(
     conn: &Connection,
     key: &VerifyingKey,
-    router_position: Option<Seq>,
+    cursors: Option<&[(String, Seq)]>,
 ) -> Result<Verification, StoreError> {
     let mut stmt = conn.prepare(&format!("{ROW_SELECT} ORDER BY l.seq"))?;
     let mut rows = stmt.query([])?;
@@ -465,7 +467,8 @@ pub fn verify(
     let mut entries = 0u64;
     let mut problem: Option<Problem> = None;
     let mut hashes: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
-    let mut last_decided: Seq = 0;
+    let mut last_recorded: std::collections::HashMap<String, Seq> =
+        std::collections::HashMap::new();
     // (seq, hash, at_ms, public key, signature), in order.
     let cps = conn
         .prepare(
@@ -522,8 +525,11 @@ pub fn verify(
         if cps.binary_search_by_key(&row.seq, |c| c.0).is_ok() {
             hashes.insert(row.seq, row.hash.clone());
         }
-        if row.kind == kind::DECISION {
-            last_decided = last_decided.max(row.event_seq);
+        if (row.kind == kind::DECISION || row.kind == kind::DELIVERY)
+            && (cursors.is_some_and(|c| c.iter().any(|(d, _)| *d == row.destination)))
+        {
+            let last = last_recorded.entry(row.destination.clone()).or_default();
+            *last = (*last).max(row.event_seq);
         }
         expected_seq = row.seq + 1;
         prev = row.hash;
@@ -604,14 +610,17 @@ pub fn verify(
         }
     }
     if problem.is_none()
-        && let Some(pos) = router_position
-        && pos > last_decided
+        && let Some(cursors) = cursors
+        && let Some((destination, pos, last)) = cursors.iter().find_map(|(d, pos)| {
+            let last = last_recorded.get(d).copied().unwrap_or(0);
+            (*pos > last).then_some((d, *pos, last))
+        })
     {
         problem = Some(Problem {
             seq: head_seq + 1,
             code: "ledger.truncated",
             message: format!(
-                "the router decided up to journal event {pos}, but the ledger's last decision is for event {last_decided}: entries were removed"
+                "destination {destination} passed journal event {pos}, but the ledger's last record for it is of event {last}: entries were removed"
             ),
         });
     }
@@ -636,11 +645,7 @@ pub fn for_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreEr
 
 fn for_one_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
-        "{ROW_SELECT} WHERE l.subject = ?1 AND l.kind != 'delivery'
-         UNION ALL
-         {ROW_SELECT} WHERE l.kind = 'delivery' AND l.subject = ?1 AND l.event_seq IN
-           (SELECT event_seq FROM ledger WHERE subject = ?1 AND kind = 'decision')
-         ORDER BY 1"
+        "{ROW_SELECT} WHERE l.subject = ?1 AND l.subject != '' ORDER BY l.seq"
     ))?;
     let rows = stmt
         .query_map([subject], read_row)?
@@ -808,7 +813,7 @@ mod tests {
         );
         assert_eq!(check(&store).problem, None, "the chain alone cannot tell");
         let p = store
-            .with_conn(|c| verify(c, &key(7).verifying_key(), Some(20)))
+            .with_conn(|c| verify(c, &key(7).verifying_key(), Some(&[("hook".into(), 20)])))
             .unwrap()
             .problem
             .unwrap();

@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason        TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, id);
+CREATE TABLE IF NOT EXISTS cursors (
+    destination TEXT PRIMARY KEY,
+    seq         INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS router (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
     seq      INTEGER NOT NULL
@@ -269,6 +273,48 @@ pub fn held_for_subject(conn: &Connection, subject: &str) -> Result<(u64, u64), 
     ))
 }
 
+/// An identifier a vendor was sent, not recorded lately: its item, kind, value, digest and
+/// cache key.
+struct FreshId<'a> {
+    item: &'a Sent,
+    kind: &'static str,
+    value: &'a str,
+    digest: [u8; 16],
+    key: [u8; 16],
+}
+
+/// What one destination did with the journal events after its cursor (see
+/// [`OutboxStore::commit_round`]).
+#[derive(Debug, Default)]
+pub struct Round {
+    pub destination: String,
+    /// The new cursor: every event up to it is accounted for below or earlier.
+    pub upto: Seq,
+    /// Accepted by the vendor: the item, its ledger record and the vendor's id for the subject.
+    pub delivered: Vec<(Sent, Entry, Option<String>)>,
+    /// The subject epoch the round decided at: if subjects changed since, the store checks
+    /// whether an erasure landed while the deliveries were on their way.
+    pub epoch: u64,
+    /// To try again (copied into the retry set).
+    pub retry: Vec<Failed>,
+    /// Refused for good (copied into the dead letters, with a ledger record).
+    pub dead: Vec<Failed>,
+    /// Decisions not to send, counted per reason.
+    pub blocked: Vec<(&'static str, u64)>,
+    /// Other ledger records (blocks, decisions of items copied into the retry set).
+    pub entries: Vec<Entry>,
+}
+
+/// A decided item that failed its first attempt.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub item: NewItem,
+    pub created_at_ms: i64,
+    pub attempts: u32,
+    pub next_at_ms: i64,
+    pub error: String,
+}
+
 /// A payload in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxItem {
@@ -335,7 +381,10 @@ impl DestinationState {
 /// Queue figures of one destination.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueStats {
+    /// Items in the retry set plus [`QueueStats::behind`].
     pub depth: u64,
+    /// Journal events after the destination's cursor that the subject stage has passed.
+    pub behind: u64,
     pub oldest_created_at_ms: Option<i64>,
     pub dead_letters: u64,
     /// The circuit breaker as the gateway's worker last recorded it: closed, half_open, open.
@@ -449,6 +498,32 @@ impl Routing<'_> {
 
     pub fn set_preferences(&mut self, subject: &str, json: &str) -> Result<(), StoreError> {
         subjects::set_preferences(self.tx, subject, json)
+    }
+
+    /// The subject of identifier hashes (kind, hash), created or merged as needed (merges are
+    /// recorded in the ledger with this transaction).
+    pub fn resolve(
+        &mut self,
+        hashes: &[(&str, String)],
+    ) -> Result<Option<subjects::Subject>, StoreError> {
+        let r = subjects::resolve(self.tx, hashes, self.now)?;
+        if let Some(s) = &r.subject {
+            for m in &r.merged {
+                self.ledger.push(Entry {
+                    kind: ledger::kind::SUBJECT,
+                    subject: s.id.clone(),
+                    outcome: "merged".into(),
+                    detail: format!("{m} is the same person"),
+                    ..Entry::default()
+                });
+            }
+        }
+        Ok(r.subject)
+    }
+
+    /// See [`subjects::changed`], as this transaction sees it.
+    pub fn subject_epoch(&mut self) -> Result<u64, StoreError> {
+        subjects::epoch(self.tx)
     }
 
     pub fn queue(&mut self, item: &NewItem) -> Result<(), StoreError> {
@@ -627,9 +702,11 @@ impl OutboxStore {
     ) -> Result<ledger::Verification, StoreError> {
         let mut conn = open_reader(&self.path)?;
         let tx = conn.transaction()?;
-        let position: i64 =
-            tx.query_row("SELECT coalesce(max(seq), 0) FROM router", [], |r| r.get(0))?;
-        ledger::verify(&tx, public_key, Some(position as u64))
+        let cursors: Vec<(String, Seq)> = tx
+            .prepare("SELECT destination, seq FROM cursors ORDER BY destination")?
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as Seq)))?
+            .collect::<Result<_, _>>()?;
+        ledger::verify(&tx, public_key, Some(&cursors))
     }
 
     /// Runs `f` on a read-only connection, on a snapshot of what is committed now: for
@@ -801,58 +878,9 @@ impl OutboxStore {
     /// Removes delivered items, records each handoff in the ledger, and keeps the ids the
     /// vendor gave (item id, vendor's id for the subject).
     pub fn delivered(&self, sent: &[Sent], refs: &[(i64, String)]) -> Result<(), StoreError> {
-        // What each vendor now holds about each person, for a later erasure: sealed and
-        // written only when not recorded lately.
-        /// An identifier to record: its item, kind, value, digest and cache key.
-        struct Fresh<'a> {
-            item: &'a Sent,
-            kind: &'static str,
-            value: &'a str,
-            digest: [u8; 16],
-            key: [u8; 16],
-        }
-        let mut fresh: Vec<Fresh<'_>> = Vec::new();
-        if let Some(sealer) = self.sealer.get() {
-            let recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-            for item in sent.iter().filter(|i| !i.subject.is_empty()) {
-                for (kind, value) in crate::sent_ids::pairs(&item.ids) {
-                    let digest = sealer.digest(kind, value);
-                    let key = sealer.digest(
-                        "recorded",
-                        &format!(
-                            "{}\u{1f}{}\u{1f}{}",
-                            item.subject,
-                            item.destination,
-                            base16ct::lower::encode_string(&digest)
-                        ),
-                    );
-                    if !recorded.contains(&key) {
-                        fresh.push(Fresh {
-                            item,
-                            kind,
-                            value,
-                            digest,
-                            key,
-                        });
-                    }
-                }
-            }
-        }
-        let recorded_now: Vec<[u8; 16]> = fresh.iter().map(|f| f.key).collect();
+        let fresh = self.fresh_sent_ids(sent.iter());
         self.transact(|tx| {
-            if let Some(sealer) = self.sealer.get() {
-                for f in &fresh {
-                    crate::sent_ids::record(
-                        tx,
-                        sealer.as_ref(),
-                        &f.item.subject,
-                        &f.item.destination,
-                        f.kind,
-                        &f.digest,
-                        f.value,
-                    )?;
-                }
-            }
+            self.record_sent_ids(tx, &fresh)?;
             let mut entries = Vec::with_capacity(sent.len());
             {
                 let mut take = tx.prepare_cached(&format!(
@@ -895,13 +923,308 @@ impl OutboxStore {
             }
             Ok(((), entries))
         })?;
-        if !recorded_now.is_empty() {
-            let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
-            if recorded.len() + recorded_now.len() > RECORDED_CACHE_ENTRIES {
-                recorded.clear();
+        self.remember_sent_ids(&fresh);
+        Ok(())
+    }
+
+    /// The identifiers in `sent` not recorded lately, sealed, for [`Self::record_sent_ids`]:
+    /// what each vendor now holds about each person, for a later erasure.
+    fn fresh_sent_ids<'a>(&self, sent: impl Iterator<Item = &'a Sent>) -> Vec<FreshId<'a>> {
+        let mut fresh: Vec<FreshId<'_>> = Vec::new();
+        if let Some(sealer) = self.sealer.get() {
+            let recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            for item in sent.filter(|i| !i.subject.is_empty()) {
+                for (kind, value) in crate::sent_ids::pairs(&item.ids) {
+                    let digest = sealer.digest(kind, value);
+                    let key = sealer.digest(
+                        "recorded",
+                        &format!(
+                            "{}\u{1f}{}\u{1f}{}",
+                            item.subject,
+                            item.destination,
+                            base16ct::lower::encode_string(&digest)
+                        ),
+                    );
+                    if !recorded.contains(&key) {
+                        fresh.push(FreshId {
+                            item,
+                            kind,
+                            value,
+                            digest,
+                            key,
+                        });
+                    }
+                }
             }
-            recorded.extend(recorded_now);
         }
+        fresh
+    }
+
+    fn record_sent_ids(&self, tx: &Connection, fresh: &[FreshId<'_>]) -> Result<(), StoreError> {
+        if let Some(sealer) = self.sealer.get() {
+            for f in fresh {
+                crate::sent_ids::record(
+                    tx,
+                    sealer.as_ref(),
+                    &f.item.subject,
+                    &f.item.destination,
+                    f.kind,
+                    &f.digest,
+                    f.value,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remembers identifiers committed by [`Self::record_sent_ids`].
+    fn remember_sent_ids(&self, fresh: &[FreshId<'_>]) {
+        if fresh.is_empty() {
+            return;
+        }
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if recorded.len() + fresh.len() > RECORDED_CACHE_ENTRIES {
+            recorded.clear();
+        }
+        recorded.extend(fresh.iter().map(|f| f.key));
+    }
+
+    /// A destination's position in the journal: every event up to it is delivered, blocked,
+    /// waiting in its retry set or dead-lettered. Before the destination had one, the router's
+    /// position (what an older version had decided and queued).
+    pub fn cursor(&self, destination: &str) -> Result<Seq, StoreError> {
+        let conn = self.reader();
+        let seq: Option<i64> = conn
+            .prepare_cached("SELECT seq FROM cursors WHERE destination = ?1")?
+            .query_row([destination], |r| r.get(0))
+            .optional()?;
+        match seq {
+            Some(s) => Ok(s as Seq),
+            None => Ok(conn
+                .query_row("SELECT seq FROM router WHERE id = 1", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()?
+                .unwrap_or(0) as Seq),
+        }
+    }
+
+    /// Gives `destination` a cursor if it has none: the router's position (a destination
+    /// new to the configuration starts with the events after it; one an older version
+    /// delivered has what it queued in its retry set).
+    pub fn ensure_cursor(&self, destination: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO cursors (destination, seq)
+             SELECT ?1, coalesce((SELECT seq FROM router WHERE id = 1), 0)",
+            [destination],
+        )?;
+        Ok(())
+    }
+
+    /// The lowest position of the subject stage and `destinations`: the journal keeps every
+    /// event after it.
+    pub fn lowest_cursor(&self, destinations: &[String]) -> Result<Seq, StoreError> {
+        let mut lowest = self.router_position()?;
+        for d in destinations {
+            lowest = lowest.min(self.cursor(d)?);
+        }
+        Ok(lowest)
+    }
+
+    /// See [`subjects::changed`].
+    pub fn subject_epoch(&self) -> Result<u64, StoreError> {
+        subjects::epoch(&self.reader())
+    }
+
+    /// The current state of each subject (following merges), on one snapshot.
+    pub fn subjects_now(&self, ids: &[&str]) -> Result<Vec<Option<subjects::Subject>>, StoreError> {
+        self.with_reader(|c| {
+            ids.iter()
+                .map(|id| {
+                    if id.is_empty() {
+                        return Ok(None);
+                    }
+                    let root = subjects::root(c, id)?;
+                    subjects::load(c, &root)
+                })
+                .collect()
+        })
+    }
+
+    /// The subject each list of identifier hashes belongs to, without creating or merging
+    /// any (for events the subject stage resolved already), on one snapshot.
+    pub fn find_subjects(
+        &self,
+        ids: &[Vec<(&str, String)>],
+    ) -> Result<Vec<Option<subjects::Subject>>, StoreError> {
+        self.with_reader(|c| {
+            ids.iter()
+                .map(|hashes| {
+                    for (_, hash) in hashes {
+                        if let Some(s) = subjects::find(c, hash)? {
+                            let root = subjects::root(c, &s.id)?;
+                            return subjects::load(c, &root);
+                        }
+                    }
+                    Ok(None)
+                })
+                .collect()
+        })
+    }
+
+    /// The ids `destination` gave these subjects on earlier deliveries.
+    pub fn vendor_refs_of(
+        &self,
+        destination: &str,
+        subjects: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        self.with_reader(|c| {
+            let mut out = std::collections::HashMap::new();
+            for s in subjects.iter().filter(|s| !s.is_empty()) {
+                if let Some(r) = subjects::vendor_ref(c, destination, s)? {
+                    out.insert((*s).to_owned(), r);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The subjects with an item in `destination`'s retry set (their later events must not
+    /// overtake it), and whether the set is empty.
+    pub fn retry_subjects(
+        &self,
+        destination: &str,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = self.reader();
+        let mut stmt =
+            conn.prepare_cached("SELECT DISTINCT subject FROM outbox WHERE destination = ?1")?;
+        let rows = stmt
+            .query_map([destination], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Whether `destination`'s retry set holds anything (replayed dead letters, failures).
+    pub fn has_retries(&self, destination: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .reader()
+            .prepare_cached("SELECT 1 FROM outbox WHERE destination = ?1 LIMIT 1")?
+            .query_row([destination], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Commits what one destination did with the journal events after its cursor, up to
+    /// `round.upto`, in one transaction: the ledger records, the failures copied into the retry
+    /// set or the dead letters, the blocked counts and the new cursor.
+    pub fn commit_round(&self, round: Round) -> Result<(), StoreError> {
+        let Round {
+            destination,
+            upto,
+            delivered,
+            epoch,
+            retry,
+            dead,
+            blocked,
+            mut entries,
+        } = round;
+        let (sent, mut delivered_entries): (Vec<_>, Vec<_>) =
+            delivered.into_iter().map(|(s, e, r)| ((s, r), e)).unzip();
+        let fresh = self.fresh_sent_ids(sent.iter().map(|(s, _)| s));
+        self.transact(|tx| {
+            self.record_sent_ids(tx, &fresh)?;
+            let now = now_ms();
+            let check_erasure = !sent.is_empty() && subjects::epoch(tx)? != epoch;
+            for ((item, vendor_ref), mut entry) in sent.iter().zip(delivered_entries.drain(..)) {
+                if check_erasure
+                    && !item.subject.is_empty()
+                    && subjects::basis(tx, &subjects::root(tx, &item.subject)?)?
+                        .is_some_and(|b| b.1.is_some())
+                {
+                    // Erased while it was on its way: the vendor has it all the same, so the
+                    // ledger says so and the erasure gets this vendor.
+                    late_for_erasure(tx, item, vendor_ref.as_ref())?;
+                    entry.detail = "delivered while an erasure purged it".into();
+                }
+                if let Some(r) = &vendor_ref
+                    && !item.subject.is_empty()
+                {
+                    subjects::set_vendor_ref(tx, &item.destination, &item.subject, r)?;
+                }
+                entries.push(entry);
+            }
+            for f in &retry {
+                let shape = self.shapes.id(tx, &f.item.shape)?;
+                tx.prepare_cached(
+                    "INSERT INTO outbox (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms,
+                       delivery_id, attempts, next_at_ms, last_error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?
+                .execute(params![
+                    f.item.destination,
+                    f.item.vendor,
+                    f.item.seq as i64,
+                    f.item.message_id,
+                    f.item.subject,
+                    shape,
+                    f.item.payload,
+                    f.created_at_ms,
+                    f.item.delivery_id,
+                    f.attempts,
+                    f.next_at_ms,
+                    f.error
+                ])?;
+            }
+            for f in &dead {
+                let shape = self.shapes.id(tx, &f.item.shape)?;
+                tx.prepare_cached(
+                    "INSERT INTO dead_letters (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms,
+                       delivery_id, failed_at_ms, attempts, reason)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?
+                .execute(params![
+                    f.item.destination,
+                    f.item.vendor,
+                    f.item.seq as i64,
+                    f.item.message_id,
+                    f.item.subject,
+                    shape,
+                    f.item.payload,
+                    f.created_at_ms,
+                    f.item.delivery_id,
+                    now,
+                    f.attempts,
+                    f.error
+                ])?;
+                let mut entry = Entry {
+                    kind: ledger::kind::DELIVERY,
+                    destination: f.item.destination.clone(),
+                    vendor: f.item.vendor.clone(),
+                    event_seq: f.item.seq,
+                    message_id: f.item.message_id.clone(),
+                    subject: f.item.subject.clone(),
+                    outcome: "dead_lettered".into(),
+                    detail: ledger_reason(&f.error).to_owned(),
+                    ..Entry::default()
+                };
+                entry.set_shape(f.item.shape.clone());
+                entries.push(entry);
+            }
+            for (reason, n) in &blocked {
+                tx.prepare_cached(
+                    "INSERT INTO blocked (destination, reason, count) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (destination, reason) DO UPDATE SET count = count + excluded.count",
+                )?
+                .execute(params![destination, reason, *n as i64])?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO cursors (destination, seq) VALUES (?1, ?2)
+                 ON CONFLICT (destination) DO UPDATE SET seq = max(seq, excluded.seq)",
+            )?
+            .execute(params![destination, upto as i64])?;
+            Ok(((), entries))
+        })?;
+        self.remember_sent_ids(&fresh);
         Ok(())
     }
 
@@ -1060,8 +1383,15 @@ impl OutboxStore {
             .query_row([destination], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?
             .unwrap_or_else(|| ("closed".to_owned(), None, None));
+        drop(conn);
+        // Journal events the subject stage passed that this destination has not yet: at most
+        // that many more to send (some will be blocked).
+        let behind = self
+            .router_position()?
+            .saturating_sub(self.cursor(destination)?);
         Ok(QueueStats {
-            depth: depth as u64,
+            depth: depth as u64 + behind,
+            behind,
             oldest_created_at_ms: oldest,
             dead_letters: dead as u64,
             breaker,
@@ -1135,6 +1465,24 @@ impl OutboxStore {
                 reason,
             ),
             None => (DestinationState::Active, String::new()),
+        })
+    }
+
+    /// A destination's state and since when it holds (0 when never set).
+    pub fn state_since(&self, destination: &str) -> Result<(DestinationState, i64), StoreError> {
+        let row: Option<(String, i64)> = self
+            .reader()
+            .prepare_cached(
+                "SELECT state, updated_at_ms FROM destination_state WHERE destination = ?1",
+            )?
+            .query_row([destination], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(match row {
+            Some((s, at)) => (
+                DestinationState::parse(&s).unwrap_or(DestinationState::Paused),
+                at,
+            ),
+            None => (DestinationState::Active, 0),
         })
     }
 

@@ -29,7 +29,32 @@ CREATE TABLE IF NOT EXISTS vendor_refs (
     ref         TEXT NOT NULL,
     PRIMARY KEY (destination, subject)
 ) WITHOUT ROWID;
+-- Counts changes to subjects made outside the subject stage's own order (erasures, opt-outs
+-- filed as requests, merges): delivery re-reads the state it decides with when it moved.
+CREATE TABLE IF NOT EXISTS subject_epoch (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  INTEGER NOT NULL
+);
 ";
+
+/// Marks that a subject's state changed other than by an identify call in journal order (an
+/// erasure, an opt-out request, a merge): what delivery decided with may be stale.
+pub fn changed(conn: &Connection) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO subject_epoch (id, n) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET n = n + 1",
+    )?
+    .execute([])?;
+    Ok(())
+}
+
+/// How many times [`changed`] was called.
+pub fn epoch(conn: &Connection) -> Result<u64, StoreError> {
+    let n: Option<i64> = conn
+        .prepare_cached("SELECT n FROM subject_epoch WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(n.unwrap_or(0) as u64)
+}
 
 /// What the store knows of a subject.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -163,6 +188,9 @@ pub fn resolve(
             )?;
             merged.push(other.id);
         }
+        if !merged.is_empty() {
+            changed(conn)?;
+        }
         if target.suppressed_at_ms.is_some() {
             // One side was erased: what the other side still has queued must not leave.
             for m in &merged {
@@ -235,7 +263,7 @@ pub fn suppress(conn: &Connection, subject: &str, at_ms: i64) -> Result<(), Stor
         "UPDATE subjects SET suppressed_at_ms = coalesce(suppressed_at_ms, ?2) WHERE id = ?1",
         params![subject, at_ms],
     )?;
-    Ok(())
+    changed(conn)
 }
 
 /// The kinds of identifiers linked to a subject, with how many of each (never the hashes'

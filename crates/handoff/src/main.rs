@@ -627,13 +627,18 @@ async fn run(config: Config, from_file: bool) -> Result<ExitCode> {
             },
         )
     });
-    // Delivery's router is the journal's one consumer: what it has decided is queued (or
-    // recorded as blocked) in the outbox, so the journal's copy is needed no more.
+    // The journal is delivery's queue: an event is needed until the subject stage and every
+    // destination's cursor have passed it (what failed is copied into a retry set).
     let lowest_cursor: handoff_server::retention::LowestCursor = if delivery.lanes.is_empty() {
         Arc::new(|| Ok(handoff_store::Seq::MAX))
     } else {
         let store = delivery.store.clone();
-        Arc::new(move || store.router_position())
+        let destinations: Vec<String> = delivery
+            .lanes
+            .iter()
+            .map(|l| l.destination.id.clone())
+            .collect();
+        Arc::new(move || store.lowest_cursor(&destinations))
     };
     let retention = handoff_server::retention::start(
         journal.clone(),

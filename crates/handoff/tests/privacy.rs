@@ -613,7 +613,6 @@ async fn erasure_reaches_every_vendor_and_the_ledger_tells_the_whole_story() {
     assert!(ok);
     let the_story = cli(&data, &["report", "subject", "--id", &subject]).1;
     for step in [
-        "\"send\"",
         "\"delivered\"",
         "erasure.filed",
         "erasure.extended",

@@ -3,6 +3,7 @@
 //! Every source keeps "absent" and "malformed" apart from "present", because the policy treats
 //! absence and malformation alike as *no consent*, but reports them with different reasons.
 
+pub mod batch;
 pub mod tcf;
 
 use std::collections::BTreeMap;

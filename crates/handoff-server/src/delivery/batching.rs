@@ -47,9 +47,62 @@ pub fn leading_batch<K: PartialEq>(pending: &[(bool, K)]) -> usize {
         .count()
 }
 
+/// For journal events sent one request at a time: the events grouped per subject, in order,
+/// each group in journal order. Groups go out side by side; a group's events one after the
+/// other, so nobody's events overtake each other.
+pub fn chains(subjects: &[&str]) -> Vec<Vec<usize>> {
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (i, s) in subjects.iter().enumerate() {
+        match index.get(s) {
+            Some(g) => out[*g].push(i),
+            None => {
+                index.insert(s, out.len());
+                out.push(vec![i]);
+            }
+        }
+    }
+    out
+}
+
+/// Consecutive runs sharing a batch key, each at most `max` long: the requests a batching
+/// connector makes of events in order.
+pub fn runs<K: PartialEq>(keys: &[K], max: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=keys.len() {
+        if i == keys.len() || keys[i] != keys[start] || i - start == max.max(1) {
+            if start < i {
+                out.push(start..i);
+            }
+            start = i;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chains_keep_each_subjects_order() {
+        assert_eq!(
+            chains(&["a", "b", "a", "c", "b"]),
+            [vec![0, 2], vec![1, 4], vec![3]]
+        );
+        assert!(chains(&[]).is_empty());
+    }
+
+    #[test]
+    fn runs_split_on_key_changes_and_size() {
+        assert_eq!(
+            runs(&["a", "a", "a", "b", "a"], 2),
+            [0..2, 2..3, 3..4, 4..5]
+        );
+        assert_eq!(runs(&[1, 1, 1], 10), [0..3]);
+        assert!(runs::<u8>(&[], 10).is_empty());
+    }
 
     fn p(subject: &str, due: bool) -> Pending<'_> {
         Pending { subject, due }

@@ -1,14 +1,16 @@
-//! Delivery: the router that decides each journal event for every destination and queues what
-//! may leave, and one worker per destination that sends its queue to the vendor.
+//! Delivery: the journal is the queue. The subject stage (`router.rs`) resolves each event's
+//! subject in journal order; one worker per destination is a consumer with its own cursor,
+//! which decides, maps, sends and records the events after it (`worker.rs`).
 //!
-//! Isolation: each destination has its own queue, worker, HTTP client and circuit breaker, so a
-//! slow or dead vendor only ever delays itself. Ingest never waits on any of it.
+//! Isolation: each destination has its own cursor, retry set, worker, HTTP client and circuit
+//! breaker, so a slow or dead vendor only ever delays itself. Ingest never waits on any of it.
 //!
-//! Guarantees: the router commits its decisions and its journal position together (see
-//! [`OutboxStore::route`]); a worker removes an item only after the vendor accepted it, so a
-//! crash at any point means, at worst, one more attempt — which the vendor deduplicates on the
-//! item's delivery id. Every item is delivered, dead-lettered with a reason, or kept while its
-//! destination is paused; nothing is dropped silently.
+//! Guarantees: a worker commits the ledger records of a round, the failures it copies into
+//! its retry set or dead letters, and its new cursor in one transaction (see
+//! [`OutboxStore::commit_round`]), after the vendor answered; a crash at any point means, at
+//! worst, one more attempt, which the vendor deduplicates on the item's delivery id. Every
+//! event is delivered, blocked with a recorded reason, dead-lettered with a reason, or waits
+//! while its destination is paused; nothing is dropped silently.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,14 +19,12 @@ use std::time::Duration;
 
 use handoff_connectors::connector::Connector;
 use handoff_connectors::wire::{Classification, Item, wire_fields};
-use handoff_core::consent::{ConsentContext, PreferenceUpdate, StoredPreferences, SubjectState};
+use handoff_core::consent::{ConsentContext, SubjectState};
 use handoff_core::policy::model::{DeliverySettings, Destination};
 use handoff_core::policy::{Outcome, PreparedEvent, decide};
 use handoff_core::subject::{SubjectKey, identifiers};
 use handoff_store::ledger::{self, Entry};
-use handoff_store::outbox::{
-    DestinationState, NewItem, OutboxItem, OutboxStore, Routing, Sent, SentIds,
-};
+use handoff_store::outbox::{DestinationState, OutboxItem, OutboxStore, Sent, SentIds};
 use handoff_store::{Journal, StoreError};
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
@@ -34,6 +34,7 @@ use crate::metrics::{BlockedLabel, DeliveryMetrics};
 mod backoff;
 mod batching;
 mod breaker;
+mod decide;
 mod erasures;
 mod router;
 mod worker;
@@ -42,7 +43,8 @@ use crate::policy_http::PolicyConfig;
 pub use backoff::backoff;
 pub(crate) use worker::send_with;
 
-/// Events the router decides per transaction.
+/// Events the subject stage resolves per transaction, and a batching destination decides
+/// per round.
 const ROUTE_BATCH: usize = 500;
 /// How often destination states (set by `handoff destinations …` from another process) are
 /// re-read: a pause or kill takes effect within this.
@@ -77,6 +79,9 @@ pub struct Lane {
     purposes: String,
     client: reqwest::Client,
     state: AtomicU8,
+    killed_since: std::sync::atomic::AtomicI64,
+    /// The worker's committed cursor, for the subject stage's pacing.
+    cursor: std::sync::atomic::AtomicU64,
     wake: Notify,
     /// The destination's `rate_limit_per_sec`, as requests per second.
     limiter: Option<governor::DefaultDirectRateLimiter>,
@@ -89,6 +94,23 @@ impl Lane {
             1 => DestinationState::Paused,
             _ => DestinationState::Killed,
         }
+    }
+
+    /// When the destination was killed (events received since are blocked for it); 0 when
+    /// it is not.
+    pub fn killed_since_ms(&self) -> i64 {
+        self.killed_since.load(Ordering::Relaxed)
+    }
+
+    /// Sets the state, which holds since `since_ms`.
+    fn set_state_since(&self, s: DestinationState, since_ms: i64) {
+        let killed = if s == DestinationState::Killed {
+            since_ms.max(1)
+        } else {
+            0
+        };
+        self.killed_since.store(killed, Ordering::Relaxed);
+        self.set_state(s);
     }
 
     fn set_state(&self, s: DestinationState) {
@@ -112,6 +134,12 @@ pub struct Delivery {
     pub subject_key: SubjectKey,
     /// Delivery ids are keyed by source under this secret.
     pub delivery_ids: handoff_connectors::wire::DeliveryIdKey,
+    /// The batches the subject stage resolved lately.
+    recent: router::Recent,
+    /// The subject stage's committed position: workers read the journal up to it.
+    position: watch::Sender<handoff_store::Seq>,
+    /// Told when a worker's cursor moves (the subject stage waits for the fastest).
+    progress: Notify,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +165,8 @@ impl Delivery {
                 .map_err(|e| DeliveryError::Connector(d.id.clone(), e.to_string()))?;
             let client = handoff_connectors::http::client(&d.tls, settings.request_timeout)
                 .map_err(|e| DeliveryError::Connector(d.id.clone(), e.to_string()))?;
-            let (state, _) = store.state(&d.id)?;
+            store.ensure_cursor(&d.id)?;
+            let (state, since) = store.state_since(&d.id)?;
             let lane = Lane {
                 destination: d.clone(),
                 connector: connector.into(),
@@ -149,21 +178,27 @@ impl Delivery {
                     .join(","),
                 client,
                 state: AtomicU8::new(0),
+                killed_since: std::sync::atomic::AtomicI64::new(0),
+                cursor: std::sync::atomic::AtomicU64::new(store.cursor(&d.id)?),
                 wake: Notify::new(),
                 limiter: d
                     .rate_limit_per_sec
                     .and_then(std::num::NonZeroU32::new)
                     .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
             };
-            lane.set_state(state);
+            lane.set_state_since(state, since);
             lanes.push(Arc::new(lane));
         }
+        let (position, _) = watch::channel(store.router_position()?);
         Ok(Delivery {
             store,
             lanes,
             settings,
             subject_key,
             delivery_ids,
+            recent: router::Recent::default(),
+            position,
+            progress: Notify::new(),
         })
     }
 
@@ -171,7 +206,7 @@ impl Delivery {
     /// 250 ms).
     pub fn apply_state(&self, destination: &str, state: DestinationState) {
         if let Some(lane) = self.lanes.iter().find(|l| l.destination.id == destination) {
-            lane.set_state(state);
+            lane.set_state_since(state, handoff_store::sqlite::now_ms());
         }
     }
 
@@ -203,9 +238,10 @@ impl Delivery {
         // queue), so one bug never silently ends a destination's delivery.
         let restarts = app.metrics.task_restarts.clone();
         {
-            let (delivery, journal, app, stop) = (self.clone(), journal, app.clone(), stop.clone());
+            let (delivery, journal, app, stop) =
+                (self.clone(), journal.clone(), app.clone(), stop.clone());
             tasks.push(crate::supervisor::supervise(
-                "delivery-router",
+                "delivery-subjects",
                 restarts.clone(),
                 move || {
                     router::router(delivery.clone(), journal.clone(), app.clone(), stop.clone())
@@ -213,11 +249,12 @@ impl Delivery {
             ));
         }
         {
-            let (delivery, app, stop) = (self.clone(), app.clone(), stop.clone());
+            let (delivery, journal, app, stop) =
+                (self.clone(), journal.clone(), app.clone(), stop.clone());
             tasks.push(crate::supervisor::supervise(
                 "delivery-states",
                 restarts.clone(),
-                move || poll_states(delivery.clone(), app.clone(), stop.clone()),
+                move || poll_states(delivery.clone(), journal.clone(), app.clone(), stop.clone()),
             ));
         }
         {
@@ -229,12 +266,25 @@ impl Delivery {
             ));
         }
         for lane in &self.lanes {
-            let (delivery, lane, app, stop) =
-                (self.clone(), lane.clone(), app.clone(), stop.clone());
+            let (delivery, lane, journal, app, stop) = (
+                self.clone(),
+                lane.clone(),
+                journal.clone(),
+                app.clone(),
+                stop.clone(),
+            );
             tasks.push(crate::supervisor::supervise(
                 "delivery-worker",
                 restarts.clone(),
-                move || worker::worker(delivery.clone(), lane.clone(), app.clone(), stop.clone()),
+                move || {
+                    worker::worker(
+                        delivery.clone(),
+                        lane.clone(),
+                        journal.clone(),
+                        app.clone(),
+                        stop.clone(),
+                    )
+                },
             ));
         }
         tasks
@@ -266,6 +316,7 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<bool>, wake: Option<&Noti
 
 async fn poll_states(
     delivery: Arc<Delivery>,
+    journal: Arc<dyn Journal>,
     app: Arc<crate::AppState>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -275,8 +326,11 @@ async fn poll_states(
             let id = lane.destination.id.clone();
             let stats_id = id.clone();
             let store2 = delivery.store.clone();
-            if let Ok((state, _)) = blocking(move || store.state(&id)).await {
-                lane.set_state(state);
+            if let Ok((state, since)) = blocking(move || store.state_since(&id)).await
+                && (state != lane.state()
+                    || (state == DestinationState::Killed && since != lane.killed_since_ms()))
+            {
+                lane.set_state_since(state, since);
             }
             let label = DeliveryMetrics::label(&lane.destination.id);
             app.metrics
@@ -290,9 +344,19 @@ async fn poll_states(
                     .queue_depth
                     .get_or_create(&label)
                     .set(stats.depth as i64);
-                let age = stats
-                    .oldest_created_at_ms
-                    .map_or(0, |t| (handoff_store::sqlite::now_ms() - t).max(0) / 1000);
+                // The oldest of the retry set and of the journal events after the cursor.
+                let mut oldest = stats.oldest_created_at_ms;
+                if stats.behind > 0 {
+                    let store = delivery.store.clone();
+                    let id = lane.destination.id.clone();
+                    if let Ok(cursor) = blocking(move || store.cursor(&id)).await
+                        && let Ok(next) = journal.read(cursor, 1).await
+                        && let Some(e) = next.first()
+                    {
+                        oldest = Some(oldest.map_or(e.received_at_ms, |o| o.min(e.received_at_ms)));
+                    }
+                }
+                let age = oldest.map_or(0, |t| (handoff_store::sqlite::now_ms() - t).max(0) / 1000);
                 app.metrics
                     .delivery
                     .oldest_age_seconds
