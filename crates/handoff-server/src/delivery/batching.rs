@@ -65,6 +65,27 @@ pub fn chains(subjects: &[&str]) -> Vec<Vec<usize>> {
     out
 }
 
+/// For a batching connector: the events split into at most `n` partitions by subject, each
+/// in journal order (empty partitions left out), so requests can go out side by side without
+/// reordering anybody's events.
+pub fn partitions(subjects: &[&str], n: usize) -> Vec<Vec<usize>> {
+    use std::hash::{Hash, Hasher};
+    let n = n.max(1);
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, s) in subjects.iter().enumerate() {
+        let p = if n == 1 {
+            0
+        } else {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            s.hash(&mut h);
+            (h.finish() % n as u64) as usize
+        };
+        out[p].push(i);
+    }
+    out.retain(|p| !p.is_empty());
+    out
+}
+
 /// Consecutive runs sharing a batch key, each at most `max` long: the requests a batching
 /// connector makes of events in order.
 pub fn runs<K: PartialEq>(keys: &[K], max: usize) -> Vec<std::ops::Range<usize>> {
@@ -92,6 +113,32 @@ mod tests {
             [vec![0, 2], vec![1, 4], vec![3]]
         );
         assert!(chains(&[]).is_empty());
+    }
+
+    #[test]
+    fn partitions_keep_a_subject_in_one_and_in_order() {
+        let subjects = ["a", "b", "a", "c", "b", "a", "d"];
+        let parts = partitions(&subjects, 3);
+        assert!(parts.len() <= 3);
+        let mut all: Vec<usize> = parts.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(
+            all,
+            (0..subjects.len()).collect::<Vec<_>>(),
+            "every event once"
+        );
+        for p in &parts {
+            assert!(p.windows(2).all(|w| w[0] < w[1]), "in order");
+        }
+        for s in ["a", "b"] {
+            let holding = parts
+                .iter()
+                .filter(|p| p.iter().any(|i| subjects[*i] == s))
+                .count();
+            assert_eq!(holding, 1, "{s} in one partition");
+        }
+        assert_eq!(partitions(&subjects, 1), [(0..7).collect::<Vec<_>>()]);
+        assert!(partitions(&[], 4).is_empty());
     }
 
     #[test]

@@ -86,11 +86,17 @@ pub(super) struct Recent(Mutex<VecDeque<Arc<Resolved>>>);
 /// Batches kept in [`Recent`]: 32 × [`ROUTE_BATCH`] events (about 30 MB of parsed JSON at
 /// most).
 const RECENT_BATCHES: usize = 32;
-/// How far the subject stage runs ahead of the fastest destination, in events: half of what
-/// [`Recent`] keeps, so destinations that keep up with the fastest one find every batch there
-/// (resolving again what fell out of it costs each destination the subject look-ups and the
-/// reading of every event, which halved throughput after a burst of ingest).
-const AHEAD_MAX: u64 = (RECENT_BATCHES * ROUTE_BATCH / 2) as u64;
+/// Events [`Recent`] holds at least.
+const WINDOW: u64 = ((RECENT_BATCHES - 1) * ROUTE_BATCH) as u64;
+/// How far the subject stage runs ahead of the slowest destination still served from
+/// [`Recent`], in events: what it keeps, less a few batches of slack. Resolving again what fell out of it costs
+/// each destination the subject look-ups and the reading of every event, which cost a third
+/// of the throughput after a burst of ingest, and made a destination that fell out slower still.
+const AHEAD_MAX: u64 = WINDOW - 4 * ROUTE_BATCH as u64;
+/// How long the stage waits for such a destination per batch: one much slower than the others
+/// (a one-event webhook beside batching ones) falls out of [`Recent`] rather than hold the
+/// others back.
+const WAIT_FOR_SLOWER: Duration = Duration::from_millis(20);
 
 impl Recent {
     fn push(&self, batch: Arc<Resolved>) {
@@ -223,6 +229,29 @@ pub(super) fn resolve_again(
     })
 }
 
+/// The lowest cursor of the destinations [`Recent`] still serves at `position` (`None`: all
+/// have fallen out).
+fn slowest_follower(
+    delivery: &Delivery,
+    position: handoff_store::Seq,
+) -> Option<handoff_store::Seq> {
+    delivery
+        .lanes
+        .iter()
+        .map(|l| l.cursor.load(Ordering::Relaxed))
+        .filter(|c| c + WINDOW >= position)
+        .min()
+}
+
+fn fastest_lane(delivery: &Delivery) -> handoff_store::Seq {
+    delivery
+        .lanes
+        .iter()
+        .map(|l| l.cursor.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0)
+}
+
 /// The subject stage's loop. A batch that fails to commit is read and resolved again (nothing
 /// of it stays); its position only moves with a committed batch.
 pub(super) async fn router(
@@ -234,6 +263,7 @@ pub(super) async fn router(
     let mut head = journal.subscribe();
     let mut position: Option<handoff_store::Seq> = None;
     let mut failures = 0u32;
+    let mut waiting_since: Option<tokio::time::Instant> = None;
     while !*stop.borrow() {
         let after = match position {
             Some(p) => p,
@@ -253,20 +283,20 @@ pub(super) async fn router(
             }
         };
         position = Some(after);
-        let fastest = delivery
-            .lanes
-            .iter()
-            .map(|l| l.cursor.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(after);
-        if after > fastest + AHEAD_MAX {
-            tokio::select! {
-                _ = delivery.progress.notified() => {}
-                _ = stop.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        if let Some(slowest) = slowest_follower(&delivery, after)
+            && after > slowest + AHEAD_MAX
+        {
+            let waited = waiting_since.get_or_insert_with(tokio::time::Instant::now);
+            if waited.elapsed() < WAIT_FOR_SLOWER || after > fastest_lane(&delivery) + AHEAD_MAX {
+                tokio::select! {
+                    _ = delivery.progress.notified() => {}
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+                continue;
             }
-            continue;
         }
+        waiting_since = None;
         let events = match journal.read(after, ROUTE_BATCH).await {
             Ok(e) => e,
             Err(e) => {

@@ -220,6 +220,11 @@ async fn next_batch(
     if let Some(b) = delivery.recent.covering(cursor) {
         return Ok(b);
     }
+    tracing::debug!(
+        cursor,
+        passed,
+        "resolving journal events again (behind the recent batches)"
+    );
     let mut events = journal.read(cursor, ROUTE_BATCH).await?;
     events.retain(|e| e.seq <= passed);
     let (d, settings) = (delivery.clone(), app.policy.settings.clone());
@@ -385,15 +390,16 @@ async fn journal_round(
             })
         })
         .collect();
-    let chains: Vec<Vec<usize>> = if single {
-        let subjects: Vec<&str> = live.iter().map(|s| subject_key(&s.item)).collect();
-        batching::chains(&subjects)
-    } else if live.is_empty() {
-        Vec::new()
-    } else {
-        vec![(0..live.len()).collect()]
-    };
     let max_batch = lane.connector.max_batch();
+    let subjects: Vec<&str> = live.iter().map(|s| subject_key(&s.item)).collect();
+    let chains: Vec<Vec<usize>> = if single {
+        batching::chains(&subjects)
+    } else {
+        // As many partitions (by subject) as the round has requests' worth of events, up to
+        // PARALLEL: they go out side by side, each subject's events in order in one of them.
+        let partitions = live.len().div_ceil(max_batch.max(1)).clamp(1, PARALLEL);
+        batching::partitions(&subjects, partitions)
+    };
     let mut ended: Vec<Ended> = (0..live.len()).map(|_| Ended::NotSent).collect();
     // A killed (or just paused) destination sends nothing: what may leave is kept.
     let chains = if lane.state() == DestinationState::Active {
