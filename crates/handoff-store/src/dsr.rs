@@ -100,16 +100,12 @@ pub struct NewTask {
 /// Destinations (and their vendor) that were handed data about `subject` (or a subject merged
 /// into it), per the ledger.
 pub fn recipients(conn: &Connection, subject: &str) -> Result<Vec<(String, String)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT DISTINCT destination, vendor FROM ledger
-         WHERE subject = ?1 AND kind = 'delivery' AND outcome = 'delivered'",
-    )?;
-    let mut out = std::collections::BTreeSet::new();
-    for id in crate::subjects::aliases(conn, subject)? {
-        for row in stmt.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))? {
-            out.insert(row?);
-        }
-    }
+    let out: std::collections::BTreeSet<(String, String)> =
+        crate::ledger::for_subject(conn, subject)?
+            .into_iter()
+            .filter(|r| r.kind == crate::ledger::kind::DELIVERY && r.outcome == "delivered")
+            .map(|r| (r.destination, r.vendor))
+            .collect();
     Ok(out.into_iter().collect())
 }
 
@@ -123,6 +119,7 @@ pub fn event_seqs(conn: &Connection, subject: &str) -> Result<Vec<Seq>, StoreErr
         for seq in stmt.query_map([&id], |r| r.get::<_, i64>(0).map(|s| s as Seq))? {
             out.insert(seq?);
         }
+        out.extend(crate::ledger::subject_events(conn, &id)?);
     }
     Ok(out.into_iter().collect())
 }

@@ -9,6 +9,11 @@
 //! sealed under the master key), and a truncated tail is caught by checkpoints (and the
 //! router's position) pointing past the end.
 //!
+//! Most entries are records of many events (see [`crate::ledger_records`]): the subject stage
+//! writes one per batch naming who each event is about, and each destination one per vendor
+//! request (and one per round for its blocks, retries and dead letters) listing its events by
+//! sequence number with what was sent and why. Readers expand them into a [`Row`] per event.
+//!
 //! The ledger holds field names and data categories, never values.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -78,6 +83,9 @@ pub mod kind {
     pub const DSR: &str = "dsr";
     /// Identifiers of two subjects turned out to be one person.
     pub const SUBJECT: &str = "subject";
+    /// The events of one batch the subject stage resolved: who each is about (see
+    /// [`crate::ledger_records`]). Handoff records name their events by sequence number.
+    pub const EVENTS: &str = "events";
 }
 
 /// One ledger entry as written; empty strings where a field does not apply.
@@ -100,6 +108,11 @@ pub struct Entry {
     /// Comma-separated reason codes.
     pub reasons: String,
     pub detail: String,
+    /// A record of many events: the first and last event's sequence numbers and the items
+    /// (see [`crate::ledger_records`]); `None` for an entry of one.
+    pub items: Option<Vec<u8>>,
+    pub first_seq: Seq,
+    pub last_seq: Seq,
 }
 
 /// A stored entry.
@@ -122,12 +135,19 @@ pub struct Row {
     pub detail: String,
     pub prev_hash: String,
     pub hash: String,
+    /// A record's items (`None` for an entry of one, and for rows expanded from a record).
+    #[serde(skip)]
+    pub items: Option<Vec<u8>>,
+    #[serde(skip)]
+    pub first_seq: Seq,
+    #[serde(skip)]
+    pub last_seq: Seq,
 }
 
 /// Selects stored entries as [`Row`]s (add `WHERE l.…` and `ORDER BY l.seq`).
 pub const ROW_SELECT: &str = "SELECT l.seq, l.at_ms, l.kind, l.event_seq, l.message_id, l.subject, l.destination, l.vendor,
        coalesce(s.purposes, ''), coalesce(s.legal_basis, ''), coalesce(s.categories, ''), coalesce(s.fields, ''),
-       l.outcome, l.reasons, l.detail, l.prev_hash, l.hash
+       l.outcome, l.reasons, l.detail, l.prev_hash, l.hash, l.items, l.first_seq, l.last_seq
 FROM ledger l LEFT JOIN ledger_shapes s ON s.id = l.shape";
 
 /// Purposes, legal basis, categories and fields of an entry: what [`ShapeCache`] interns.
@@ -253,6 +273,15 @@ pub fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         detail: r.get(14)?,
         prev_hash: hex(&r.get::<_, Vec<u8>>(15)?),
         hash: hex(&r.get::<_, Vec<u8>>(16)?),
+        // Whatever type an edit left there: a tampered ledger gets a verdict, not an error.
+        items: match r.get::<_, rusqlite::types::Value>(17)? {
+            rusqlite::types::Value::Blob(b) => Some(b),
+            rusqlite::types::Value::Text(t) => Some(t.into_bytes()),
+            rusqlite::types::Value::Null => None,
+            other => Some(format!("{other:?}").into_bytes()),
+        },
+        first_seq: r.get::<_, i64>(18)? as Seq,
+        last_seq: r.get::<_, i64>(19)? as Seq,
     })
 }
 
@@ -282,11 +311,21 @@ macro_rules! canonical {
 }
 
 /// SHA-256 over the previous entry's hash (hex) and this entry's canonical form.
+#[cfg(test)]
 fn chain(prev_hash: &str, canonical: &str) -> [u8; 32] {
+    chain_record(prev_hash, canonical, None)
+}
+
+/// [`chain`], for a record of many events also over its range and items.
+fn chain_record(prev_hash: &str, canonical: &str, record: Option<(Seq, Seq, &[u8])>) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
     h.update(canonical.as_bytes());
+    if let Some((first, last, items)) = record {
+        h.update(format!("\n{first}\n{last}\n").as_bytes());
+        h.update(items);
+    }
     h.finalize().into()
 }
 
@@ -337,8 +376,8 @@ pub fn append(
     let (mut seq, mut prev) = tail(tx)?;
     let mut insert = tx.prepare_cached(
         "INSERT INTO ledger (seq, at_ms, kind, event_seq, message_id, subject, destination, vendor, shape,
-           outcome, reasons, detail, prev_hash, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+           outcome, reasons, detail, prev_hash, hash, items, first_seq, last_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?;
     let mut prev_bytes: [u8; 32] = unhex(&prev)
         .and_then(|b| b.try_into().ok())
@@ -352,7 +391,13 @@ pub fn append(
     let (mut last_seq, last_at) = last.map_or((0, None), |(s, t)| (s, Some(t)));
     for e in entries {
         seq += 1;
-        let hash_bytes = chain(&prev, &canonical!(seq, at_ms, e.kind, e));
+        let hash_bytes = chain_record(
+            &prev,
+            &canonical!(seq, at_ms, e.kind, e),
+            e.items
+                .as_deref()
+                .map(|items| (e.first_seq, e.last_seq, items)),
+        );
         let hash = hex(&hash_bytes);
         let shape = shapes.id(tx, &e.shape())?;
         insert.execute(params![
@@ -369,7 +414,10 @@ pub fn append(
             e.reasons,
             e.detail,
             &prev_bytes[..],
-            &hash_bytes[..]
+            &hash_bytes[..],
+            e.items,
+            e.first_seq as i64,
+            e.last_seq as i64
         ])?;
         if let Some(key) = signer
             && seq - last_seq >= CHECKPOINT_EVERY_ENTRIES
@@ -507,10 +555,20 @@ pub fn verify(
                         row.seq - 1
                     ),
                 });
-            } else if hex(&chain(
+            } else if hex(&chain_record(
                 &prev,
                 &canonical!(row.seq, row.at_ms, &row.kind, row),
+                row.items
+                    .as_deref()
+                    .map(|items| (row.first_seq, row.last_seq, items)),
             )) != row.hash
+                || row.items.as_deref().is_some_and(|items| {
+                    if row.kind == kind::EVENTS {
+                        crate::ledger_records::decode_events(items).is_err()
+                    } else {
+                        crate::ledger_records::decode_handoffs(items).is_err()
+                    }
+                })
             {
                 problem = Some(Problem {
                     seq: row.seq,
@@ -529,7 +587,7 @@ pub fn verify(
             && (cursors.is_some_and(|c| c.iter().any(|(d, _)| *d == row.destination)))
         {
             let last = last_recorded.entry(row.destination.clone()).or_default();
-            *last = (*last).max(row.event_seq);
+            *last = (*last).max(row.event_seq).max(row.last_seq);
         }
         expected_seq = row.seq + 1;
         prev = row.hash;
@@ -633,13 +691,156 @@ pub fn verify(
     })
 }
 
-/// Every entry about `subject` and the subjects merged into it, oldest first.
+/// The widest range of event sequence numbers one record may cover: what a query for the
+/// records holding an event scans past it. Records are written per batch of at most a few
+/// hundred consecutive events, so this is never reached; writers cut batches at it.
+pub const RECORD_SPAN: Seq = 10_000;
+
+/// Schema that needs the columns records added (created after they are).
+pub const RECORD_SCHEMA: &str = "
+CREATE INDEX IF NOT EXISTS ledger_records_by_last_seq ON ledger (last_seq) WHERE items IS NOT NULL;
+-- Derived from the events records: which events are about whom.
+CREATE TABLE IF NOT EXISTS ledger_subjects (
+    subject   TEXT    NOT NULL,
+    event_seq INTEGER NOT NULL,
+    PRIMARY KEY (subject, event_seq)
+) WITHOUT ROWID;
+";
+
+/// An events record for `items` (see [`kind::EVENTS`]), and indexes who each event is about.
+pub fn events_record(
+    conn: &Connection,
+    items: &[crate::ledger_records::EventItem],
+) -> Result<Option<Entry>, StoreError> {
+    let (Some(first), Some(last)) = (items.first(), items.last()) else {
+        return Ok(None);
+    };
+    let mut index = conn.prepare_cached(
+        "INSERT OR IGNORE INTO ledger_subjects (subject, event_seq) VALUES (?1, ?2)",
+    )?;
+    for i in items.iter().filter(|i| !i.subject.is_empty()) {
+        index.execute(params![i.subject, i.seq as i64])?;
+    }
+    Ok(Some(Entry {
+        kind: kind::EVENTS,
+        event_seq: first.seq,
+        first_seq: first.seq,
+        last_seq: last.seq,
+        items: Some(crate::ledger_records::encode_events(items)),
+        ..Entry::default()
+    }))
+}
+
+/// Journal events about `subject` (not following merges), per the events records.
+pub fn subject_events(conn: &Connection, subject: &str) -> Result<Vec<Seq>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT event_seq FROM ledger_subjects WHERE subject = ?1")?;
+    let seqs = stmt
+        .query_map([subject], |r| r.get::<_, i64>(0).map(|s| s as Seq))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(seqs)
+}
+
+/// Who each event in `[first, last]` is about: sequence number → (message id, subject).
+fn named_events(
+    conn: &Connection,
+    first: Seq,
+    last: Seq,
+) -> Result<std::collections::HashMap<Seq, (String, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT items FROM ledger WHERE items IS NOT NULL AND kind = 'events'
+           AND last_seq >= ?1 AND last_seq <= ?2 + ?3 AND first_seq <= ?2",
+    )?;
+    let mut out = std::collections::HashMap::new();
+    let blobs = stmt
+        .query_map(
+            params![first as i64, last as i64, RECORD_SPAN as i64],
+            |r| r.get::<_, Vec<u8>>(0),
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    for blob in blobs {
+        for e in crate::ledger_records::decode_events(&blob)? {
+            if (first..=last).contains(&e.seq) {
+                out.insert(e.seq, (e.message_id, e.subject));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The rows of a handoff record, one per event `keep` accepts (a row of one is kept as is).
+fn expand(
+    conn: &Connection,
+    row: Row,
+    keep: &dyn Fn(Seq) -> bool,
+    shapes: &mut std::collections::HashMap<i64, Shape>,
+) -> Result<Vec<Row>, StoreError> {
+    let Some(items) = row.items.as_deref() else {
+        return Ok(vec![row]);
+    };
+    if row.kind == kind::EVENTS {
+        return Ok(Vec::new());
+    }
+    let items = crate::ledger_records::decode_handoffs(items)?;
+    let names = named_events(conn, row.first_seq, row.last_seq)?;
+    let mut out = Vec::new();
+    for i in items.into_iter().filter(|i| keep(i.seq)) {
+        let shape = match shapes.get(&i.shape) {
+            Some(s) => s.clone(),
+            None => {
+                let s = ShapeCache::default().get(conn, i.shape)?;
+                shapes.insert(i.shape, s.clone());
+                s
+            }
+        };
+        let (message_id, subject) = names.get(&i.seq).cloned().unwrap_or_default();
+        out.push(Row {
+            event_seq: i.seq,
+            message_id,
+            subject,
+            purposes: shape.purposes,
+            legal_basis: shape.legal_basis,
+            categories: shape.categories,
+            fields: shape.fields,
+            reasons: i.reasons,
+            detail: i.detail,
+            items: None,
+            first_seq: 0,
+            last_seq: 0,
+            ..row.clone()
+        });
+    }
+    Ok(out)
+}
+
+/// Every entry about `subject` and the subjects merged into it, oldest first (a record of
+/// many events gives a row for each of theirs).
 pub fn for_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreError> {
     let mut rows = Vec::new();
+    let mut seqs = std::collections::BTreeSet::new();
     for id in crate::subjects::aliases(conn, subject)? {
         rows.extend(for_one_subject(conn, &id)?);
+        seqs.extend(subject_events(conn, &id)?);
     }
-    rows.sort_by_key(|r| r.seq);
+    // The handoff records holding any of those events.
+    let mut records: std::collections::BTreeMap<u64, Row> = std::collections::BTreeMap::new();
+    {
+        let mut stmt = conn.prepare_cached(&format!(
+            "{ROW_SELECT} WHERE l.items IS NOT NULL AND l.kind != 'events'
+               AND l.last_seq >= ?1 AND l.last_seq <= ?1 + ?2 AND l.first_seq <= ?1"
+        ))?;
+        for seq in &seqs {
+            for r in stmt.query_map(params![*seq as i64, RECORD_SPAN as i64], read_row)? {
+                let r = r?;
+                records.entry(r.seq).or_insert(r);
+            }
+        }
+    }
+    let mut shapes = std::collections::HashMap::new();
+    for (_, r) in records {
+        rows.extend(expand(conn, r, &|s| seqs.contains(&s), &mut shapes)?);
+    }
+    rows.sort_by_key(|r| (r.seq, r.event_seq));
     Ok(rows)
 }
 
@@ -671,9 +872,14 @@ pub fn delivered(
            AND (?4 IS NULL OR l.destination = ?4)
            AND l.at_ms >= ?2 AND l.at_ms < ?3 ORDER BY l.seq"
     ))?;
-    let rows = stmt
+    let found = stmt
         .query_map(params![vendor, from_ms, to_ms, destination], read_row)?
         .collect::<Result<Vec<_>, _>>()?;
+    let mut rows = Vec::with_capacity(found.len());
+    let mut shapes = std::collections::HashMap::new();
+    for r in found {
+        rows.extend(expand(conn, r, &|_| true, &mut shapes)?);
+    }
     Ok(rows)
 }
 
@@ -895,6 +1101,130 @@ mod tests {
         );
         let p = check(&store).problem.unwrap();
         assert_eq!((p.seq, p.code), (5, "ledger.checkpoint.forged"));
+    }
+
+    /// A store holding an events record for events 1-6 (two people) and one handoff record of
+    /// a vendor request with events 2, 4 and 6.
+    fn records() -> (tempfile::TempDir, OutboxStore) {
+        use crate::ledger_records::{EventItem, HandoffItem, encode_handoffs};
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        store.set_ledger_signer(key(7));
+        store
+            .transact(|tx| {
+                let named: Vec<EventItem> = (1..=6)
+                    .map(|i| EventItem {
+                        seq: i,
+                        message_id: format!("m-{i}"),
+                        subject: if i % 2 == 0 { "sub_ann" } else { "sub_bob" }.into(),
+                    })
+                    .collect();
+                let events = events_record(tx, &named)?.unwrap();
+                let shape = ShapeCache::default().id(
+                    tx,
+                    &Shape {
+                        purposes: "advertising".into(),
+                        legal_basis: "consent".into(),
+                        categories: "contact".into(),
+                        fields: "data.user_data.em".into(),
+                    },
+                )?;
+                let items: Vec<HandoffItem> = [2, 4, 6]
+                    .iter()
+                    .map(|seq| HandoffItem {
+                        seq: *seq,
+                        shape,
+                        reasons: String::new(),
+                        detail: String::new(),
+                    })
+                    .collect();
+                let sent = Entry {
+                    kind: kind::DELIVERY,
+                    event_seq: 2,
+                    destination: "meta".into(),
+                    vendor: "meta".into(),
+                    outcome: "delivered".into(),
+                    items: Some(encode_handoffs(&items)),
+                    first_seq: 2,
+                    last_seq: 6,
+                    ..Entry::default()
+                };
+                Ok(((), vec![events, sent]))
+            })
+            .unwrap();
+        store.checkpoint_ledger().unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_record_of_many_events_reads_as_a_row_for_each_and_names_the_person() {
+        let (_d, store) = records();
+        assert_eq!(check(&store).problem, None);
+        let ann = store.with_conn(|c| for_subject(c, "sub_ann")).unwrap();
+        let seen: Vec<(u64, &str, &str, &str)> = ann
+            .iter()
+            .map(|r| {
+                (
+                    r.event_seq,
+                    r.message_id.as_str(),
+                    r.outcome.as_str(),
+                    r.fields.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (2, "m-2", "delivered", "data.user_data.em"),
+                (4, "m-4", "delivered", "data.user_data.em"),
+                (6, "m-6", "delivered", "data.user_data.em"),
+            ]
+        );
+        assert!(ann.iter().all(|r| r.subject == "sub_ann" && r.seq == 2));
+        assert!(
+            store
+                .with_conn(|c| for_subject(c, "sub_bob"))
+                .unwrap()
+                .is_empty(),
+            "bob's events were not sent"
+        );
+        let all = store
+            .with_conn(|c| delivered(c, Recipient::All, 0, i64::MAX))
+            .unwrap();
+        assert_eq!(all.len(), 3);
+    }
+
+    #[test]
+    fn an_edited_record_is_named_whether_its_items_or_its_range_changed() {
+        for edit in [
+            // Another event said to have been sent (the last item's seq changed).
+            "UPDATE ledger SET items = substr(items, 1, length(items) - 4) || x'03' || substr(items, length(items) - 2) WHERE seq = 2",
+            "UPDATE ledger SET last_seq = 9 WHERE seq = 2",
+            "UPDATE ledger SET items = x'01ff' WHERE seq = 2",
+            // Who an event was about.
+            "UPDATE ledger SET items = replace(items, CAST('sub_ann' AS BLOB), CAST('sub_eve' AS BLOB)) WHERE seq = 1",
+        ] {
+            let (_d, store) = records();
+            tamper(&store, edit);
+            let p = check(&store).problem.expect(edit);
+            assert_eq!(p.code, "ledger.entry.altered", "{edit}");
+            assert!(p.seq == 1 || p.seq == 2, "{edit}: {}", p.seq);
+        }
+    }
+
+    #[test]
+    fn a_destination_whose_records_were_cut_off_disagrees_with_its_cursor() {
+        let (_d, store) = records();
+        let v = store
+            .with_conn(|c| verify(c, &key(7).verifying_key(), Some(&[("meta".into(), 6)])))
+            .unwrap();
+        assert_eq!(v.problem, None, "meta's record covers event 6");
+        let p = store
+            .with_conn(|c| verify(c, &key(7).verifying_key(), Some(&[("meta".into(), 8)])))
+            .unwrap()
+            .problem
+            .unwrap();
+        assert_eq!(p.code, "ledger.truncated");
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod dedup;
 pub mod dsr;
 pub mod files;
 pub mod ledger;
+pub mod ledger_records;
 pub mod operator;
 pub mod outbox;
 /// A connection to one of the stores' databases, as the store's module functions take it (the
@@ -133,6 +134,9 @@ pub enum StoreError {
     CommitFailed { code: &'static str, message: String },
     #[error("the payload of event {seq} cannot be read: {why}")]
     Undecryptable { seq: Seq, why: String },
+    /// A ledger record's items do not decode (`audit verify` names the record).
+    #[error("the ledger is damaged: {0}")]
+    LedgerDamaged(String),
     #[error(
         "the journal at {path} was written by a newer Handoff (schema {found}, this build knows {known})"
     )]
@@ -167,6 +171,7 @@ impl StoreError {
             StoreError::CommitFailed { code, .. } => code,
             StoreError::SchemaTooNew { .. } => "journal.schema.too_new",
             StoreError::Undecryptable { .. } => "journal.payload.undecryptable",
+            StoreError::LedgerDamaged(_) => "ledger.record.damaged",
         }
     }
 }

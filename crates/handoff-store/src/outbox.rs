@@ -73,7 +73,11 @@ CREATE TABLE IF NOT EXISTS destination_state (
 ";
 
 /// Columns added after the first release, added to older files on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 12] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 15] = [
+    // Ledger records of many events (see `ledger_records`).
+    ("ledger", "items", "BLOB"),
+    ("ledger", "first_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "last_seq", "INTEGER NOT NULL DEFAULT 0"),
     ("outbox", "subject", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "vendor", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "shape", "INTEGER NOT NULL DEFAULT 0"),
@@ -102,7 +106,7 @@ const LEDGER_COLUMNS: &str = "destination, vendor, seq, message_id, subject, sha
 /// What the ledger keeps of a dead-letter reason: its head ("HTTP 400", "not delivered within
 /// 3600 s after 9 attempt(s); last error"), never the vendor's answer after it, which may echo
 /// personal data back (the dead letter itself keeps that, and erasure purges it).
-fn ledger_reason(reason: &str) -> &str {
+pub fn ledger_reason(reason: &str) -> &str {
     let head = reason.split(':').next().unwrap_or("");
     match head.char_indices().nth(120) {
         Some((i, _)) => &head[..i],
@@ -290,19 +294,39 @@ pub struct Round {
     pub destination: String,
     /// The new cursor: every event up to it is accounted for below or earlier.
     pub upto: Seq,
-    /// Accepted by the vendor: the item, its ledger record and the vendor's id for the subject.
-    pub delivered: Vec<(Sent, Entry, Option<String>)>,
+    /// Accepted by the vendor: the item and the vendor's id for the subject.
+    pub delivered: Vec<(Sent, Option<String>)>,
     /// The subject epoch the round decided at: if subjects changed since, the store checks
     /// whether an erasure landed while the deliveries were on their way.
     pub epoch: u64,
     /// To try again (copied into the retry set).
     pub retry: Vec<Failed>,
-    /// Refused for good (copied into the dead letters, with a ledger record).
+    /// Refused for good (copied into the dead letters).
     pub dead: Vec<Failed>,
     /// Decisions not to send, counted per reason.
     pub blocked: Vec<(&'static str, u64)>,
-    /// Other ledger records (blocks, decisions of items copied into the retry set).
-    pub entries: Vec<Entry>,
+    /// The ledger records: one per vendor request, one per kind of outcome for the rest.
+    pub records: Vec<Record>,
+}
+
+/// A ledger record of many events of one destination (see [`crate::ledger_records`]).
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// [`ledger::kind::DECISION`] (blocks; items kept to retry) or
+    /// [`ledger::kind::DELIVERY`] (delivered, dead-lettered).
+    pub kind: &'static str,
+    pub outcome: &'static str,
+    pub vendor: String,
+    pub items: Vec<RecordItem>,
+}
+
+/// One event of a [`Record`].
+#[derive(Debug, Clone)]
+pub struct RecordItem {
+    pub seq: Seq,
+    pub shape: ledger::Shape,
+    pub reasons: String,
+    pub detail: String,
 }
 
 /// A decided item that failed its first attempt.
@@ -521,6 +545,17 @@ impl Routing<'_> {
         Ok(r.subject)
     }
 
+    /// Records who the events of this batch are about (one ledger record for the batch).
+    pub fn record_events(
+        &mut self,
+        items: &[crate::ledger_records::EventItem],
+    ) -> Result<(), StoreError> {
+        if let Some(e) = ledger::events_record(self.tx, items)? {
+            self.ledger.push(e);
+        }
+        Ok(())
+    }
+
     /// See [`subjects::changed`], as this transaction sees it.
     pub fn subject_epoch(&mut self) -> Result<u64, StoreError> {
         subjects::epoch(self.tx)
@@ -605,6 +640,7 @@ impl OutboxStore {
         conn.execute_batch(crate::dsr::SCHEMA)?;
         conn.execute_batch(crate::sent_ids::SCHEMA)?;
         crate::sqlite::add_missing_columns(&conn, &ADDED_COLUMNS)?;
+        conn.execute_batch(ledger::RECORD_SCHEMA)?;
         conn.execute_batch(
             // Erasure finds a subject's items by scanning the queues (rare, and queues are
             // short when vendors keep up); an index would cost every item a write.
@@ -1127,16 +1163,46 @@ impl OutboxStore {
             retry,
             dead,
             blocked,
-            mut entries,
+            records,
         } = round;
-        let (sent, mut delivered_entries): (Vec<_>, Vec<_>) =
-            delivered.into_iter().map(|(s, e, r)| ((s, r), e)).unzip();
-        let fresh = self.fresh_sent_ids(sent.iter().map(|(s, _)| s));
+        let fresh = self.fresh_sent_ids(delivered.iter().map(|(s, _)| s));
         self.transact(|tx| {
             self.record_sent_ids(tx, &fresh)?;
             let now = now_ms();
-            let check_erasure = !sent.is_empty() && subjects::epoch(tx)? != epoch;
-            for ((item, vendor_ref), mut entry) in sent.iter().zip(delivered_entries.drain(..)) {
+            let mut entries = Vec::with_capacity(records.len());
+            for r in &records {
+                let (Some(first), Some(last)) = (
+                    r.items.iter().map(|i| i.seq).min(),
+                    r.items.iter().map(|i| i.seq).max(),
+                ) else {
+                    continue;
+                };
+                let items = r
+                    .items
+                    .iter()
+                    .map(|i| {
+                        Ok(crate::ledger_records::HandoffItem {
+                            seq: i.seq,
+                            shape: self.shapes.id(tx, &i.shape)?,
+                            reasons: i.reasons.clone(),
+                            detail: i.detail.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                entries.push(Entry {
+                    kind: r.kind,
+                    event_seq: first,
+                    destination: destination.clone(),
+                    vendor: r.vendor.clone(),
+                    outcome: r.outcome.into(),
+                    items: Some(crate::ledger_records::encode_handoffs(&items)),
+                    first_seq: first,
+                    last_seq: last,
+                    ..Entry::default()
+                });
+            }
+            let check_erasure = !delivered.is_empty() && subjects::epoch(tx)? != epoch;
+            for (item, vendor_ref) in &delivered {
                 if check_erasure
                     && !item.subject.is_empty()
                     && subjects::basis(tx, &subjects::root(tx, &item.subject)?)?
@@ -1145,14 +1211,23 @@ impl OutboxStore {
                     // Erased while it was on its way: the vendor has it all the same, so the
                     // ledger says so and the erasure gets this vendor.
                     late_for_erasure(tx, item, vendor_ref.as_ref())?;
-                    entry.detail = "delivered while an erasure purged it".into();
+                    entries.push(Entry {
+                        kind: ledger::kind::DELIVERY,
+                        destination: item.destination.clone(),
+                        vendor: item.vendor.clone(),
+                        event_seq: item.seq,
+                        message_id: item.message_id.clone(),
+                        subject: item.subject.clone(),
+                        outcome: "delivered".into(),
+                        detail: "delivered while an erasure purged it".into(),
+                        ..Entry::default()
+                    });
                 }
-                if let Some(r) = &vendor_ref
+                if let Some(r) = vendor_ref
                     && !item.subject.is_empty()
                 {
                     subjects::set_vendor_ref(tx, &item.destination, &item.subject, r)?;
                 }
-                entries.push(entry);
             }
             for f in &retry {
                 let shape = self.shapes.id(tx, &f.item.shape)?;
@@ -1197,19 +1272,6 @@ impl OutboxStore {
                     f.attempts,
                     f.error
                 ])?;
-                let mut entry = Entry {
-                    kind: ledger::kind::DELIVERY,
-                    destination: f.item.destination.clone(),
-                    vendor: f.item.vendor.clone(),
-                    event_seq: f.item.seq,
-                    message_id: f.item.message_id.clone(),
-                    subject: f.item.subject.clone(),
-                    outcome: "dead_lettered".into(),
-                    detail: ledger_reason(&f.error).to_owned(),
-                    ..Entry::default()
-                };
-                entry.set_shape(f.item.shape.clone());
-                entries.push(entry);
             }
             for (reason, n) in &blocked {
                 tx.prepare_cached(

@@ -159,6 +159,14 @@ fn ids(subjects: &[Option<Subject>]) -> Vec<String> {
         .collect()
 }
 
+/// Keeps the events a ledger record may cover (see [`handoff_store::ledger::RECORD_SPAN`]);
+/// the rest are read again next time.
+pub(super) fn within_record_span(events: &mut Vec<handoff_store::StoredEvent>) {
+    if let Some(first) = events.first().map(|e| e.seq) {
+        events.retain(|e| e.seq - first <= handoff_store::ledger::RECORD_SPAN);
+    }
+}
+
 /// Resolves a batch and commits it with the stage's new position; returns it with the events
 /// to erase (their subject is suppressed).
 fn resolve_batch(
@@ -167,6 +175,8 @@ fn resolve_batch(
     after: handoff_store::Seq,
     events: Vec<handoff_store::StoredEvent>,
 ) -> Result<(Resolved, Vec<handoff_store::Seq>), StoreError> {
+    let mut events = events;
+    within_record_span(&mut events);
     let prepared: Vec<Prepared> = events.iter().map(|e| prepare(e, settings)).collect();
     let hashes = hashes(delivery, &prepared);
     let upto = events.last().map_or(after, |e| e.seq);
@@ -176,6 +186,16 @@ fn resolve_batch(
             .map(|h| r.resolve(h))
             .collect::<Result<Vec<_>, _>>()?;
         let epoch = r.subject_epoch()?;
+        let named: Vec<handoff_store::ledger_records::EventItem> = events
+            .iter()
+            .zip(&subjects)
+            .map(|(e, s)| handoff_store::ledger_records::EventItem {
+                seq: e.seq,
+                message_id: e.message_id.clone(),
+                subject: s.as_ref().map_or_else(String::new, |s| s.id.clone()),
+            })
+            .collect();
+        r.record_events(&named)?;
         let values: Vec<Option<&Value>> = prepared.iter().map(Prepared::value).collect();
         let s = batch_states(&values, &stored(&subjects));
         for (subject, json) in &s.preferences {
@@ -213,6 +233,8 @@ pub(super) fn resolve_again(
     events: Vec<handoff_store::StoredEvent>,
 ) -> Result<Resolved, StoreError> {
     let epoch = delivery.store.subject_epoch()?;
+    let mut events = events;
+    within_record_span(&mut events);
     let prepared: Vec<Prepared> = events.iter().map(|e| prepare(e, settings)).collect();
     let hashes = hashes(delivery, &prepared);
     let subjects = delivery.store.find_subjects(&hashes)?;

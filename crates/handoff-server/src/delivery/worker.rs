@@ -6,7 +6,7 @@
 
 use tokio::time::Instant;
 
-use handoff_store::outbox::{Failed, Round};
+use handoff_store::outbox::{Failed, Record, RecordItem, Round};
 
 use super::batching;
 use super::breaker::{Admit, Breaker};
@@ -317,10 +317,15 @@ async fn journal_round(
     let upto = batch.events[end - 1].seq;
     let LaneDecision {
         sends,
-        mut entries,
+        entries,
         blocked,
         erase,
     } = decision;
+    let vendor = lane.destination.vendor.id.clone();
+    let blocks: Vec<RecordItem> = entries.iter().map(|e| record_item(e, None)).collect();
+    // Decided to send and kept in the retry set; dead-lettered.
+    let mut kept: Vec<RecordItem> = Vec::new();
+    let mut dead_items: Vec<RecordItem> = Vec::new();
     let blocked_counts = decide::count(&blocked);
     if !erase.is_empty()
         && let Err(e) = journal.erase_events(erase).await
@@ -341,20 +346,20 @@ async fn journal_round(
     let mut live: Vec<ToSend> = Vec::with_capacity(sends.len());
     for s in sends {
         if now_ms - s.received_at_ms > max_age_ms {
+            let error = format!(
+                "not delivered within {} s after 0 attempt(s); last error: none",
+                settings.max_age.as_secs()
+            );
+            dead_items.push(record_item(&s.entry, Some(&error)));
             round.dead.push(Failed {
                 created_at_ms: s.received_at_ms,
                 attempts: 0,
                 next_at_ms: now_ms,
-                error: format!(
-                    "not delivered within {} s after 0 attempt(s); last error: none",
-                    settings.max_age.as_secs()
-                ),
+                error,
                 item: s.item,
             });
         } else if single && !holdback.is_empty() && holdback.contains(subject_key(&s.item)) {
-            let mut e = s.entry;
-            e.outcome = "send".into();
-            entries.push(e);
+            kept.push(record_item(&s.entry, None));
             round.retry.push(Failed {
                 created_at_ms: s.received_at_ms,
                 attempts: 0,
@@ -541,14 +546,22 @@ async fn journal_round(
         let mut delivered = 0u64;
         let mut dead = 0u64;
         let mut latencies = Vec::new();
-        for (s, end) in live.into_iter().zip(ended) {
+        // One record per vendor request that delivered.
+        let mut request_of: Vec<usize> = vec![usize::MAX; live.len()];
+        for (r, (request, _)) in answers.iter().enumerate() {
+            for i in request {
+                request_of[*i] = r;
+            }
+        }
+        let mut requests: Vec<Vec<RecordItem>> = vec![Vec::new(); answers.len()];
+        for (n, (s, end)) in live.into_iter().zip(ended).enumerate() {
             match end {
                 Ended::Delivered(vendor_ref) => {
                     delivered += 1;
                     latencies.push((now_ms - s.received_at_ms).max(0) as f64 / 1000.0);
-                    let mut entry = s.entry;
-                    entry.kind = ledger::kind::DELIVERY;
-                    entry.outcome = "delivered".into();
+                    if let Some(r) = requests.get_mut(request_of[n]) {
+                        r.push(record_item(&s.entry, None));
+                    }
                     let sent = handoff_store::outbox::Sent {
                         id: 0,
                         destination: s.item.destination.clone(),
@@ -558,10 +571,11 @@ async fn journal_round(
                         subject: s.item.subject.clone(),
                         ids: handoff_store::outbox::SentIds::of(&s.payload),
                     };
-                    round.delivered.push((sent, entry, vendor_ref));
+                    round.delivered.push((sent, vendor_ref));
                 }
                 Ended::Permanent(why) => {
                     dead += 1;
+                    dead_items.push(record_item(&s.entry, Some(&why)));
                     round.dead.push(Failed {
                         created_at_ms: s.received_at_ms,
                         attempts: 1,
@@ -572,9 +586,7 @@ async fn journal_round(
                 }
                 Ended::Retry(after, why) => {
                     let wait = backoff(settings, 0).max(after.unwrap_or_default());
-                    let mut e = s.entry;
-                    e.outcome = "send".into();
-                    entries.push(e);
+                    kept.push(record_item(&s.entry, None));
                     round.retry.push(Failed {
                         created_at_ms: s.received_at_ms,
                         attempts: 1,
@@ -584,9 +596,7 @@ async fn journal_round(
                     });
                 }
                 Ended::NotSent => {
-                    let mut e = s.entry;
-                    e.outcome = "send".into();
-                    entries.push(e);
+                    kept.push(record_item(&s.entry, None));
                     round.retry.push(Failed {
                         created_at_ms: s.received_at_ms,
                         attempts: 0,
@@ -597,7 +607,22 @@ async fn journal_round(
                 }
             }
         }
-        round.entries = entries;
+        let record = |kind, outcome, items: Vec<RecordItem>| Record {
+            kind,
+            outcome,
+            vendor: vendor.clone(),
+            items,
+        };
+        round.records = requests
+            .into_iter()
+            .map(|items| record(ledger::kind::DELIVERY, "delivered", items))
+            .chain([
+                record(ledger::kind::DECISION, "block", blocks),
+                record(ledger::kind::DECISION, "send", kept),
+                record(ledger::kind::DELIVERY, "dead_lettered", dead_items),
+            ])
+            .filter(|r| !r.items.is_empty())
+            .collect();
         let expired = round.dead.len() as u64 - dead;
         let store2 = store.clone();
         blocking(move || store2.commit_round(round)).await?;
@@ -624,6 +649,20 @@ async fn journal_round(
         }
     }
     Ok(upto)
+}
+
+/// An event's part of a ledger record: what was sent and why; a dead letter's `error` as far
+/// as the ledger keeps it (never the vendor's answer, which may echo personal data).
+fn record_item(entry: &Entry, error: Option<&str>) -> RecordItem {
+    RecordItem {
+        seq: entry.event_seq,
+        shape: entry.shape(),
+        reasons: entry.reasons.clone(),
+        detail: match error {
+            Some(e) => handoff_store::outbox::ledger_reason(e).to_owned(),
+            None => entry.detail.clone(),
+        },
+    }
 }
 
 /// Whose order an item keeps: its subject, or its message id when it names nobody.
