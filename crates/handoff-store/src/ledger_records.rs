@@ -9,7 +9,8 @@
 //!
 //! So a destination's record costs a few bytes per event, and the person behind an event is
 //! written once however many destinations it goes to. The bytes are covered by the record's
-//! hash (see `ledger.rs`). Integers are LEB128 varints; strings are length-prefixed UTF-8.
+//! hash (see `ledger.rs`). Integers are LEB128 varints; strings are length-prefixed UTF-8;
+//! message ids that are lowercase UUIDs and subject ids are packed into their bytes.
 
 use crate::{Seq, StoreError};
 
@@ -81,6 +82,42 @@ impl<'a> Reader<'a> {
         Err(damaged())
     }
 
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        let end = self.at.checked_add(N).ok_or_else(damaged)?;
+        let b: [u8; N] = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(damaged)?
+            .try_into()
+            .map_err(|_| damaged())?;
+        self.at = end;
+        Ok(b)
+    }
+
+    fn id(&mut self) -> Result<String, StoreError> {
+        let tag = *self.bytes.get(self.at).ok_or_else(damaged)?;
+        self.at += 1;
+        match tag {
+            AS_TEXT => self.string(),
+            AS_UUID => {
+                let h = base16ct::lower::encode_string(&self.bytes::<16>()?);
+                Ok(format!(
+                    "{}-{}-{}-{}-{}",
+                    &h[..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..]
+                ))
+            }
+            AS_SUBJECT => Ok(format!(
+                "sub_{}",
+                base16ct::lower::encode_string(&self.bytes::<12>()?)
+            )),
+            _ => Err(damaged()),
+        }
+    }
+
     fn string(&mut self) -> Result<String, StoreError> {
         let n = self.varint()? as usize;
         let end = self.at.checked_add(n).ok_or_else(damaged)?;
@@ -99,15 +136,53 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How an identifier is written: most message ids are UUIDs and every subject id is
+/// `sub_` and 24 hex digits, which pack into half the bytes.
+const AS_TEXT: u8 = 0;
+const AS_UUID: u8 = 1;
+const AS_SUBJECT: u8 = 2;
+
+/// `s` as 16 bytes when it is a lowercase hyphenated UUID.
+fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|i| b[*i] != b'-') {
+        return None;
+    }
+    let hex: String = s.split('-').collect();
+    packed::<16>(&hex)
+}
+
+/// `hex` as bytes when it is exactly that many lowercase hex digits.
+fn packed<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    let decoded = base16ct::lower::decode(hex, &mut out).ok()?;
+    (decoded.len() == N).then_some(out)
+}
+
+fn put_id(out: &mut Vec<u8>, s: &str) {
+    if let Some(u) = uuid_bytes(s) {
+        out.push(AS_UUID);
+        out.extend_from_slice(&u);
+    } else if let Some(hex) = s.strip_prefix("sub_")
+        && let Some(b) = packed::<12>(hex)
+    {
+        out.push(AS_SUBJECT);
+        out.extend_from_slice(&b);
+    } else {
+        out.push(AS_TEXT);
+        put_str(out, s);
+    }
+}
+
 pub fn encode_events(items: &[EventItem]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + items.len() * 70);
+    let mut out = Vec::with_capacity(1 + items.len() * 40);
     out.push(VERSION);
     put_varint(&mut out, items.len() as u64);
     let mut prev = 0;
     for i in items {
         put_varint(&mut out, i.seq.wrapping_sub(prev));
-        put_str(&mut out, &i.message_id);
-        put_str(&mut out, &i.subject);
+        put_id(&mut out, &i.message_id);
+        put_id(&mut out, &i.subject);
         prev = i.seq;
     }
     out
@@ -122,8 +197,8 @@ pub fn decode_events(bytes: &[u8]) -> Result<Vec<EventItem>, StoreError> {
         let seq = prev.wrapping_add(r.varint()?);
         out.push(EventItem {
             seq,
-            message_id: r.string()?,
-            subject: r.string()?,
+            message_id: r.id()?,
+            subject: r.id()?,
         });
         prev = seq;
     }
@@ -202,6 +277,20 @@ mod tests {
         }
 
         #[test]
+        fn uuids_and_subject_ids_round_trip_packed(
+            u in "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            sub in "sub_[0-9a-f]{24}",
+            odd in "[0-9A-Fa-f-]{36}|sub_[0-9a-fA-F]{23,25}",
+        ) {
+            let items = vec![
+                EventItem { seq: 1, message_id: u.clone(), subject: sub.clone() },
+                EventItem { seq: 2, message_id: odd.clone(), subject: odd.clone() },
+            ];
+            let bytes = encode_events(&items);
+            prop_assert_eq!(decode_events(&bytes).unwrap(), items);
+        }
+
+        #[test]
         fn handoffs_round_trip(items in proptest::collection::vec((0u64..1 << 40, 0i64..1000, "[a-z.,]{0,20}", ".{0,20}"), 0..50)) {
             let items: Vec<HandoffItem> = items.into_iter().map(|(seq, shape, reasons, detail)| HandoffItem { seq, shape, reasons, detail }).collect();
             prop_assert_eq!(decode_handoffs(&encode_handoffs(&items)).unwrap(), items);
@@ -212,6 +301,20 @@ mod tests {
             let _ = decode_events(&bytes);
             let _ = decode_handoffs(&bytes);
         }
+    }
+
+    #[test]
+    fn an_event_is_named_in_about_thirty_bytes() {
+        let items: Vec<EventItem> = (1..=500)
+            .map(|seq| EventItem {
+                seq,
+                message_id: format!("{seq:08x}-1111-4222-8333-444455556666"),
+                subject: format!("sub_{seq:024x}"),
+            })
+            .collect();
+        let n = encode_events(&items).len();
+        assert!(n <= 32 * 500 + 8, "{n} bytes for 500 events");
+        assert_eq!(decode_events(&encode_events(&items)).unwrap(), items);
     }
 
     #[test]

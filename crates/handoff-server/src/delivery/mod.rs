@@ -136,6 +136,8 @@ pub struct Delivery {
     pub delivery_ids: handoff_connectors::wire::DeliveryIdKey,
     /// The batches the subject stage resolved lately.
     recent: router::Recent,
+    /// The batches lagging workers resolved again lately.
+    lagging: router::Recent,
     /// The subject stage's committed position: workers read the journal up to it.
     position: watch::Sender<handoff_store::Seq>,
     /// Told when a worker's cursor moves (the subject stage waits for the fastest).
@@ -196,7 +198,8 @@ impl Delivery {
             settings,
             subject_key,
             delivery_ids,
-            recent: router::Recent::default(),
+            recent: router::Recent::new(router::RECENT_BATCHES),
+            lagging: router::Recent::new(router::LAGGING_BATCHES),
             position,
             progress: Notify::new(),
         })

@@ -79,13 +79,16 @@ impl Resolved {
     }
 }
 
-/// The batches the subject stage resolved lately, for workers that keep up.
-#[derive(Default)]
-pub(super) struct Recent(Mutex<VecDeque<Arc<Resolved>>>);
+/// The batches the subject stage resolved lately, for workers that keep up (and, in a second
+/// one, the batches lagging workers resolved again, which others as far behind share).
+pub(super) struct Recent {
+    batches: Mutex<VecDeque<Arc<Resolved>>>,
+    keep: usize,
+}
 
 /// Batches kept in [`Recent`]: 32 × [`ROUTE_BATCH`] events (about 30 MB of parsed JSON at
 /// most).
-const RECENT_BATCHES: usize = 32;
+pub(super) const RECENT_BATCHES: usize = 32;
 /// Events [`Recent`] holds at least.
 const WINDOW: u64 = ((RECENT_BATCHES - 1) * ROUTE_BATCH) as u64;
 /// How far the subject stage runs ahead of the slowest destination still served from
@@ -98,10 +101,20 @@ const AHEAD_MAX: u64 = WINDOW - 4 * ROUTE_BATCH as u64;
 /// others back.
 const WAIT_FOR_SLOWER: Duration = Duration::from_millis(20);
 
+/// Batches resolved again by lagging workers kept for the others.
+pub(super) const LAGGING_BATCHES: usize = 8;
+
 impl Recent {
-    fn push(&self, batch: Arc<Resolved>) {
-        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if q.len() == RECENT_BATCHES {
+    pub fn new(keep: usize) -> Self {
+        Recent {
+            batches: Mutex::new(VecDeque::with_capacity(keep)),
+            keep,
+        }
+    }
+
+    pub fn push(&self, batch: Arc<Resolved>) {
+        let mut q = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= self.keep {
             q.pop_front();
         }
         q.push_back(batch);
@@ -109,7 +122,7 @@ impl Recent {
 
     /// The batch holding the event after `cursor`, if still kept.
     pub fn covering(&self, cursor: handoff_store::Seq) -> Option<Arc<Resolved>> {
-        let q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let q = self.batches.lock().unwrap_or_else(|e| e.into_inner());
         q.iter()
             .find(|b| b.after <= cursor && cursor < b.upto)
             .cloned()

@@ -217,7 +217,11 @@ async fn next_batch(
     cursor: handoff_store::Seq,
     passed: handoff_store::Seq,
 ) -> Result<Arc<Resolved>, StoreError> {
-    if let Some(b) = delivery.recent.covering(cursor) {
+    if let Some(b) = delivery
+        .recent
+        .covering(cursor)
+        .or_else(|| delivery.lagging.covering(cursor))
+    {
         return Ok(b);
     }
     tracing::debug!(
@@ -231,7 +235,11 @@ async fn next_batch(
     let batch = tokio::task::spawn_blocking(move || resolve_again(&d, &settings, cursor, events))
         .await
         .map_err(|_| StoreError::Closed)??;
-    Ok(Arc::new(batch))
+    let batch = Arc::new(batch);
+    if !batch.events.is_empty() {
+        delivery.lagging.push(batch.clone());
+    }
+    Ok(batch)
 }
 
 /// How one item of a journal round ended.
@@ -612,6 +620,14 @@ async fn journal_round(
             outcome,
             vendor: vendor.clone(),
             items,
+        };
+        // A connector that takes one event per request gets one record for the round's
+        // requests (each of its items one request): a record per event would cost the ledger
+        // more than the event.
+        let requests: Vec<Vec<RecordItem>> = if single {
+            vec![requests.into_iter().flatten().collect()]
+        } else {
+            requests
         };
         round.records = requests
             .into_iter()
