@@ -25,8 +25,9 @@ pub const SINKS: [&str; 4] = ["webhook", "meta-capi", "ga4", "segment"];
 #[derive(Default)]
 struct Counts([AtomicU64; 4]);
 
-/// Serves the four vendor protocols on one port and counts the events each request carries.
-async fn sinks(counts: Arc<Counts>) -> Result<String> {
+/// Serves the four vendor protocols on one port and counts the events each request carries;
+/// the `dead` sink answers every request 503.
+async fn sinks(counts: Arc<Counts>, dead: Option<usize>) -> Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
@@ -48,6 +49,14 @@ async fn sinks(counts: Arc<Counts>) -> Result<String> {
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
                         let text = std::str::from_utf8(&body).unwrap_or("");
+                        let sink = ["/hook", "/meta", "/ga4", "/seg"]
+                            .iter()
+                            .position(|p| path.starts_with(p));
+                        if sink.is_some() && sink == dead {
+                            let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+                            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                            return Ok::<_, Infallible>(r);
+                        }
                         let (i, n) = if path.starts_with("/hook") {
                             (0, 1)
                         } else if path.starts_with("/meta") {
@@ -151,6 +160,7 @@ pub async fn run(
     connections: usize,
     rate: Option<f64>,
     destinations: &[String],
+    dead: Option<&str>,
 ) -> Result<()> {
     let mut only = Vec::new();
     for d in destinations {
@@ -164,9 +174,18 @@ pub async fn run(
         }
     }
     only.sort_unstable();
+    let dead = match dead {
+        None => None,
+        Some(d) => match SINKS.iter().position(|s| *s == d) {
+            Some(i) if only.contains(&i) => Some(i),
+            _ => bail!("--dead {d:?} is not one of the destinations delivered to"),
+        },
+    };
+    // What must receive everything: all but the dead one.
+    let live: Vec<usize> = only.iter().copied().filter(|i| Some(*i) != dead).collect();
     let names: Vec<&str> = only.iter().map(|&i| SINKS[i]).collect();
     let counts = Arc::new(Counts::default());
-    let sink = sinks(counts.clone()).await?;
+    let sink = sinks(counts.clone(), dead).await?;
     let tmp = std::env::temp_dir().join(format!("handoff-delivery-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let config_path = tmp.join("handoff.toml");
@@ -187,6 +206,9 @@ pub async fn run(
         only.len(),
         names.join(", ")
     );
+    if let Some(d) = dead {
+        println!("{} is dead: its sink answers every request 503.", SINKS[d]);
+    }
 
     // The yardstick for the one-event destinations: single POSTs per second this client pushes
     // to the same sink, as many at once as the gateway sends (16), with nothing else running.
@@ -248,12 +270,12 @@ pub async fn run(
     // When each destination had received every event.
     let mut done: [Option<Duration>; 4] = [None; 4];
     loop {
-        for &i in &only {
+        for &i in &live {
             if done[i].is_none() && counts.0[i].load(Ordering::Relaxed) >= sent {
                 done[i] = Some(start.elapsed());
             }
         }
-        let min = only
+        let min = live
             .iter()
             .map(|&i| counts.0[i].load(Ordering::Relaxed))
             .min()
@@ -274,13 +296,13 @@ pub async fn run(
     let all = start.elapsed();
     print_row(start, &counts, &only);
     println!(
-        "\nall {sent} events delivered to all {} destinations in {:.1} s: {:.0} events/s end to end ({:.0} deliveries/s)",
-        only.len(),
+        "\nall {sent} events delivered to all {} live destinations in {:.1} s: {:.0} events/s end to end ({:.0} deliveries/s)",
+        live.len(),
         all.as_secs_f64(),
         sent as f64 / all.as_secs_f64(),
-        only.len() as f64 * sent as f64 / all.as_secs_f64()
+        live.len() as f64 * sent as f64 / all.as_secs_f64()
     );
-    for &i in &only {
+    for &i in &live {
         let took = done[i].unwrap_or(all);
         let rate = sent as f64 / took.as_secs_f64();
         let versus = match (bare, i) {
@@ -300,7 +322,27 @@ pub async fn run(
         hwm as f64 / 1024.0
     );
     disk_report(&tmp.join("data"), sent);
-    for &i in &only {
+    if let Some(d) = dead {
+        let copied = rusqlite::Connection::open_with_flags(
+            tmp.join("data").join("outbox.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|c| {
+            c.query_row(
+                "SELECT (SELECT count(*) FROM outbox WHERE destination = ?1) + (SELECT count(*) FROM dead_letters WHERE destination = ?1)",
+                [SINKS[d]],
+                |r| r.get::<_, i64>(0),
+            )
+        });
+        match copied {
+            Ok(n) => println!(
+                "{}: {sent} events wait for it in the journal; {n} copied into its retry set and dead letters",
+                SINKS[d]
+            ),
+            Err(e) => println!("({}'s retry set not measured: {e})", SINKS[d]),
+        }
+    }
+    for &i in &live {
         let (name, n) = (SINKS[i], counts.0[i].load(Ordering::Relaxed));
         if n != sent {
             println!(

@@ -86,6 +86,10 @@ enum Cmd {
         /// request.
         #[arg(long, value_delimiter = ',', default_values_t = delivery::SINKS.map(String::from))]
         destinations: Vec<String>,
+        /// One of the destinations whose sink answers every request 503: the others' figures
+        /// with it dead, and what its backlog costs.
+        #[arg(long)]
+        dead: Option<String>,
     },
     /// A bare HTTP server that reads each body and answers 200, for comparison.
     Bare {
@@ -107,12 +111,14 @@ fn main() -> Result<()> {
             connections,
             rate,
             destinations,
+            dead,
         } => rt.block_on(delivery::run(
             handoff,
             Duration::from_secs(seconds),
             connections,
             rate,
             &destinations,
+            dead.as_deref(),
         )),
         Cmd::Load {
             addr,

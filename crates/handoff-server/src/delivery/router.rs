@@ -88,7 +88,7 @@ pub(super) struct Recent {
 
 /// Batches kept in [`Recent`]: 32 × [`ROUTE_BATCH`] events (about 30 MB of parsed JSON at
 /// most).
-pub(super) const RECENT_BATCHES: usize = 32;
+pub(super) const RECENT_BATCHES: usize = 16;
 /// Events [`Recent`] holds at least.
 const WINDOW: u64 = ((RECENT_BATCHES - 1) * ROUTE_BATCH) as u64;
 /// How far the subject stage runs ahead of the slowest destination still served from
