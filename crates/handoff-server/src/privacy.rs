@@ -710,28 +710,21 @@ impl Privacy {
 
     /// What Handoff holds about a subject and what each vendor received.
     pub fn export(&self, subject: &str) -> Result<Value, PrivacyError> {
-        let (s, kinds, rows, queued, dead) = self.store.with_reader(|c| {
+        let (s, kinds, rows, queued, dead, held) = self.store.with_reader(|c| {
             let s = subjects::load(c, subject)?;
             let kinds = subjects::identifier_kinds(c, subject)?;
             let rows = ledger::for_subject(c, subject)?;
             let (queued, dead) = handoff_store::outbox::held_for_subject(c, subject)?;
-            Ok((s, kinds, rows, queued, dead))
+            let held = dsr::event_seqs(c, subject)?;
+            Ok((s, kinds, rows, queued, dead, held))
         })?;
         let s = s.ok_or(PrivacyError {
             code: "subject.unknown",
             message: format!("no subject {subject}"),
             not_found: true,
         })?;
-        let seqs: Vec<handoff_store::Seq> = rows
-            .iter()
-            .filter(|r| {
-                (r.kind == ledger::kind::DECISION || r.kind == ledger::kind::DELIVERY)
-                    && r.event_seq > 0
-            })
-            .map(|r| r.event_seq)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // Every event of theirs the journal holds, also those no destination has decided yet.
+        let seqs: Vec<handoff_store::Seq> = held;
         let events: Vec<Value> = handoff_store::sqlite::read_events_at(
             &self.data_dir,
             Some(self.journal_cipher.as_ref()),
@@ -1076,8 +1069,8 @@ fn per_vendor(rows: &[Row]) -> Vec<Value> {
         .collect()
 }
 
-/// Walks the ledger: the chain, the checkpoints (against `public_key`), and the router's
-/// position.
+/// Walks the ledger: the chain, the checkpoints (against `public_key`), and every
+/// destination's cursor.
 pub fn verify(
     store: &OutboxStore,
     public_key: &ed25519_dalek::VerifyingKey,

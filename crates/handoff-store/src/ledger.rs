@@ -7,7 +7,7 @@
 //! whole chain from some point on is caught by the checkpoints: every so often the head's
 //! sequence number and hash are signed with a key that the database does not hold (it is
 //! sealed under the master key), and a truncated tail is caught by checkpoints (and the
-//! router's position) pointing past the end.
+//! destinations' cursors) pointing past the end.
 //!
 //! Most entries are records of many events (see [`crate::ledger_records`]): the subject stage
 //! writes one per batch naming who each event is about, and each destination one per vendor

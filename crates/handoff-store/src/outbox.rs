@@ -1,10 +1,13 @@
-//! The outbox: decided payloads waiting for their destination, dead letters, and each
-//! destination's state (active, paused, killed), in `outbox.db` beside the journal.
+//! Delivery's state in `outbox.db`, beside the journal: each destination's cursor over the
+//! journal, its retry set (the `outbox` table: decided payloads whose first attempt failed,
+//! and replayed dead letters) and dead letters, each destination's state (active, paused,
+//! killed), and the subject stage's position.
 //!
-//! The router's position in the journal lives here too, and [`OutboxStore::route`] writes a
-//! batch of decisions and the new position in one transaction: after a crash the router
-//! resumes exactly where its last committed batch ended, so no event is decided twice or
-//! skipped. Deliveries are FIFO per destination (the row id orders them).
+//! The subject stage commits a batch and its position in one transaction
+//! ([`OutboxStore::route_with`]); a destination commits a round's ledger records, the
+//! failures it copies and its new cursor in one ([`OutboxStore::commit_round`]). After a crash
+//! each resumes from what it committed: a round sent but not recorded is sent again, with the
+//! same delivery ids. A retry set is FIFO per destination (the row id orders it).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -52,7 +55,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, id);
 CREATE TABLE IF NOT EXISTS cursors (
     destination TEXT PRIMARY KEY,
-    seq         INTEGER NOT NULL
+    seq         INTEGER NOT NULL,
+    -- Where the cursor started: the ledger has records for what it passed after that.
+    started_at  INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS router (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
@@ -73,7 +78,8 @@ CREATE TABLE IF NOT EXISTS destination_state (
 ";
 
 /// Columns added after the first release, added to older files on open.
-const ADDED_COLUMNS: [(&str, &str, &str); 15] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 16] = [
+    ("cursors", "started_at", "INTEGER NOT NULL DEFAULT 0"),
     // Ledger records of many events (see `ledger_records`).
     ("ledger", "items", "BLOB"),
     ("ledger", "first_seq", "INTEGER NOT NULL DEFAULT 0"),
@@ -505,8 +511,9 @@ fn checkpoint(conn: &Connection, rewind_after: i64) -> rusqlite::Result<Pass> {
     Ok(Pass::CaughtUp)
 }
 
-/// One routing transaction: the router resolves subjects, queues payloads and records its
-/// decisions through it; [`OutboxStore::route_with`] commits everything with the position.
+/// One transaction of the subject stage: it resolves subjects, stores preferences and records
+/// who the events are about through it (tests also fill retry sets through it);
+/// [`OutboxStore::route_with`] commits everything with the position.
 pub struct Routing<'c> {
     tx: &'c rusqlite::Transaction<'c>,
     shapes: &'c ledger::ShapeCache,
@@ -623,8 +630,8 @@ impl OutboxStore {
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
         // NORMAL, not FULL: in WAL mode a commit survives a crash of the process, and what a
         // power cut could lose is recoverable by design: the events are in the journal
-        // (synchronous = FULL), and the router's position rolls back together with the items
-        // it queued, so they are decided and queued again; a delivery recorded as done but
+        // (synchronous = FULL), and a cursor rolls back together with the records and copies
+        // of its round, so the round is decided and sent again; a delivery recorded as done but
         // lost is sent again and deduplicated by the vendor on its delivery id. This saves an
         // fsync per delivery, which bounded one-event destinations to ~500 deliveries/s.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -729,8 +736,8 @@ impl OutboxStore {
         self.sealer.get()
     }
 
-    /// Walks the ledger (the chain, the checkpoints against `public_key`, and the router's
-    /// position) on a connection of its own, in one read transaction: a consistent snapshot
+    /// Walks the ledger (the chain, the checkpoints against `public_key`, and every
+    /// destination's cursor) on a connection of its own, in one read transaction: a consistent snapshot
     /// while the gateway keeps writing, and the outbox is not held for the walk.
     pub fn verify_ledger(
         &self,
@@ -739,7 +746,9 @@ impl OutboxStore {
         let mut conn = open_reader(&self.path)?;
         let tx = conn.transaction()?;
         let cursors: Vec<(String, Seq)> = tx
-            .prepare("SELECT destination, seq FROM cursors ORDER BY destination")?
+            .prepare(
+                "SELECT destination, seq FROM cursors WHERE seq > started_at ORDER BY destination",
+            )?
             .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as Seq)))?
             .collect::<Result<_, _>>()?;
         ledger::verify(&tx, public_key, Some(&cursors))
@@ -1050,8 +1059,8 @@ impl OutboxStore {
     /// delivered has what it queued in its retry set).
     pub fn ensure_cursor(&self, destination: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT OR IGNORE INTO cursors (destination, seq)
-             SELECT ?1, coalesce((SELECT seq FROM router WHERE id = 1), 0)",
+            "INSERT OR IGNORE INTO cursors (destination, seq, started_at)
+             SELECT ?1, p, p FROM (SELECT coalesce((SELECT seq FROM router WHERE id = 1), 0) AS p)",
             [destination],
         )?;
         Ok(())
@@ -1201,7 +1210,7 @@ impl OutboxStore {
                     ..Entry::default()
                 });
             }
-            let check_erasure = !delivered.is_empty() && subjects::epoch(tx)? != epoch;
+            let check_erasure = subjects::epoch(tx)? != epoch;
             for (item, vendor_ref) in &delivered {
                 if check_erasure
                     && !item.subject.is_empty()
@@ -1229,7 +1238,38 @@ impl OutboxStore {
                     subjects::set_vendor_ref(tx, &item.destination, &item.subject, r)?;
                 }
             }
-            for f in &retry {
+            // A failure of a person erased (or opted out) since the round decided is not kept:
+            // the erasure purged what it found, and this was not there yet.
+            let no_longer = |f: &Failed| -> Result<bool, StoreError> {
+                if !check_erasure || f.item.subject.is_empty() {
+                    return Ok(false);
+                }
+                Ok(subjects::basis(tx, &subjects::root(tx, &f.item.subject)?)?
+                    .is_some_and(|b| b.1.is_some()))
+            };
+            let mut kept_retry = Vec::with_capacity(retry.len());
+            let mut kept_dead = Vec::with_capacity(dead.len());
+            for (list, kept) in [(&retry, &mut kept_retry), (&dead, &mut kept_dead)] {
+                for f in list {
+                    if no_longer(f)? {
+                        entries.push(Entry {
+                            kind: ledger::kind::DECISION,
+                            destination: f.item.destination.clone(),
+                            vendor: f.item.vendor.clone(),
+                            event_seq: f.item.seq,
+                            message_id: f.item.message_id.clone(),
+                            subject: f.item.subject.clone(),
+                            outcome: "block".into(),
+                            reasons: "subject.suppressed".into(),
+                            detail: "erased while it waited: not kept".into(),
+                            ..Entry::default()
+                        });
+                    } else {
+                        kept.push(f);
+                    }
+                }
+            }
+            for f in kept_retry {
                 let shape = self.shapes.id(tx, &f.item.shape)?;
                 tx.prepare_cached(
                     "INSERT INTO outbox (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms,
@@ -1251,7 +1291,7 @@ impl OutboxStore {
                     f.error
                 ])?;
             }
-            for f in &dead {
+            for f in kept_dead {
                 let shape = self.shapes.id(tx, &f.item.shape)?;
                 tx.prepare_cached(
                     "INSERT INTO dead_letters (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms,
@@ -1558,7 +1598,7 @@ impl OutboxStore {
         self.conn().execute(
             "INSERT INTO destination_state (destination, state, reason, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (destination) DO UPDATE SET state = excluded.state, reason = excluded.reason,
-               updated_at_ms = excluded.updated_at_ms",
+               updated_at_ms = CASE WHEN state = excluded.state THEN updated_at_ms ELSE excluded.updated_at_ms END",
             params![destination, state.as_str(), reason, now_ms()],
         )?;
         Ok(())
@@ -1675,6 +1715,83 @@ mod tests {
                 Ok(())
             })
         }
+    }
+
+    #[test]
+    fn a_failure_of_a_person_erased_while_the_round_was_out_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        store.ensure_cursor("d").unwrap();
+        let subject = store
+            .transact(|tx| {
+                let r = subjects::resolve(tx, &[("user_id", "h-jane".into())], 1)?;
+                Ok((r.subject.unwrap().id, Vec::new()))
+            })
+            .unwrap();
+        let epoch = store.subject_epoch().unwrap();
+        // The round decided at `epoch`; the erasure lands before it is recorded.
+        store
+            .transact(|tx| {
+                subjects::suppress(tx, &subject, 2)?;
+                Ok(((), Vec::new()))
+            })
+            .unwrap();
+        let failed = |mut item: NewItem, subject: &str| Failed {
+            created_at_ms: 1,
+            attempts: 1,
+            next_at_ms: 0,
+            error: "HTTP 503".into(),
+            item: {
+                item.subject = subject.into();
+                item
+            },
+        };
+        store
+            .commit_round(Round {
+                destination: "d".into(),
+                upto: 3,
+                epoch,
+                retry: vec![failed(item("d", 1), &subject), failed(item("d", 2), "")],
+                dead: vec![failed(item("d", 3), &subject)],
+                ..Round::default()
+            })
+            .unwrap();
+        let kept = store.head("d", 10).unwrap();
+        assert_eq!(kept.iter().map(|i| i.seq).collect::<Vec<_>>(), [2]);
+        assert!(store.dead_letters(Some("d"), 0, 10).unwrap().is_empty());
+        assert_eq!(store.cursor("d").unwrap(), 3);
+        let blocked: i64 = store
+            .with_conn(|c| {
+                Ok(c.query_row(
+                    "SELECT count(*) FROM ledger WHERE outcome = 'block' AND reasons = 'subject.suppressed'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(blocked, 2, "the ledger says why they were not kept");
+    }
+
+    #[test]
+    fn killing_a_destination_again_keeps_when_it_was_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OutboxStore::open(dir.path()).unwrap();
+        store
+            .set_state("d", DestinationState::Killed, "incident")
+            .unwrap();
+        // As if killed long ago.
+        store
+            .with_conn(|c| Ok(c.execute("UPDATE destination_state SET updated_at_ms = 1000", [])?))
+            .unwrap();
+        store
+            .set_state("d", DestinationState::Killed, "still")
+            .unwrap();
+        assert_eq!(
+            store.state_since("d").unwrap(),
+            (DestinationState::Killed, 1000)
+        );
+        store.set_state("d", DestinationState::Active, "").unwrap();
+        assert!(store.state_since("d").unwrap().1 > 1000);
     }
 
     #[test]

@@ -29,8 +29,8 @@ CREATE TABLE IF NOT EXISTS vendor_refs (
     ref         TEXT NOT NULL,
     PRIMARY KEY (destination, subject)
 ) WITHOUT ROWID;
--- Counts changes to subjects made outside the subject stage's own order (erasures, opt-outs
--- filed as requests, merges): delivery re-reads the state it decides with when it moved.
+-- Counts changes to subjects that the state delivery decided with may not show (erasures,
+-- opt-outs filed as requests, merges that suppress or opt out): delivery re-reads it then.
 CREATE TABLE IF NOT EXISTS subject_epoch (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     n  INTEGER NOT NULL
@@ -159,6 +159,7 @@ pub fn resolve(
     } else {
         found.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         let mut target = found.remove(0);
+        let mut restricted = false;
         for other in found {
             conn.execute(
                 "UPDATE identities SET subject = ?1 WHERE subject = ?2",
@@ -175,12 +176,14 @@ pub fn resolve(
             }
             if target.preferences.is_none() {
                 target.preferences = other.preferences.clone();
+                restricted |= other.preferences.is_some();
             } else if let (Some(t), Some(o)) = (&target.preferences, &other.preferences)
                 && o.contains("\"opt_out_of_sale\":true")
                 && !t.contains("\"opt_out_of_sale\":true")
             {
                 // An opt-out of either side survives the merge.
                 target.preferences = Some(o.clone());
+                restricted = true;
             }
             conn.execute(
                 "UPDATE subjects SET suppressed_at_ms = ?2, preferences = ?3 WHERE id = ?1",
@@ -188,7 +191,9 @@ pub fn resolve(
             )?;
             merged.push(other.id);
         }
-        if !merged.is_empty() {
+        // What the stage resolved before, under the merged subjects, was decided on their own
+        // state: when the merge suppresses or opts out one of them, delivery must look again.
+        if !merged.is_empty() && (target.suppressed_at_ms.is_some() || restricted) {
             changed(conn)?;
         }
         if target.suppressed_at_ms.is_some() {

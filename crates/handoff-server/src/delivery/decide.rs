@@ -64,7 +64,8 @@ pub(super) fn entry_for(e: &handoff_store::StoredEvent, subject: &str, lane: &La
     }
 }
 
-/// Decides the events of `batch` from index `from` (at most `limit`) for `lane`, with
+/// Decides the events of `batch` from index `from` (at most `limit`, and no more once
+/// `max_sends` may leave) for `lane`, with
 /// `states` (the batch's own, or re-read when subjects changed meanwhile). Returns the
 /// decision and the index after the last event decided.
 #[allow(clippy::too_many_arguments)]
@@ -73,6 +74,7 @@ pub(super) fn decide_for_lane(
     states: &[SubjectState],
     from: usize,
     limit: usize,
+    max_sends: usize,
     lane: &Lane,
     settings: &handoff_core::policy::model::PolicySettings,
     delivery_ids: &handoff_connectors::wire::DeliveryIdKey,
@@ -88,7 +90,13 @@ pub(super) fn decide_for_lane(
     let mut categories: std::collections::HashMap<String, String> =
         std::collections::HashMap::new();
     let end = (from + limit).min(batch.events.len());
+    let mut end = end;
     for (i, e) in batch.events.iter().enumerate().take(end).skip(from) {
+        if out.sends.len() >= max_sends {
+            // A half-open breaker's probe: the events up to the first that may leave.
+            end = i;
+            break;
+        }
         let subject = batch.subjects[i].as_str();
         let state = &states[i];
         let block = |out: &mut LaneDecision, reason: &'static str, entry: Option<Entry>| {
@@ -341,6 +349,7 @@ settings = {{ secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" }}
             &batch.states,
             0,
             10,
+            usize::MAX,
             &lane,
             &config.policy,
             &handoff_connectors::wire::DeliveryIdKey::new([1; 32]),

@@ -104,10 +104,12 @@ impl Lane {
 
     /// Sets the state, which holds since `since_ms`.
     fn set_state_since(&self, s: DestinationState, since_ms: i64) {
-        let killed = if s == DestinationState::Killed {
-            since_ms.max(1)
-        } else {
-            0
+        // Killed again (a new reason): the kill still dates from the first time.
+        let before = self.killed_since.load(Ordering::Relaxed);
+        let killed = match s {
+            DestinationState::Killed if before > 0 => before.min(since_ms.max(1)),
+            DestinationState::Killed => since_ms.max(1),
+            _ => 0,
         };
         self.killed_since.store(killed, Ordering::Relaxed);
         self.set_state(s);
@@ -237,8 +239,9 @@ impl Delivery {
             return tasks;
         }
         // Each task is supervised: a panic is logged, counted and the task started again
-        // from what the store holds (the router from its committed position, a worker from its
-        // queue), so one bug never silently ends a destination's delivery.
+        // from what the store holds (the subject stage from its committed position, a worker
+        // from its cursor and retry set), so one bug never silently ends a destination's
+        // delivery.
         let restarts = app.metrics.task_restarts.clone();
         {
             let (delivery, journal, app, stop) =

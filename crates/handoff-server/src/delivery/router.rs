@@ -86,7 +86,7 @@ pub(super) struct Recent {
     keep: usize,
 }
 
-/// Batches kept in [`Recent`]: 32 × [`ROUTE_BATCH`] events (about 30 MB of parsed JSON at
+/// Batches kept in [`Recent`]: 16 × [`ROUTE_BATCH`] events (about 15 MB of parsed JSON at
 /// most).
 pub(super) const RECENT_BATCHES: usize = 16;
 /// Events [`Recent`] holds at least.
@@ -278,15 +278,6 @@ fn slowest_follower(
         .min()
 }
 
-fn fastest_lane(delivery: &Delivery) -> handoff_store::Seq {
-    delivery
-        .lanes
-        .iter()
-        .map(|l| l.cursor.load(Ordering::Relaxed))
-        .max()
-        .unwrap_or(0)
-}
-
 /// The subject stage's loop. A batch that fails to commit is read and resolved again (nothing
 /// of it stays); its position only moves with a committed batch.
 pub(super) async fn router(
@@ -321,8 +312,10 @@ pub(super) async fn router(
         if let Some(slowest) = slowest_follower(&delivery, after)
             && after > slowest + AHEAD_MAX
         {
+            // Never longer: while no destination moves (all paused, or their vendors down) the
+            // stage goes on, so erasures and opt-outs reach the events that wait.
             let waited = waiting_since.get_or_insert_with(tokio::time::Instant::now);
-            if waited.elapsed() < WAIT_FOR_SLOWER || after > fastest_lane(&delivery) + AHEAD_MAX {
+            if waited.elapsed() < WAIT_FOR_SLOWER {
                 tokio::select! {
                     _ = delivery.progress.notified() => {}
                     _ = stop.changed() => {}

@@ -175,14 +175,13 @@ pub(super) async fn worker(
                 continue;
             }
         };
-        let limit = if probe {
-            1
-        } else if single {
-            ROUND
-        } else {
-            ROUTE_BATCH
-        };
-        match journal_round(&mut cx, &journal, batch, at, limit, single, &holdback).await {
+        let limit = if single { ROUND } else { ROUTE_BATCH };
+        let max_sends = if probe { 1 } else { usize::MAX };
+        match journal_round(
+            &mut cx, &journal, batch, at, limit, max_sends, single, &holdback,
+        )
+        .await
+        {
             Ok(next) => {
                 cursor = Some(next);
                 lane.cursor.store(next, Ordering::Relaxed);
@@ -261,6 +260,7 @@ async fn journal_round(
     batch: Arc<Resolved>,
     cursor: handoff_store::Seq,
     limit: usize,
+    max_sends: usize,
     single: bool,
     holdback: &std::collections::HashSet<String>,
 ) -> Result<handoff_store::Seq, StoreError> {
@@ -312,6 +312,7 @@ async fn journal_round(
                 states,
                 from,
                 limit,
+                max_sends,
                 &lane,
                 &settings,
                 &delivery.delivery_ids,
@@ -322,7 +323,14 @@ async fn journal_round(
         .map_err(|_| StoreError::Closed)?
     };
     let (decision, end) = decided;
-    let upto = batch.events[end - 1].seq;
+    let Some(last) = end.checked_sub(1).filter(|_| end > from) else {
+        // The journal holds nothing after the cursor although the subject stage passed it
+        // (the outbox is ahead of a restored journal): an operator's problem, reported.
+        return Err(StoreError::Conflict(format!(
+            "the journal holds no event after position {cursor}, which the subject stage passed"
+        )));
+    };
+    let upto = batch.events[last].seq;
     let LaneDecision {
         sends,
         entries,
@@ -562,6 +570,7 @@ async fn journal_round(
             }
         }
         let mut requests: Vec<Vec<RecordItem>> = vec![Vec::new(); answers.len()];
+        let mut killed_now: Vec<RecordItem> = Vec::new();
         for (n, (s, end)) in live.into_iter().zip(ended).enumerate() {
             match end {
                 Ended::Delivered(vendor_ref) => {
@@ -603,6 +612,15 @@ async fn journal_round(
                         item: s.item,
                     });
                 }
+                Ended::NotSent
+                    if lane.killed_since_ms() > 0 && s.received_at_ms >= lane.killed_since_ms() =>
+                {
+                    // Killed before it went out: blocked, as if decided after the kill.
+                    let mut e = s.entry;
+                    e.outcome = "block".into();
+                    e.reasons = KILLED_REASON.into();
+                    killed_now.push(record_item(&e, None));
+                }
                 Ended::NotSent => {
                     kept.push(record_item(&s.entry, None));
                     round.retry.push(Failed {
@@ -614,6 +632,12 @@ async fn journal_round(
                     });
                 }
             }
+        }
+        let mut blocked_counts = blocked_counts;
+        if !killed_now.is_empty() {
+            let n = killed_now.len() as u64;
+            round.blocked.push((KILLED_REASON, n));
+            blocked_counts.push((KILLED_REASON, n));
         }
         let record = |kind, outcome, items: Vec<RecordItem>| Record {
             kind,
@@ -634,6 +658,7 @@ async fn journal_round(
             .map(|items| record(ledger::kind::DELIVERY, "delivered", items))
             .chain([
                 record(ledger::kind::DECISION, "block", blocks),
+                record(ledger::kind::DECISION, "block", killed_now),
                 record(ledger::kind::DECISION, "send", kept),
                 record(ledger::kind::DELIVERY, "dead_lettered", dead_items),
             ])
