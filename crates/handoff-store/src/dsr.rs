@@ -100,12 +100,19 @@ pub struct NewTask {
 /// Destinations (and their vendor) that were handed data about `subject` (or a subject merged
 /// into it), per the ledger.
 pub fn recipients(conn: &Connection, subject: &str) -> Result<Vec<(String, String)>, StoreError> {
-    let out: std::collections::BTreeSet<(String, String)> =
-        crate::ledger::for_subject(conn, subject)?
-            .into_iter()
-            .filter(|r| r.kind == crate::ledger::kind::DELIVERY && r.outcome == "delivered")
-            .map(|r| (r.destination, r.vendor))
-            .collect();
+    let mut out = std::collections::BTreeSet::new();
+    let mut seqs = std::collections::BTreeSet::new();
+    let mut single = conn.prepare_cached(
+        "SELECT DISTINCT destination, vendor FROM ledger
+         WHERE subject = ?1 AND kind = 'delivery' AND outcome = 'delivered'",
+    )?;
+    for id in crate::subjects::aliases(conn, subject)? {
+        for row in single.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))? {
+            out.insert(row?);
+        }
+        seqs.extend(crate::ledger::subject_events(conn, &id)?);
+    }
+    out.extend(crate::ledger::delivered_to(conn, &seqs)?);
     Ok(out.into_iter().collect())
 }
 

@@ -741,28 +741,47 @@ pub fn subject_events(conn: &Connection, subject: &str) -> Result<Vec<Seq>, Stor
     Ok(seqs)
 }
 
+/// What one report has decoded already: shapes by id, events records by their entry's
+/// sequence number (a batch's events record serves every destination's records of it).
+#[derive(Default)]
+struct Decoded {
+    shapes: std::collections::HashMap<i64, Shape>,
+    events: std::collections::HashMap<u64, std::sync::Arc<Vec<crate::ledger_records::EventItem>>>,
+}
+
 /// Who each event in `[first, last]` is about: sequence number → (message id, subject).
 fn named_events(
     conn: &Connection,
     first: Seq,
     last: Seq,
+    decoded: &mut Decoded,
 ) -> Result<std::collections::HashMap<Seq, (String, String)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT items FROM ledger WHERE items IS NOT NULL AND kind = 'events'
+        "SELECT seq FROM ledger WHERE items IS NOT NULL AND kind = 'events'
            AND last_seq >= ?1 AND last_seq <= ?2 + ?3 AND first_seq <= ?2",
     )?;
-    let mut out = std::collections::HashMap::new();
-    let blobs = stmt
+    let records = stmt
         .query_map(
             params![first as i64, last as i64, RECORD_SPAN as i64],
-            |r| r.get::<_, Vec<u8>>(0),
+            |r| r.get::<_, i64>(0),
         )?
         .collect::<Result<Vec<_>, _>>()?;
-    for blob in blobs {
-        for e in crate::ledger_records::decode_events(&blob)? {
-            if (first..=last).contains(&e.seq) {
-                out.insert(e.seq, (e.message_id, e.subject));
+    let mut out = std::collections::HashMap::new();
+    for record in records {
+        let items = match decoded.events.get(&(record as u64)) {
+            Some(items) => items.clone(),
+            None => {
+                let blob: Vec<u8> = conn
+                    .prepare_cached("SELECT items FROM ledger WHERE seq = ?1")?
+                    .query_row([record], |r| r.get(0))?;
+                let items = std::sync::Arc::new(crate::ledger_records::decode_events(&blob)?);
+                decoded.events.insert(record as u64, items.clone());
+                items
             }
+        };
+        let from = items.partition_point(|e| e.seq < first);
+        for e in items[from..].iter().take_while(|e| e.seq <= last) {
+            out.insert(e.seq, (e.message_id.clone(), e.subject.clone()));
         }
     }
     Ok(out)
@@ -773,7 +792,7 @@ fn expand(
     conn: &Connection,
     row: Row,
     keep: &dyn Fn(Seq) -> bool,
-    shapes: &mut std::collections::HashMap<i64, Shape>,
+    decoded: &mut Decoded,
 ) -> Result<Vec<Row>, StoreError> {
     let Some(items) = row.items.as_deref() else {
         return Ok(vec![row]);
@@ -781,15 +800,21 @@ fn expand(
     if row.kind == kind::EVENTS {
         return Ok(Vec::new());
     }
-    let items = crate::ledger_records::decode_handoffs(items)?;
-    let names = named_events(conn, row.first_seq, row.last_seq)?;
+    let items: Vec<_> = crate::ledger_records::decode_handoffs(items)?
+        .into_iter()
+        .filter(|i| keep(i.seq))
+        .collect();
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names = named_events(conn, row.first_seq, row.last_seq, decoded)?;
     let mut out = Vec::new();
-    for i in items.into_iter().filter(|i| keep(i.seq)) {
-        let shape = match shapes.get(&i.shape) {
+    for i in items {
+        let shape = match decoded.shapes.get(&i.shape) {
             Some(s) => s.clone(),
             None => {
                 let s = ShapeCache::default().get(conn, i.shape)?;
-                shapes.insert(i.shape, s.clone());
+                decoded.shapes.insert(i.shape, s.clone());
                 s
             }
         };
@@ -809,6 +834,45 @@ fn expand(
             last_seq: 0,
             ..row.clone()
         });
+    }
+    Ok(out)
+}
+
+/// The (destination, vendor) of every record that delivered one of `seqs` (events records
+/// are not read: only whether the vendor got the event matters).
+pub fn delivered_to(
+    conn: &Connection,
+    seqs: &std::collections::BTreeSet<Seq>,
+) -> Result<std::collections::BTreeSet<(String, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, destination, vendor, items FROM ledger WHERE items IS NOT NULL
+           AND kind = 'delivery' AND outcome = 'delivered'
+           AND last_seq >= ?1 AND last_seq <= ?1 + ?2 AND first_seq <= ?1",
+    )?;
+    let mut checked: std::collections::HashSet<i64> = std::collections::HashSet::new();
+    let mut out = std::collections::BTreeSet::new();
+    for seq in seqs {
+        let rows = stmt
+            .query_map(params![*seq as i64, RECORD_SPAN as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (record, destination, vendor, items) in rows {
+            if out.contains(&(destination.clone(), vendor.clone())) || !checked.insert(record) {
+                continue;
+            }
+            if crate::ledger_records::decode_handoffs(&items)?
+                .iter()
+                .any(|i| seqs.contains(&i.seq))
+            {
+                out.insert((destination, vendor));
+            }
+        }
     }
     Ok(out)
 }
@@ -836,9 +900,9 @@ pub fn for_subject(conn: &Connection, subject: &str) -> Result<Vec<Row>, StoreEr
             }
         }
     }
-    let mut shapes = std::collections::HashMap::new();
+    let mut decoded = Decoded::default();
     for (_, r) in records {
-        rows.extend(expand(conn, r, &|s| seqs.contains(&s), &mut shapes)?);
+        rows.extend(expand(conn, r, &|s| seqs.contains(&s), &mut decoded)?);
     }
     rows.sort_by_key(|r| (r.seq, r.event_seq));
     Ok(rows)
@@ -876,9 +940,9 @@ pub fn delivered(
         .query_map(params![vendor, from_ms, to_ms, destination], read_row)?
         .collect::<Result<Vec<_>, _>>()?;
     let mut rows = Vec::with_capacity(found.len());
-    let mut shapes = std::collections::HashMap::new();
+    let mut decoded = Decoded::default();
     for r in found {
-        rows.extend(expand(conn, r, &|_| true, &mut shapes)?);
+        rows.extend(expand(conn, r, &|_| true, &mut decoded)?);
     }
     Ok(rows)
 }
@@ -1192,6 +1256,16 @@ mod tests {
             .with_conn(|c| delivered(c, Recipient::All, 0, i64::MAX))
             .unwrap();
         assert_eq!(all.len(), 3);
+        let to = |seqs: &[Seq]| {
+            store
+                .with_conn(|c| delivered_to(c, &seqs.iter().copied().collect()))
+                .unwrap()
+        };
+        assert_eq!(
+            to(&[4]).into_iter().collect::<Vec<_>>(),
+            [("meta".to_owned(), "meta".to_owned())]
+        );
+        assert!(to(&[3, 5]).is_empty(), "in the record's range, not in it");
     }
 
     #[test]
