@@ -147,7 +147,10 @@ mod tests {
             runs(&["a", "a", "a", "b", "a"], 2),
             [0..2, 2..3, 3..4, 4..5]
         );
-        assert_eq!(runs(&[1, 1, 1], 10), [0..3]);
+        assert_eq!(
+            runs(&[1, 1, 1], 10),
+            vec![std::ops::Range { start: 0, end: 3 }]
+        );
         assert!(runs::<u8>(&[], 10).is_empty());
     }
 
