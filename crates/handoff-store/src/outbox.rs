@@ -1034,6 +1034,33 @@ impl OutboxStore {
         recorded.extend(fresh.iter().map(|f| f.key));
     }
 
+    /// Copies a failed item into the retry set or the dead letters (`sql` takes the item's
+    /// columns, then attempts, `at_ms` and the error, in that order).
+    fn copy_failed(
+        &self,
+        tx: &Connection,
+        sql: &str,
+        f: &Failed,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let shape = self.shapes.id(tx, &f.item.shape)?;
+        tx.prepare_cached(sql)?.execute(params![
+            f.item.destination,
+            f.item.vendor,
+            f.item.seq as i64,
+            f.item.message_id,
+            f.item.subject,
+            shape,
+            f.item.payload,
+            f.created_at_ms,
+            f.item.delivery_id,
+            f.attempts,
+            at_ms,
+            f.error
+        ])?;
+        Ok(())
+    }
+
     /// A destination's position in the journal: every event up to it is delivered, blocked,
     /// waiting in its retry set or dead-lettered. Before the destination had one, the router's
     /// position (what an older version had decided and queued).
@@ -1270,48 +1297,24 @@ impl OutboxStore {
                 }
             }
             for f in kept_retry {
-                let shape = self.shapes.id(tx, &f.item.shape)?;
-                tx.prepare_cached(
+                self.copy_failed(
+                    tx,
                     "INSERT INTO outbox (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms,
                        delivery_id, attempts, next_at_ms, last_error)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?
-                .execute(params![
-                    f.item.destination,
-                    f.item.vendor,
-                    f.item.seq as i64,
-                    f.item.message_id,
-                    f.item.subject,
-                    shape,
-                    f.item.payload,
-                    f.created_at_ms,
-                    f.item.delivery_id,
-                    f.attempts,
+                    f,
                     f.next_at_ms,
-                    f.error
-                ])?;
+                )?;
             }
             for f in kept_dead {
-                let shape = self.shapes.id(tx, &f.item.shape)?;
-                tx.prepare_cached(
+                self.copy_failed(
+                    tx,
                     "INSERT INTO dead_letters (destination, vendor, seq, message_id, subject, shape, payload, created_at_ms,
-                       delivery_id, failed_at_ms, attempts, reason)
+                       delivery_id, attempts, failed_at_ms, reason)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?
-                .execute(params![
-                    f.item.destination,
-                    f.item.vendor,
-                    f.item.seq as i64,
-                    f.item.message_id,
-                    f.item.subject,
-                    shape,
-                    f.item.payload,
-                    f.created_at_ms,
-                    f.item.delivery_id,
+                    f,
                     now,
-                    f.attempts,
-                    f.error
-                ])?;
+                )?;
             }
             for (reason, n) in &blocked {
                 tx.prepare_cached(
