@@ -50,6 +50,13 @@ pub trait Connector: Send + Sync {
     fn vendor_ref(&self, _body: &[u8]) -> Option<String> {
         None
     }
+    /// The part of a one-item [`Connector::wire_body`] that a request of many items repeats
+    /// per item (Meta: the event in `data`), kept from the decision so that building the
+    /// request does not map the item again. `None` (the default): the request maps it. Only for
+    /// a mapping that does not depend on [`Item::vendor_ref`] (the decision maps without it).
+    fn mapped_item(&self, _wire_body: &Value) -> Option<Value> {
+        None
+    }
     /// Whether requests use the id [`Connector::vendor_ref`] kept (delivery looks it up only
     /// for connectors that do).
     fn uses_vendor_ref(&self) -> bool {
@@ -175,6 +182,7 @@ pub fn apply_wire(
             message_id,
             delivery_id: PLANNED_DELIVERY_ID,
             vendor_ref: None,
+            mapped: None,
             payload,
         };
         match wire_view(connector.as_ref(), &item, now) {
@@ -355,6 +363,9 @@ impl Connector for MetaCapi {
         let mut body = self.body(std::slice::from_ref(item));
         body["access_token"] = Value::from(MASKED);
         Ok(body)
+    }
+    fn mapped_item(&self, wire_body: &Value) -> Option<Value> {
+        wire_body.get("data")?.get(0).cloned()
     }
     fn secrets(&self) -> Vec<&str> {
         vec![&self.access_token]

@@ -341,6 +341,7 @@ mod tests {
                 message_id: "m-1",
                 delivery_id: "hd_m-1",
                 vendor_ref: None,
+                mapped: None,
                 payload: &payload,
             }])
             .unwrap();
@@ -375,6 +376,7 @@ mod tests {
             message_id: "m",
             delivery_id: "hd_m",
             vendor_ref: None,
+            mapped: None,
             payload: &payload,
         });
         assert_eq!(e["params"]["note"].as_str().unwrap().len(), 100);
@@ -386,6 +388,7 @@ mod tests {
                     message_id: "m",
                     delivery_id: "hd_m",
                     vendor_ref: None,
+                    mapped: None,
                     payload: &no_client
                 }])
                 .unwrap_err(),
@@ -402,6 +405,7 @@ mod tests {
                     message_id: "m",
                     delivery_id: "hd_m",
                     vendor_ref: None,
+                    mapped: None,
                     payload,
                 }])
                 .unwrap();
@@ -452,6 +456,7 @@ mod tests {
             message_id: "m",
             delivery_id: "hd_m",
             vendor_ref: None,
+            mapped: None,
             payload: &payload,
         });
         assert_eq!(e["name"], "screen_view");

@@ -220,7 +220,10 @@ impl MetaCapi {
 
     /// The body of one request for `items`.
     pub fn body(&self, items: &[Item<'_>]) -> Value {
-        let data: Vec<Value> = items.iter().map(|i| self.event(i)).collect();
+        let data: Vec<Value> = items
+            .iter()
+            .map(|i| i.mapped.cloned().unwrap_or_else(|| self.event(i)))
+            .collect();
         let mut body = json!({ "data": data, "access_token": self.access_token });
         if let Some(code) = &self.test_event_code {
             body["test_event_code"] = json!(code);
@@ -284,6 +287,46 @@ mod tests {
     /// hashed e-mail and phone, the browser's IP and user agent, value, currency and content
     /// ids. The same facts, as a decided Segment payload, must map to the same shape.
     #[test]
+    fn a_request_built_from_the_decisions_mapping_is_the_same_request() {
+        use crate::connector::Connector;
+        let payloads = [
+            json!({"type": "track", "event": "Order Completed", "messageId": "m-1",
+                "timestamp": "2021-10-06T20:38:08.000Z",
+                "context": {"ip": "192.19.9.9", "traits": {"email": "jane@example.com"}},
+                "properties": {"value": 10, "currency": "EUR"}}),
+            json!({"type": "track", "event": "Viewed", "messageId": "m-2",
+                "timestamp": "2021-10-06T20:38:09.000Z"}),
+        ];
+        let ids = ["hd_1", "hd_2"];
+        fn items<'a>(
+            payloads: &'a [Value; 2],
+            ids: [&'a str; 2],
+            mapped: [Option<&'a Value>; 2],
+        ) -> Vec<Item<'a>> {
+            (0..2)
+                .map(|i| Item {
+                    message_id: "m",
+                    delivery_id: ids[i],
+                    vendor_ref: None,
+                    mapped: mapped[i],
+                    payload: &payloads[i],
+                })
+                .collect()
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let mapped: Vec<Value> = items(&payloads, ids, [None, None])
+            .iter()
+            .map(|i| {
+                let body = meta().wire_body(i, now).unwrap();
+                meta().mapped_item(&body).unwrap()
+            })
+            .collect();
+        let fresh = meta().request(&items(&payloads, ids, [None, None]));
+        let reused = meta().request(&items(&payloads, ids, [Some(&mapped[0]), Some(&mapped[1])]));
+        assert_eq!(fresh, reused);
+    }
+
+    #[test]
     fn maps_like_metas_documented_example() {
         let payload = json!({
             "type": "track", "event": "Order Completed", "messageId": "m-1",
@@ -304,6 +347,7 @@ mod tests {
             message_id: "m-1",
             delivery_id: "hd_m-1",
             vendor_ref: None,
+            mapped: None,
             payload: &payload,
         }]);
         assert_eq!(
@@ -346,6 +390,7 @@ mod tests {
             message_id: "m",
             delivery_id: "hd_m",
             vendor_ref: None,
+            mapped: None,
             payload: &payload,
         });
         assert_eq!(e["event_name"], "Lead");
@@ -356,6 +401,7 @@ mod tests {
                 message_id: "p",
                 delivery_id: "hd_p",
                 vendor_ref: None,
+                mapped: None,
                 payload: &page
             })["event_name"],
             "PageView"

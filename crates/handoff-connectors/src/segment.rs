@@ -70,6 +70,7 @@ mod tests {
                 message_id: "m-1",
                 delivery_id: "hd_m-1",
                 vendor_ref: None,
+                mapped: None,
                 payload: &payload,
             }],
             "2026-11-25T10:00:00.000Z",

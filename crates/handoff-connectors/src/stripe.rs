@@ -146,6 +146,7 @@ mod tests {
             message_id: "m-1",
             delivery_id: "hd_m-1",
             vendor_ref: None,
+            mapped: None,
             payload: &payload,
         });
         assert_eq!(req.url, "https://api.stripe.com/v1/customers");
@@ -176,6 +177,7 @@ mod tests {
             message_id: "m-2",
             delivery_id: "hd_m-2",
             vendor_ref: Some("cus_NffrFeUfNV2Hib"),
+            mapped: None,
             payload: &payload,
         };
         let req = stripe.update_customer("cus_NffrFeUfNV2Hib", &item);

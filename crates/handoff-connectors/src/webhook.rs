@@ -233,6 +233,7 @@ mod tests {
             message_id: "m-1",
             delivery_id: "hd_m-1",
             vendor_ref: None,
+            mapped: None,
             payload: &payload,
         };
         let a = hook.request(&item, 1_700_000_000);

@@ -18,6 +18,10 @@ pub struct Item<'a> {
     pub vendor_ref: Option<&'a str>,
     /// The payload the policy decided (a minimised, transformed Segment message).
     pub payload: &'a Value,
+    /// This item's part of the wire request as the decision mapped it
+    /// ([`crate::connector::Connector::mapped_item`]), so the request does not map it again;
+    /// `None`: mapped when the request is built.
+    pub mapped: Option<&'a Value>,
 }
 
 /// An HTTP request, built without I/O.

@@ -15,6 +15,8 @@ pub(super) struct ToSend {
     pub payload: Value,
     /// The ledger record of its handoff, outcome to be set.
     pub entry: Entry,
+    /// Its part of the wire request, as mapped here (see `Connector::mapped_item`).
+    pub mapped: Option<Value>,
 }
 
 /// What a destination decided for a run of events.
@@ -166,6 +168,7 @@ pub(super) fn decide_for_lane(
                                 message_id: &e.message_id,
                                 delivery_id: &delivery_id,
                                 vendor_ref: None,
+                                mapped: None,
                                 payload: &decided,
                             };
                             lane.connector.wire_body(&item, now).map(|b| (b, decided))
@@ -173,6 +176,7 @@ pub(super) fn decide_for_lane(
                     match wire {
                         Ok((body, decided)) => {
                             let fields = wire_fields(&body);
+                            let mapped = lane.connector.mapped_item(&body);
                             entry.fields = fields.join(",");
                             entry.categories = categories
                                 .entry(entry.fields.clone())
@@ -198,6 +202,7 @@ pub(super) fn decide_for_lane(
                                 received_at_ms: e.received_at_ms,
                                 payload: decided,
                                 entry,
+                                mapped,
                             })
                         }
                         Err(why) => {

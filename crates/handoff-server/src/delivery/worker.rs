@@ -407,6 +407,7 @@ async fn journal_round(
                 message_id: &s.item.message_id,
                 delivery_id: &s.item.delivery_id,
                 vendor_ref: refs.get(&s.item.subject).map(String::as_str),
+                mapped: None,
                 payload: &s.payload,
             })
         })
@@ -475,6 +476,7 @@ async fn journal_round(
                                 message_id: &s.item.message_id,
                                 delivery_id: &s.item.delivery_id,
                                 vendor_ref: refs.get(&s.item.subject).map(String::as_str),
+                                mapped: s.mapped.as_ref(),
                                 payload: &s.payload,
                             }
                         })
@@ -885,6 +887,7 @@ async fn retry_round(
                     message_id: &i.message_id,
                     delivery_id: &i.delivery_id,
                     vendor_ref: i.vendor_ref.as_deref(),
+                    mapped: None,
                     payload: p,
                 });
                 (i.next_at_ms <= now_ms, key)
@@ -915,6 +918,7 @@ async fn retry_round(
                 message_id: &i.message_id,
                 delivery_id: &i.delivery_id,
                 vendor_ref: i.vendor_ref.as_deref(),
+                mapped: None,
                 payload: p,
             })
             .collect();
