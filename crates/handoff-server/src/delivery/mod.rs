@@ -44,8 +44,9 @@ pub use backoff::backoff;
 pub(crate) use worker::send_with;
 
 /// Events the subject stage resolves per transaction, and a batching destination decides
-/// per round.
-const ROUTE_BATCH: usize = 500;
+/// per round (Meta's largest request). 1,000 instead of 500: 37,000-38,000 batching events/s
+/// end to end instead of 33,000 (fewer transactions and ledger records per event).
+const ROUTE_BATCH: usize = 1000;
 /// How often destination states (set by `handoff destinations …` from another process) are
 /// re-read: a pause or kill takes effect within this.
 const STATE_POLL: Duration = Duration::from_millis(250);
