@@ -36,6 +36,8 @@ mod batching;
 mod breaker;
 mod decide;
 mod erasures;
+mod retry;
+mod round;
 mod router;
 mod worker;
 
