@@ -180,18 +180,62 @@ pub(super) fn within_record_span(events: &mut Vec<handoff_store::StoredEvent>) {
     }
 }
 
-/// Resolves a batch and commits it with the stage's new position; returns it with the events
-/// to erase (their subject is suppressed).
-fn resolve_batch(
+/// A batch read from the journal and read once (parsed, PII indexed, identifiers hashed),
+/// before its subjects are resolved: the stage prepares the next batch while the current one
+/// commits.
+struct Ready {
+    after: handoff_store::Seq,
+    events: Vec<handoff_store::StoredEvent>,
+    prepared: Vec<Prepared>,
+    hashes: Vec<Vec<(&'static str, String)>>,
+}
+
+fn make_ready(
     delivery: &Delivery,
     settings: &handoff_core::policy::model::PolicySettings,
     after: handoff_store::Seq,
-    events: Vec<handoff_store::StoredEvent>,
-) -> Result<(Resolved, Vec<handoff_store::Seq>), StoreError> {
-    let mut events = events;
+    mut events: Vec<handoff_store::StoredEvent>,
+) -> Ready {
     within_record_span(&mut events);
     let prepared: Vec<Prepared> = events.iter().map(|e| prepare(e, settings)).collect();
     let hashes = hashes(delivery, &prepared);
+    Ready {
+        after,
+        events,
+        prepared,
+        hashes,
+    }
+}
+
+/// Reads the events after `after` and prepares them off the async threads (`None`: the
+/// journal has none yet).
+async fn read_ready(
+    delivery: Arc<Delivery>,
+    journal: Arc<dyn Journal>,
+    settings: Arc<handoff_core::policy::model::PolicySettings>,
+    after: handoff_store::Seq,
+) -> Result<Option<Ready>, StoreError> {
+    let events = journal.read(after, ROUTE_BATCH).await?;
+    if events.is_empty() {
+        return Ok(None);
+    }
+    tokio::task::spawn_blocking(move || Some(make_ready(&delivery, &settings, after, events)))
+        .await
+        .map_err(|_| StoreError::Closed)
+}
+
+/// Resolves a prepared batch's subjects and commits it with the stage's new position; returns
+/// it with the events to erase (their subject is suppressed).
+fn resolve_batch(
+    delivery: &Delivery,
+    ready: Ready,
+) -> Result<(Resolved, Vec<handoff_store::Seq>), StoreError> {
+    let Ready {
+        after,
+        events,
+        prepared,
+        hashes,
+    } = ready;
     let upto = events.last().map_or(after, |e| e.seq);
     delivery.store.route_with(upto, |r| {
         let subjects = hashes
@@ -278,8 +322,9 @@ fn slowest_follower(
         .min()
 }
 
-/// The subject stage's loop. A batch that fails to commit is read and resolved again (nothing
-/// of it stays); its position only moves with a committed batch.
+/// The subject stage's loop: it reads and prepares the next batch while the current one
+/// commits. A batch that fails to commit is read and resolved again (nothing of it stays); its
+/// position only moves with a committed batch.
 pub(super) async fn router(
     delivery: Arc<Delivery>,
     journal: Arc<dyn Journal>,
@@ -290,6 +335,8 @@ pub(super) async fn router(
     let mut position: Option<handoff_store::Seq> = None;
     let mut failures = 0u32;
     let mut waiting_since: Option<tokio::time::Instant> = None;
+    let settings = Arc::new(app.policy.settings.clone());
+    let mut ahead: Option<tokio::task::JoinHandle<Result<Option<Ready>, StoreError>>> = None;
     while !*stop.borrow() {
         let after = match position {
             Some(p) => p,
@@ -325,32 +372,54 @@ pub(super) async fn router(
             }
         }
         waiting_since = None;
-        let events = match journal.read(after, ROUTE_BATCH).await {
-            Ok(e) => e,
+        // The batch after `after`: prepared already while the last one committed, or now.
+        let ready = match ahead.take() {
+            Some(task) => match task.await {
+                Ok(Ok(Some(r))) if r.after == after => Ok(Some(r)),
+                Ok(Ok(_)) | Err(_) => {
+                    read_ready(delivery.clone(), journal.clone(), settings.clone(), after).await
+                }
+                Ok(Err(e)) => Err(e),
+            },
+            None => read_ready(delivery.clone(), journal.clone(), settings.clone(), after).await,
+        };
+        let ready = match ready {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                tokio::select! {
+                    _ = head.changed() => {}
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "the subject stage cannot read the journal; retrying");
                 pause(Duration::from_secs(1), &mut stop, None).await;
                 continue;
             }
         };
-        if events.is_empty() {
-            tokio::select! {
-                _ = head.changed() => {}
-                _ = stop.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            continue;
-        }
-        let (d, settings) = (delivery.clone(), app.policy.settings.clone());
-        let resolved =
-            tokio::task::spawn_blocking(move || resolve_batch(&d, &settings, after, events))
-                .await
-                .unwrap_or(Err(StoreError::Closed));
+        // Read and prepare the next batch while this one commits.
+        let next_after = ready.events.last().map_or(after, |e| e.seq);
+        ahead = Some(tokio::spawn(read_ready(
+            delivery.clone(),
+            journal.clone(),
+            settings.clone(),
+            next_after,
+        )));
+        let d = delivery.clone();
+        let resolved = tokio::task::spawn_blocking(move || resolve_batch(&d, ready))
+            .await
+            .unwrap_or(Err(StoreError::Closed));
         let (batch, erase) = match resolved {
             Ok(r) => r,
             Err(e) => {
                 failures += 1;
                 tracing::error!(error = %e, failures, "the subject stage cannot commit a batch; retrying");
+                // Read again from the committed position.
+                if let Some(task) = ahead.take() {
+                    task.abort();
+                }
                 pause(
                     Duration::from_millis(200 * u64::from(failures.min(25))),
                     &mut stop,
