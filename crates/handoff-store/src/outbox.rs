@@ -271,6 +271,36 @@ fn late_for_erasure(
     crate::dsr::reopen(tx, &dsr)
 }
 
+/// Whether `subject` (or the subject it was merged into) is suppressed now; `false` for none.
+fn suppressed_now(tx: &Connection, subject: &str) -> Result<bool, StoreError> {
+    if subject.is_empty() {
+        return Ok(false);
+    }
+    Ok(subjects::basis(tx, &subjects::root(tx, subject)?)?.is_some_and(|b| b.1.is_some()))
+}
+
+/// A delivery that landed after an erasure purged what it found of the person: the vendor has
+/// it all the same, so the ledger says so (the entry returned) and the erasure gets this vendor
+/// (see [`late_for_erasure`]).
+fn delivered_after_erasure(
+    tx: &rusqlite::Transaction<'_>,
+    item: &Sent,
+    vendor_ref: Option<&String>,
+) -> Result<Entry, StoreError> {
+    late_for_erasure(tx, item, vendor_ref)?;
+    Ok(Entry {
+        kind: ledger::kind::DELIVERY,
+        destination: item.destination.clone(),
+        vendor: item.vendor.clone(),
+        event_seq: item.seq,
+        message_id: item.message_id.clone(),
+        subject: item.subject.clone(),
+        outcome: "delivered".into(),
+        detail: "delivered while an erasure purged it".into(),
+        ..Entry::default()
+    })
+}
+
 /// How many of a subject's payloads wait in queues and in dead letters (an access export says
 /// what Handoff still holds).
 pub fn held_for_subject(conn: &Connection, subject: &str) -> Result<(u64, u64), StoreError> {
@@ -522,11 +552,6 @@ pub struct Routing<'c> {
 }
 
 impl Routing<'_> {
-    /// A subject's current [`subjects::Basis`], read in this transaction.
-    pub fn subject_basis(&mut self, id: &str) -> Result<Option<subjects::Basis>, StoreError> {
-        subjects::basis(self.tx, id)
-    }
-
     pub fn set_preferences(&mut self, subject: &str, json: &str) -> Result<(), StoreError> {
         subjects::set_preferences(self.tx, subject, json)
     }
@@ -598,11 +623,6 @@ impl Routing<'_> {
             )?
             .execute(params![destination, reason])?;
         Ok(())
-    }
-
-    /// Adds a ledger entry to this transaction.
-    pub fn record(&mut self, entry: Entry) {
-        self.ledger.push(entry);
     }
 }
 
@@ -811,36 +831,6 @@ impl OutboxStore {
         result
     }
 
-    /// The subject of each list of identifier hashes (kind, hash), created or merged as
-    /// needed, in one transaction (merges are recorded in the ledger). Resolving again is
-    /// harmless, so this commits on its own, before the router decides.
-    pub fn resolve_subjects(
-        &self,
-        ids: &[Vec<(&str, String)>],
-    ) -> Result<Vec<Option<subjects::Subject>>, StoreError> {
-        let now = now_ms();
-        self.transact(|tx| {
-            let mut out = Vec::with_capacity(ids.len());
-            let mut entries = Vec::new();
-            for hashes in ids {
-                let r = subjects::resolve(tx, hashes, now)?;
-                if let Some(s) = &r.subject {
-                    for m in &r.merged {
-                        entries.push(Entry {
-                            kind: ledger::kind::SUBJECT,
-                            subject: s.id.clone(),
-                            outcome: "merged".into(),
-                            detail: format!("{m} is the same person"),
-                            ..Entry::default()
-                        });
-                    }
-                }
-                out.push(r.subject);
-            }
-            Ok((out, entries))
-        })
-    }
-
     /// Signs a checkpoint at the ledger's head now (at shutdown).
     pub fn checkpoint_ledger(&self) -> Result<(), StoreError> {
         match self.signer.get() {
@@ -941,22 +931,7 @@ impl OutboxStore {
                             entry.set_shape(self.shapes.get(tx, shape)?);
                             entry
                         }
-                        // An erasure purged it while it was on its way: the vendor has it all
-                        // the same, so the ledger says so and the erasure gets this vendor.
-                        None => {
-                            late_for_erasure(tx, item, vendor_ref)?;
-                            Entry {
-                                kind: ledger::kind::DELIVERY,
-                                destination: item.destination.clone(),
-                                vendor: item.vendor.clone(),
-                                event_seq: item.seq,
-                                message_id: item.message_id.clone(),
-                                subject: item.subject.clone(),
-                                outcome: "delivered".into(),
-                                detail: "delivered while an erasure purged it".into(),
-                                ..Entry::default()
-                            }
-                        }
+                        None => delivered_after_erasure(tx, item, vendor_ref)?,
                     };
                     if let Some(r) = vendor_ref
                         && !entry.subject.is_empty()
@@ -1239,25 +1214,8 @@ impl OutboxStore {
             }
             let check_erasure = subjects::epoch(tx)? != epoch;
             for (item, vendor_ref) in &delivered {
-                if check_erasure
-                    && !item.subject.is_empty()
-                    && subjects::basis(tx, &subjects::root(tx, &item.subject)?)?
-                        .is_some_and(|b| b.1.is_some())
-                {
-                    // Erased while it was on its way: the vendor has it all the same, so the
-                    // ledger says so and the erasure gets this vendor.
-                    late_for_erasure(tx, item, vendor_ref.as_ref())?;
-                    entries.push(Entry {
-                        kind: ledger::kind::DELIVERY,
-                        destination: item.destination.clone(),
-                        vendor: item.vendor.clone(),
-                        event_seq: item.seq,
-                        message_id: item.message_id.clone(),
-                        subject: item.subject.clone(),
-                        outcome: "delivered".into(),
-                        detail: "delivered while an erasure purged it".into(),
-                        ..Entry::default()
-                    });
+                if check_erasure && suppressed_now(tx, &item.subject)? {
+                    entries.push(delivered_after_erasure(tx, item, vendor_ref.as_ref())?);
                 }
                 if let Some(r) = vendor_ref
                     && !item.subject.is_empty()
@@ -1267,13 +1225,8 @@ impl OutboxStore {
             }
             // A failure of a person erased (or opted out) since the round decided is not kept:
             // the erasure purged what it found, and this was not there yet.
-            let no_longer = |f: &Failed| -> Result<bool, StoreError> {
-                if !check_erasure || f.item.subject.is_empty() {
-                    return Ok(false);
-                }
-                Ok(subjects::basis(tx, &subjects::root(tx, &f.item.subject)?)?
-                    .is_some_and(|b| b.1.is_some()))
-            };
+            let no_longer =
+                |f: &Failed| -> Result<bool, StoreError> { Ok(check_erasure && suppressed_now(tx, &f.item.subject)?) };
             let mut kept_retry = Vec::with_capacity(retry.len());
             let mut kept_dead = Vec::with_capacity(dead.len());
             for (list, kept) in [(&retry, &mut kept_retry), (&dead, &mut kept_dead)] {

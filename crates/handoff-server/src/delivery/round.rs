@@ -145,14 +145,13 @@ pub(super) async fn journal_round(
                 item: s.item,
             });
         } else if single && !holdback.is_empty() && holdback.contains(subject_key(&s.item)) {
-            kept.push(record_item(&s.entry, None));
-            round.retry.push(Failed {
-                created_at_ms: s.received_at_ms,
-                attempts: 0,
-                next_at_ms: now_ms,
-                error: "waiting behind an earlier event of its subject".into(),
-                item: s.item,
-            });
+            keep(
+                &mut round,
+                &mut kept,
+                s,
+                (0, now_ms),
+                "waiting behind an earlier event of its subject".into(),
+            );
         } else {
             live.push(s);
         }
@@ -375,14 +374,8 @@ pub(super) async fn journal_round(
                 }
                 Ended::Retry(after, why) => {
                     let wait = backoff(settings, 0).max(after.unwrap_or_default());
-                    kept.push(record_item(&s.entry, None));
-                    round.retry.push(Failed {
-                        created_at_ms: s.received_at_ms,
-                        attempts: 1,
-                        next_at_ms: now_ms + wait.as_millis() as i64,
-                        error: why,
-                        item: s.item,
-                    });
+                    let next_at_ms = now_ms + wait.as_millis() as i64;
+                    keep(&mut round, &mut kept, s, (1, next_at_ms), why);
                 }
                 Ended::NotSent
                     if lane.killed_since_ms() > 0 && s.received_at_ms >= lane.killed_since_ms() =>
@@ -394,14 +387,7 @@ pub(super) async fn journal_round(
                     killed_now.push(record_item(&e, None));
                 }
                 Ended::NotSent => {
-                    kept.push(record_item(&s.entry, None));
-                    round.retry.push(Failed {
-                        created_at_ms: s.received_at_ms,
-                        attempts: 0,
-                        next_at_ms: now_ms,
-                        error: "not sent yet".into(),
-                        item: s.item,
-                    });
+                    keep(&mut round, &mut kept, s, (0, now_ms), "not sent yet".into());
                 }
             }
         }
@@ -462,6 +448,25 @@ pub(super) async fn journal_round(
         }
     }
     Ok(upto)
+}
+
+/// Copies a decided item into the retry set (`attempts` made so far, next one due at
+/// `next_at_ms`), and adds it to the round's record of what was kept.
+fn keep(
+    round: &mut Round,
+    kept: &mut Vec<RecordItem>,
+    s: ToSend,
+    (attempts, next_at_ms): (u32, i64),
+    error: String,
+) {
+    kept.push(record_item(&s.entry, None));
+    round.retry.push(Failed {
+        created_at_ms: s.received_at_ms,
+        attempts,
+        next_at_ms,
+        error,
+        item: s.item,
+    });
 }
 
 /// An event's part of a ledger record: what was sent and why; a dead letter's `error` as far
